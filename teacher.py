@@ -1,0 +1,141 @@
+"""
+teacher.py: the frozen 2D teacher (I2P-MAE paper, section "2D Pre-trained Models";
+SPEC.md section 4.2).
+
+The authors use CLIP's ViT-B/16; we use torchvision's `VisionTransformer` (default
+vit_b_16, ImageNet weights when available), which needs nothing but torchvision.
+For a batch of depth images the teacher gives
+  features   (N, D, h, w)  last-layer patch tokens after the final LayerNorm
+                           (D = 768, h = w = 14 for vit_b_16 on 224 x 224 images)
+  saliency   (N, h, w)     last block's attention from the class token to each patch,
+                           averaged over heads (each row of the attention sums to 1)
+The saliency needs the attention weights, which torchvision's blocks do not return,
+so the forward is written out below and the last block is run by hand.
+The teacher is never part of the student: not in its checkpoint, optimizer or .train().
+Demo: python teacher.py      Tests: test_teacher_* in test_all.py
+"""
+import os
+import socket
+import warnings
+
+import torch
+import torchvision
+from torchvision.models.vision_transformer import VisionTransformer
+
+# the depth images are normalised like ImageNet photos, as the authors do (even for CLIP)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+DOWNLOAD_TIMEOUT_S = 10   # an offline machine must fail fast, not hang
+
+
+def freeze(vit):
+    """Evaluation mode, no gradients: the teacher only ever gives targets."""
+    return vit.eval().requires_grad_(False)
+
+
+def tiny_teacher(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, seed=0):
+    """A small random-weight VisionTransformer for tests and quick demos (a 4 x 4 patch grid)."""
+    torch.manual_seed(seed)
+    vit = VisionTransformer(image_size=image_size, patch_size=patch_size, num_layers=num_layers,
+                            num_heads=num_heads, hidden_dim=hidden_dim, mlp_dim=4 * hidden_dim)
+    return freeze(vit)
+
+
+def imagenet_vit_b_16():
+    """torchvision's ViT-B/16 with IMAGENET1K_V1 weights: the local cache, else a download."""
+    weights = torchvision.models.ViT_B_16_Weights.IMAGENET1K_V1
+    cached = os.path.join(torch.hub.get_dir(), 'checkpoints', os.path.basename(weights.url))
+    if os.path.exists(cached):
+        return torchvision.models.vit_b_16(weights=weights)
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
+    try:
+        return torchvision.models.vit_b_16(weights=weights)
+    finally:
+        socket.setdefaulttimeout(previous)
+
+
+def build_teacher(weights='auto', arch='vit_b_16'):
+    """The frozen teacher and a short description of where its weights came from.
+
+    weights: 'imagenet' (torchvision IMAGENET1K_V1, vit_b_16 only), 'random',
+    a path to a state_dict file, or 'auto' (imagenet if it can be had, else random
+    with a loud warning). `arch` names a torchvision ViT constructor (vit_b_16, vit_b_32, ...).
+    """
+    if arch not in ('vit_b_16', 'vit_b_32', 'vit_l_16', 'vit_l_32', 'vit_h_14'):
+        raise ValueError(f'--teacher_arch {arch!r} is not a torchvision ViT (vit_b_16, vit_b_32, ...)')
+    if weights in ('imagenet', 'auto'):
+        if arch != 'vit_b_16':
+            raise ValueError(f'ImageNet teacher weights are wired for vit_b_16 only, not {arch!r}')
+        try:
+            return freeze(imagenet_vit_b_16()), 'vit_b_16 ImageNet (torchvision IMAGENET1K_V1)'
+        except Exception as error:   # offline, blocked, corrupt cache: all mean "no weights"
+            if weights == 'imagenet':
+                raise RuntimeError(f'could not load the ImageNet ViT-B/16 weights: {error}. Put '
+                                   'them in the torch hub cache, or pass --teacher_weights PATH') from error
+            warnings.warn(f'\n{"!" * 78}\nTEACHER WEIGHTS UNAVAILABLE ({type(error).__name__}: {error}).\n'
+                          'Continuing with a RANDOMLY INITIALISED ViT: the 2D guidance and 2D targets '
+                          'then carry no pretrained knowledge.\n' + '!' * 78, stacklevel=2)
+            weights = 'random'
+    vit = getattr(torchvision.models, arch)(weights=None)
+    if weights == 'random':
+        return freeze(vit), f'{arch} random init (no pretrained knowledge)'
+    if not os.path.isfile(weights):
+        raise FileNotFoundError(f'--teacher_weights {weights!r}: no such file (expected imagenet, '
+                                'random, auto or a state_dict path)')
+    state = torch.load(weights, map_location='cpu', weights_only=True)
+    vit.load_state_dict(state.get('model', state) if isinstance(state, dict) else state)
+    return freeze(vit), f'{arch} from {weights}'
+
+
+def normalize_images(images):
+    """(N, 3, S, S) in [0, 1] -> ImageNet-normalised, the input the teacher expects."""
+    mean = torch.tensor(IMAGENET_MEAN, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
+    return (images - mean) / std
+
+
+@torch.no_grad()
+def teacher_features_and_saliency(vit, images):
+    """Run the frozen ViT on normalised images (N, 3, S, S) -> features (N, D, h, w), saliency (N, h, w)."""
+    if images.dim() != 4 or images.shape[1] != 3 or images.shape[-1] != vit.image_size:
+        raise ValueError(f'images must be (N, 3, {vit.image_size}, {vit.image_size}) for this teacher, '
+                         f'got {tuple(images.shape)}')
+    N = images.shape[0]
+    h = w = vit.image_size // vit.patch_size
+    x = vit.conv_proj(images).flatten(2).transpose(1, 2)           # (N, h*w, D) patches, row-major
+    x = torch.cat([vit.class_token.expand(N, -1, -1), x], dim=1)   # (N, 1 + h*w, D), class token first
+    x = vit.encoder.dropout(x + vit.encoder.pos_embedding)
+    *blocks, last = vit.encoder.layers
+    for block in blocks:
+        x = block(x)
+    # the last block by hand, asking its attention for the head-averaged weights
+    y = last.ln_1(x)
+    y, attention = last.self_attention(y, y, y, need_weights=True, average_attn_weights=True)
+    x = x + last.dropout(y)
+    x = x + last.mlp(last.ln_2(x))
+    x = vit.encoder.ln(x)
+    features = x[:, 1:].transpose(1, 2).reshape(N, -1, h, w)      # (N, D, h, w)
+    saliency = attention[:, 0, 1:].reshape(N, h, w)                # class-token query over patches
+    return features, saliency
+
+
+if __name__ == '__main__':
+    from torchvision.utils import save_image
+    from data import make_synthetic
+    from project import project_depth_images
+
+    vit, described = build_teacher('auto')
+    print('teacher:', described)
+    xyz, _ = make_synthetic(1, num_points=2048, seed=2)
+    images, _ = project_depth_images(xyz, img_size=vit.image_size)
+    features, saliency = teacher_features_and_saliency(vit, normalize_images(images))
+    print(f'images {tuple(images.shape)} -> features {tuple(features.shape)}, saliency {tuple(saliency.shape)}')
+    # each view next to its saliency, upsampled to the image size and scaled to [0, 1]
+    S = vit.image_size
+    heat = torch.nn.functional.interpolate(saliency[:, None], size=(S, S), mode='nearest')
+    heat = (heat - heat.amin((2, 3), keepdim=True)) / (heat.amax((2, 3), keepdim=True) - heat.amin((2, 3), keepdim=True) + 1e-12)
+    tiles = torch.stack([images[:, :1], heat], dim=1).flatten(0, 1)    # (2V, 1, S, S)
+    os.makedirs('runs/demo', exist_ok=True)
+    save_image(tiles, 'runs/demo/teacher.png', nrow=2, padding=4, pad_value=1.0)
+    print('wrote runs/demo/teacher.png (rows: views; left depth image, right class-token attention)')
