@@ -17,6 +17,536 @@ REFERENCE_DIR = os.environ.get('I2P_REFERENCE_DIR', os.path.join(HERE, '..', 'sh
 
 
 # ---------------------------------------------------------------- core stages
+from dataclasses import asdict
+
+import scipy.spatial
+import torch.nn.functional as F
+
+from tokenizer import (build_token_hierarchy, farthest_point_sample, group_points, knn_indices)
+from project import (VIEWS, back_project, bicubic_matrix, point_pixels, project_depth_images,
+                     sample_upsampled)
+from teacher import normalize_images, teacher_features_and_saliency, tiny_teacher
+from mask import guided_mask, hierarchical_masks, propagate_mask, random_mask
+from model import (Classifier, I2PMAE, ModelConfig, chamfer_l2, load_official_checkpoint,
+                   official_to_ours)
+
+
+def load_reference(name):
+    path = os.path.join(REFERENCE_DIR, name)
+    assert os.path.exists(path), f'reference file {path} is missing (set I2P_REFERENCE_DIR)'
+    return torch.load(path, weights_only=True)
+
+
+def relative_error(ours, ref):
+    ours, ref = ours.double(), ref.double()
+    return ((ours - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def assert_close(ours, ref, name, tol=1e-5):
+    assert ours.shape == ref.shape, f'{name}: shape {tuple(ours.shape)} vs reference {tuple(ref.shape)}'
+    if ref.dtype in (torch.bool, torch.int64, torch.int32):
+        assert torch.equal(ours.to(ref.dtype), ref), f'{name}: differs from the reference'
+    else:
+        err = relative_error(ours, ref)
+        assert err <= tol, f'{name}: relative error {err:.2e} > {tol:.0e}'
+
+
+def reference_config(c):
+    """ModelConfig from a reference file's config: every size comes from the file."""
+    default = ModelConfig()
+    return ModelConfig(
+        num_groups=tuple(c['num_groups']), group_sizes=tuple(c['group_sizes']),
+        encoder_dims=tuple(c['encoder_dims']), encoder_depths=tuple(c['encoder_depths']),
+        num_heads=c['num_heads'], local_radius=tuple(float(r) for r in c['local_radius']),
+        drop_path_rate=c['drop_path_rate'],
+        decoder_dims=tuple(c.get('decoder_dims', default.decoder_dims)),
+        decoder_depths=tuple(c.get('decoder_depths', default.decoder_depths)),
+        decoder_up_blocks=tuple(c.get('decoder_up_blocks', default.decoder_up_blocks)),
+        feat_dim_2d=c.get('feat_dim_2d', 0))
+
+
+def flat_idx(group, n_in):
+    """Our (B, G, K) neighbour indices as the reference's flat b * N_in + j."""
+    B = group.idx.shape[0]
+    return (group.idx + torch.arange(B)[:, None, None] * n_in).flatten()
+
+
+class Recorder:
+    """Forward hooks that copy module inputs/outputs by name."""
+    def __init__(self):
+        self.values = {}
+
+    def output(self, module, name):
+        module.register_forward_hook(lambda m, args, out: self.values.__setitem__(name, out))
+
+    def inputs(self, module, name):
+        module.register_forward_pre_hook(lambda m, args: self.values.__setitem__(name, args))
+
+
+@pytest.fixture(scope='module')
+def pretrain_reference():
+    case = load_reference('pretrain_case.pt')
+    t, c = case['tensors'], case['config']
+    cfg = reference_config(c)
+    groups = build_token_hierarchy(t['points'], cfg.num_groups, cfg.group_sizes)
+    masks = hierarchical_masks(t['mask_top'], groups)
+    proj = load_reference('pretrain_proj.pt')['tensors']
+    img_size = proj['view1.hit'].shape[-1]
+    images, geometry = project_depth_images(t['points'], img_size)
+    B, G1, K1 = groups[1].idx.shape
+    target_2d = back_project(groups[1].neighbors.flatten(1, 2), geometry, t['teacher.feats'],
+                             img_size).view(B, G1, K1, -1)
+    return dict(t=t, c=c, cfg=cfg, groups=groups, masks=masks, proj=proj, img_size=img_size,
+                images=images, geometry=geometry, target_2d=target_2d,
+                weights=load_reference('pretrain_weights.pt')['state_dict'])
+
+
+def reference_student(ref):
+    model = I2PMAE(ref['cfg'])
+    assert load_official_checkpoint(model, {'base_model': ref['weights']}) == {}
+    return model
+
+
+# --- tokenizer.py
+
+def numpy_fps(xyz, n):
+    """Farthest point sampling written the obvious way, one sample at a time."""
+    chosen, dist = [0], np.full(len(xyz), np.inf)
+    for _ in range(n - 1):
+        dist = np.minimum(dist, ((xyz - xyz[chosen[-1]]) ** 2).sum(1))
+        chosen.append(int(np.argmax(dist)))
+    return chosen
+
+
+def test_fps_matches_numpy_brute_force():
+    xyz = torch.randn(3, 200, 3, generator=torch.Generator().manual_seed(0))
+    idx = farthest_point_sample(xyz, 32)
+    for b in range(3):
+        assert idx[b].tolist() == numpy_fps(xyz[b].double().numpy(), 32)
+
+
+def test_fps_first_index_is_fixed_and_ties_go_to_lowest_index():
+    # a square: after corner 0 the two adjacent corners tie; the lower index must win
+    square = torch.tensor([[[0., 0, 0], [1, 0, 0], [0, 1, 0], [1, 1, 0]]])
+    assert farthest_point_sample(square, 4).tolist() == [[0, 3, 1, 2]]
+    xyz = torch.rand(2, 50, 3)
+    assert (farthest_point_sample(xyz, 5)[:, 0] == 0).all()
+
+
+def test_knn_agrees_with_scipy_kdtree():
+    g = torch.Generator().manual_seed(1)
+    ref, query = torch.rand(2, 300, 3, generator=g), torch.rand(2, 40, 3, generator=g)
+    idx = knn_indices(query, ref, 10)
+    for b in range(2):
+        _, expected = scipy.spatial.cKDTree(ref[b].numpy()).query(query[b].numpy(), k=10)
+        assert np.array_equal(idx[b].numpy(), expected)
+
+
+def test_knn_puts_the_centre_first_and_breaks_ties_by_index():
+    xyz = torch.tensor([[[0., 0, 0], [1, 0, 0], [-1, 0, 0], [0, 0, 0], [3, 0, 0]]])
+    group = group_points(xyz, 2, 4)
+    assert group.idx[0, 0].tolist() == [0, 3, 1, 2]           # centre, its duplicate, then the tie 1 < 2
+    assert torch.equal(group.relative, group.neighbors - group.centers[:, :, None])
+
+
+def test_hierarchy_groups_previous_centres():
+    xyz = torch.rand(2, 256, 3)
+    groups = build_token_hierarchy(xyz, (64, 32, 8), (16, 8, 8))
+    assert [tuple(g.neighbors.shape) for g in groups] == [(2, 64, 16, 3), (2, 32, 8, 3), (2, 8, 8, 3)]
+    assert torch.equal(groups[1].neighbors, groups[0].centers[torch.arange(2)[:, None, None], groups[1].idx])
+    assert torch.equal(groups[2].centers[:, 0], xyz[:, 0])    # FPS starts at index 0 at every scale
+
+
+@pytest.mark.parametrize('bad, message', [
+    (torch.rand(10, 3), 'xyz must be a \\(B, N, 3\\)'),
+    (torch.rand(1, 10, 2), 'xyz must be a \\(B, N, 3\\)'),
+    (torch.rand(1, 5, 3), 'need at least 8'),
+    (torch.tensor([[[0., 0, 0]] * 9 + [[float('nan'), 0, 0]]]), 'NaN or infinite'),
+])
+def test_tokenizer_rejects_bad_input(bad, message):
+    with pytest.raises(ValueError, match=message):
+        group_points(bad, 8, 4)
+
+
+def test_reference_fps_knn_and_chamfer_ops():
+    ops = load_reference('ops_cases.pt')['tensors']
+    n = ops['fps.idx'].shape[1]
+    # with the CUDA kernel's near-origin skip (SPEC B2) every index matches
+    assert_close(farthest_point_sample(ops['fps.points'], n, skip_near_origin=True), ops['fps.idx'], 'fps.idx')
+    # our default (no skip) matches wherever no near-origin point would be picked: sample 0 here
+    plain = farthest_point_sample(ops['fps.points'], n)
+    assert torch.equal(plain[0], ops['fps.idx'][0]) and not torch.equal(plain[1], ops['fps.idx'][1])
+    k = ops['knn.idx'].shape[-1]
+    assert_close(knn_indices(ops['knn.query'], ops['knn.ref'], k), ops['knn.idx'], 'knn.idx')
+    assert_close(chamfer_l2(ops['chamfer.a'], ops['chamfer.b']), ops['chamfer.loss'], 'chamfer.loss')
+
+
+def test_reference_grouping(pretrain_reference):
+    t, groups = pretrain_reference['t'], pretrain_reference['groups']
+    n_in = t['points'].shape[1]
+    for i, group in enumerate(groups):
+        assert_close(flat_idx(group, n_in), t[f'g{i}.idx'], f'g{i}.idx')
+        assert_close(group.centers, t[f'g{i}.center'], f'g{i}.center')
+        assert_close(group.relative, t[f'g{i}.neighborhood'], f'g{i}.neighborhood')
+        assert_close(group.neighbors, t[f'g{i}.neighborhood_ori'], f'g{i}.neighborhood_ori')
+        n_in = group.centers.shape[1]
+
+
+# --- project.py
+
+def test_projection_hand_worked_pixels():
+    # cell = 1.7265625 / 221 = 2**-7 exactly; in view 1 (row x, col y) the rows span the whole
+    # image (offset 0) and the columns are centred: offset 224/2 - floor((-1 + 67) / 2) - 1 = 78
+    xyz = torch.tensor([[[0.0, 0.0, 0.3], [1.7265625, 0.5, -0.2]]])
+    images, geometry = project_depth_images(xyz, 224)
+    assert geometry.cell[0] == 2 ** -7 and geometry.offset[0].tolist() == [0.0, 78.0]
+    view1 = images[0, 0]
+    sig = torch.sigmoid
+    assert view1[1, 79] == sig(torch.tensor(0.3))             # point 0's own pixel: cell + 1 + offset
+    assert view1[0, 79] == sig(torch.tensor(0.6))             # row -1 is moved onto row 0: two splats sum
+    assert view1[222, 143] == sig(torch.tensor(-0.2))
+    assert view1[223, 143] == sig(torch.tensor(-0.4))
+    assert (view1 != 0.5).sum() == 40                          # 2 points x 4 rows x 5 columns, rest empty
+    assert torch.equal(images[:, 0], images[:, 1]) and torch.equal(images[:, 0], images[:, 2])
+
+
+def test_back_projection_reads_back_what_projection_wrote():
+    # at full resolution the bicubic "upsampling" is the identity, so each isolated point reads
+    # its own pixel: the sigmoid of its depth in that view
+    xyz = torch.tensor([[[0.0, 0.0, 0.3], [1.0, 0.5, -0.2], [0.3, 1.0, 0.9]]])
+    images, geometry = project_depth_images(xyz, 224)
+    read = back_project(xyz, geometry, images[:, :1], 224)     # (1, 3, V)
+    depth = torch.stack([xyz[0, :, view[2]] for view in VIEWS], dim=1)
+    assert torch.allclose(read[0], torch.sigmoid(depth), atol=1e-6)
+
+
+@pytest.mark.parametrize('h, size', [(14, 224), (4, 32), (5, 37)])
+def test_sparse_bicubic_equals_upsample_then_gather(h, size):
+    g = torch.Generator().manual_seed(h)
+    maps = torch.randn(3, 7, h, h, generator=g)
+    pixels = torch.randint(0, size, (3, 50, 2), generator=g)
+    full = F.interpolate(maps, size=(size, size), mode='bicubic', align_corners=False)
+    expected = full.flatten(2).gather(2, (pixels[..., 0] * size + pixels[..., 1])[:, None].expand(-1, 7, -1))
+    assert torch.allclose(sample_upsampled(maps, pixels, size), expected.transpose(1, 2), atol=1e-5)
+    U = bicubic_matrix(h, size)
+    assert torch.allclose(U @ maps @ U.T, full, atol=1e-5)
+
+
+def test_projection_rejects_degenerate_cloud():
+    with pytest.raises(ValueError, match='projected extent is zero'):
+        project_depth_images(torch.tensor([[[0.5, 0.5, 0.0], [0.5, 0.5, 1.0]]]))   # a line along z
+    with pytest.raises(ValueError, match='NaN or infinite'):
+        project_depth_images(torch.tensor([[[0.0, 0.0, 0.0], [1.0, float('inf'), 1.0]]]))
+
+
+def test_reference_projection(pretrain_reference):
+    ref, proj = pretrain_reference, pretrain_reference['proj']
+    B, S = ref['t']['points'].shape[0], ref['img_size']
+    images, geometry = normalize_images(ref['images']), ref['geometry']
+    for v in range(len(VIEWS)):
+        rows = slice(v * B, (v + 1) * B)
+        expected = proj['img_background'].view(1, 3, 1, 1).expand(B, 3, S, S).clone()
+        expected.permute(0, 2, 3, 1)[proj[f'view{v + 1}.hit']] = proj[f'view{v + 1}.values']
+        assert_close(images[rows], expected, f'view{v + 1} image')
+        assert_close(geometry.pc_min[rows], proj[f'view{v + 1}.pc_min'][:, 0], f'view{v + 1}.pc_min')
+        assert_close(geometry.cell[rows], proj[f'view{v + 1}.grid_size'].flatten(), f'view{v + 1}.grid_size')
+        offset = torch.cat([proj[f'view{v + 1}.offset_x'], proj[f'view{v + 1}.offset_y']], dim=1)
+        assert_close(geometry.offset[rows], offset, f'view{v + 1}.offset')
+
+
+def test_reference_back_projection(pretrain_reference):
+    ref, t = pretrain_reference, pretrain_reference['t']
+    groups, geometry, S = ref['groups'], ref['geometry'], ref['img_size']
+    h = t['teacher.feats'].shape[-1]
+    saliency = t['teacher.attn_row0'][:, 1:].reshape(-1, 1, h, h)
+    per_view = back_project(groups[-1].centers, geometry, saliency, S)           # (B, G2, V)
+    C = t['teacher.feats'].shape[1]
+    targets = back_project(groups[1].neighbors.flatten(1, 2), geometry, t['teacher.feats'], S)
+    for v in range(len(VIEWS)):
+        assert_close(per_view[..., v:v + 1], t[f'i2p.sals_view{v + 1}'], f'i2p.sals_view{v + 1}')
+        assert_close(targets[..., v * C:(v + 1) * C], t[f'i2p.target_view{v + 1}'], f'i2p.target_view{v + 1}')
+    assert_close(per_view.mean(-1), t['spatial_sals'], 'spatial_sals')
+    assert_close(ref['target_2d'][~ref['masks'][1]], t['target_2d'], 'target_2d')
+
+
+def test_back_projection_works_for_a_single_sample():
+    # deviation: the authors' squeeze() breaks at B = 1 (SPEC B3); we keep every dimension
+    xyz = torch.rand(1, 100, 3)
+    _, geometry = project_depth_images(xyz, 32)
+    assert back_project(xyz[:, :10], geometry, torch.rand(3, 1, 4, 4), 32).shape == (1, 10, 3)
+
+
+# --- teacher.py
+
+def test_teacher_features_equal_torchvision_encoder():
+    vit = tiny_teacher()
+    images = normalize_images(torch.rand(4, 3, 32, 32))
+    features, saliency = teacher_features_and_saliency(vit, images)
+    tokens = vit._process_input(images)
+    tokens = torch.cat([vit.class_token.expand(4, -1, -1), tokens], dim=1)
+    expected = vit.encoder(tokens)[:, 1:]                                       # torchvision's own forward
+    assert features.shape == (4, 32, 4, 4) and saliency.shape == (4, 4, 4)
+    assert torch.allclose(features.flatten(2).transpose(1, 2), expected, atol=1e-5)
+
+
+def test_teacher_saliency_is_head_mean_class_token_attention():
+    vit = tiny_teacher()
+    images = normalize_images(torch.rand(2, 3, 32, 32))
+    _, saliency = teacher_features_and_saliency(vit, images)
+    # recompute the last block's attention from its weights: softmax(q k^T / sqrt(d)) per head
+    x = torch.cat([vit.class_token.expand(2, -1, -1), vit._process_input(images)], dim=1) + vit.encoder.pos_embedding
+    for block in vit.encoder.layers[:-1]:
+        x = block(x)
+    last = vit.encoder.layers[-1]
+    q, k, _ = F.linear(last.ln_1(x), last.self_attention.in_proj_weight, last.self_attention.in_proj_bias).chunk(3, -1)
+    H = last.self_attention.num_heads
+    q, k = (t.view(2, -1, H, t.shape[-1] // H).transpose(1, 2) for t in (q, k))
+    attention = torch.softmax(q @ k.transpose(-1, -2) / (q.shape[-1] ** 0.5), dim=-1).mean(1)
+    assert torch.allclose(attention.sum(-1), torch.ones(2, 17))                 # rows sum to one
+    assert torch.allclose(saliency.flatten(1), attention[:, 0, 1:], atol=1e-6)
+    assert (saliency.flatten(1).sum(1) < 1).all()                                # the rest is the class token's
+
+
+def test_teacher_gets_no_gradients():
+    vit = tiny_teacher()
+    images = torch.rand(2, 3, 32, 32, requires_grad=True)
+    features, saliency = teacher_features_and_saliency(vit, images)
+    assert not features.requires_grad and not saliency.requires_grad
+    assert not any(p.requires_grad for p in vit.parameters()) and not vit.training
+
+
+def test_teacher_auto_falls_back_to_random_with_a_loud_warning(monkeypatch):
+    import teacher
+
+    def offline():
+        raise OSError('no network')
+    monkeypatch.setattr(teacher, 'imagenet_vit_b_16', offline)
+    with pytest.warns(UserWarning, match='RANDOMLY INITIALISED'):
+        vit, described = teacher.build_teacher('auto')
+    assert 'random' in described and not any(p.requires_grad for p in vit.parameters())
+    with pytest.raises(RuntimeError, match='ImageNet ViT-B/16'):
+        teacher.build_teacher('imagenet')
+
+
+# --- mask.py
+
+def test_guided_mask_hides_exact_ratio():
+    is_masked = guided_mask(torch.rand(5, 64), 0.8)
+    assert is_masked.dtype == torch.bool and (is_masked.sum(1) == 51).all()
+    assert (random_mask(5, 64, 0.8).sum(1) == 51).all()
+
+
+def test_salient_tokens_stay_visible_more_often():
+    saliency = torch.zeros(4000, 8)
+    saliency[:, 0] = 1.0                                     # weight e : 1 against every other token
+    visible = ~guided_mask(saliency, 0.75, generator=torch.Generator().manual_seed(0))   # 2 of 8 visible
+    rate = visible.float().mean(0)
+    assert rate[0] > 0.40 and (rate[1:] < 0.27).all()        # uniform would be 0.25 each
+    uniform = (~random_mask(4000, 8, 0.75, generator=torch.Generator().manual_seed(0))).float().mean(0)
+    assert (uniform - 0.25).abs().max() < 0.03
+
+
+def test_propagation_rule_on_a_hand_built_case():
+    # two samples, 2 coarse tokens with 2 fine neighbours each, 5 fine tokens
+    idx = torch.tensor([[[1, 2], [2, 3]], [[0, 4], [3, 4]]])
+    is_masked_coarse = torch.tensor([[False, True], [True, False]])
+    fine = propagate_mask(is_masked_coarse, idx, 5)
+    assert fine.tolist() == [[True, False, False, True, True],    # sample 0: token 0 stays masked (no leak)
+                             [True, True, True, False, False]]
+
+
+def test_reference_masks(pretrain_reference):
+    t = pretrain_reference['t']
+    for i, mask in enumerate(pretrain_reference['masks']):
+        assert_close(mask, t[f'masks.scale{i}'], f'masks.scale{i}')
+
+
+# --- model.py
+
+def test_chamfer_matches_brute_force():
+    a, b = torch.rand(3, 6, 3), torch.rand(3, 5, 3)
+    total_ab = total_ba = 0.0
+    for l in range(3):
+        for p in a[l]:
+            total_ab += min(((p - q) ** 2).sum().item() for q in b[l])
+        for q in b[l]:
+            total_ba += min(((p - q) ** 2).sum().item() for p in a[l])
+    assert abs(chamfer_l2(a, b).item() - (total_ab / 18 + total_ba / 15)) < 1e-6
+
+
+def test_parameter_counts_match_the_authors():
+    count = lambda m: sum(p.numel() for p in m.parameters())
+    assert count(I2PMAE(ModelConfig())) == 18_808_600                 # feat_dim 768 (torchvision ViT-B/16)
+    assert count(I2PMAE(ModelConfig(feat_dim_2d=512))) == 17_622_808  # their CLIP width
+    mn40 = ModelConfig(group_sizes=(48, 24, 24), local_radius=(0.24, 0.48, 0.96))
+    assert count(Classifier(mn40, 40, 'mean+max')) == 12_830_056
+    assert count(Classifier(mn40, 15, 'concat')) == 12_921_935
+    assert count(Classifier(mn40, 40).encoder) == 12_653_632
+
+
+def record_pretrain(model):
+    rec = Recorder()
+    for i in range(len(model.encoder.blocks)):
+        rec.output(model.encoder.token_embed[i], f'enc{i}.token_embed')
+        rec.output(model.encoder.pos_embed[i], f'enc{i}.pos')
+        rec.inputs(model.encoder.blocks[i][0], f'enc{i}.first_block')
+        rec.output(model.encoder.blocks[i][-1], f'enc{i}.block_out')
+    for j in range(len(model.decoder_blocks)):
+        rec.output(model.decoder_pos_embed[j], f'dec{j}.pos')
+        rec.inputs(model.decoder_blocks[j][0], f'dec{j}.first_block')
+        rec.output(model.decoder_blocks[j][-1], f'dec{j}.block_out')
+    for j, prop in enumerate(model.token_propagation):
+        rec.inputs(prop, f'prop{j}.in')
+        rec.output(prop, f'prop{j}.out')
+    for name in ('decoder_norm', 'head_3d', 'head_2d'):
+        rec.output(getattr(model, name), name)
+    return rec
+
+
+@pytest.mark.parametrize('mode', ['eval', 'train'])
+def test_reference_pretrain_forward(pretrain_reference, mode):
+    ref, t = pretrain_reference, pretrain_reference['t']
+    model = reference_student(ref).train(mode == 'train')
+    rec = record_pretrain(model)
+    loss_3d, loss_2d = model.pretrain_losses(ref['groups'], ref['masks'], ref['target_2d'])
+    state = {k: v.clone() for k, v in model.state_dict().items()}   # BatchNorm statistics after one forward
+    v, p = rec.values, mode + '.'
+    for i in range(len(ref['groups'])):
+        valid = t[p + f'enc{i}.valid']
+        x_in, bias = v[f'enc{i}.first_block']
+        assert_close(v[f'enc{i}.token_embed'], t[p + f'enc{i}.token_embed'], f'enc{i}.token_embed')
+        assert_close(v[f'enc{i}.pos'], t[p + f'enc{i}.pos'], f'enc{i}.pos')
+        assert_close(x_in, t[p + f'enc{i}.block_in'] + t[p + f'enc{i}.pos'], f'enc{i}.block_in + pos')
+        assert_close(bias[:, 0] / -1e5, t[p + f'enc{i}.attn_mask'], f'enc{i}.attn_mask')
+        assert_close(v[f'enc{i}.block_out'][valid], t[p + f'enc{i}.block_out'][valid], f'enc{i}.block_out')
+    encoded = model.encode(ref['groups'], ref['masks'])
+    for i, e in enumerate(encoded):
+        valid = t[p + f'enc{i}.valid']
+        assert_close(~e.is_pad, valid, f'enc{i}.valid')
+        assert_close(e.x[valid], t[p + f'enc{i}.out'][valid], f'enc{i}.out')
+    for j in range(len(model.decoder_blocks)):
+        assert_close(v[f'dec{j}.pos'], t[p + f'dec{j}.pos'], f'dec{j}.pos')
+        assert_close(v[f'dec{j}.first_block'][0], t[p + f'dec{j}.block_in'] + t[p + f'dec{j}.pos'], f'dec{j}.block_in + pos')
+        assert_close(v[f'dec{j}.block_out'], t[p + f'dec{j}.block_out'], f'dec{j}.block_out')
+    fine_xyz, coarse_xyz, skip, coarse = v['prop0.in']
+    assert_close(coarse_xyz, t[p + 'prop0.xyz_known'], 'prop0.xyz_known')
+    assert_close(skip, t[p + 'prop0.points1'], 'prop0.points1')
+    assert_close(coarse, t[p + 'prop0.points2'], 'prop0.points2')
+    assert_close(v['prop0.out'], t[p + 'prop0.out'], 'prop0.out')
+    assert_close(v['decoder_norm'], t[p + 'dec_out'], 'dec_out')
+    K = ref['cfg'].group_sizes[1]
+    assert_close(v['head_3d'].view(-1, K, 3), t[p + 'rec_3d'], 'rec_3d')
+    assert_close(ref['groups'][1].relative[ref['masks'][1]], t[p + 'gt_3d'], 'gt_3d')
+    assert_close(v['head_2d'].view(-1, K, t[p + 'rec_2d'].shape[-1]), t[p + 'rec_2d'], 'rec_2d')
+    assert_close(loss_3d, t[p + 'loss_3d'], 'loss_3d')
+    assert_close(loss_2d, t[p + 'loss_2d'], 'loss_2d')
+    if mode == 'train':   # one forward moved every BatchNorm's running statistics like theirs
+        stats = [k for k in t if k.startswith('train.bn_after.')]
+        assert stats
+        for key in stats:
+            assert_close(state[official_to_ours(key[len('train.bn_after.'):])], t[key], key)
+
+
+def test_reference_svm_features(pretrain_reference):
+    ref, t = pretrain_reference, pretrain_reference['t']
+    model = reference_student(ref).eval()
+    feat = model.svm_features(t['points'])
+    assert_close(feat, t['svm.feat'], 'svm.feat')
+    groups = ref['groups']
+    masks = hierarchical_masks(torch.zeros_like(t['mask_top']), groups)
+    for i, (mask, e) in enumerate(zip(masks, model.encode(groups, masks))):
+        valid = t[f'svm.enc{i}.valid']
+        assert_close(mask, t[f'svm.masks.scale{i}'], f'svm.masks.scale{i}')
+        assert_close(~e.is_pad, valid, f'svm.enc{i}.valid')
+        assert_close(e.x[valid], t[f'svm.enc{i}.out'][valid], f'svm.enc{i}.out')
+
+
+@pytest.mark.parametrize('dataset', ['modelnet40', 'scanobjectnn'])
+def test_reference_classifier(dataset):
+    case = load_reference(f'finetune_{dataset}_case.pt')
+    t, c = case['tensors'], case['config']
+    cfg = reference_config(c)
+    model = Classifier(cfg, c['num_classes'], 'concat' if 'concat' in c['pooling'] else 'mean+max')
+    state = load_reference(f'finetune_{dataset}_weights.pt')['state_dict']
+    assert load_official_checkpoint(model, {'base_model': state}) == {}
+    model.eval()
+    rec = Recorder()
+    for i in range(len(cfg.num_groups)):
+        rec.output(model.encoder.token_embed[i], f'enc{i}.token_embed')
+        rec.output(model.encoder.pos_embed[i], f'enc{i}.pos')
+        rec.inputs(model.encoder.blocks[i][0], f'enc{i}.first_block')
+        rec.output(model.encoder.blocks[i][-1], f'enc{i}.block_out')
+    rec.output(model.norm, 'norm_out')
+    rec.output(model.cls_head[0], 'head_in')
+    rec.inputs(model.cls_head, 'pooled')
+    logits = model(t['points'])
+    v = rec.values
+    n_in = t['points'].shape[1]
+    for i, group in enumerate(build_token_hierarchy(t['points'], cfg.num_groups, cfg.group_sizes)):
+        assert_close(flat_idx(group, n_in), t[f'g{i}.idx'], f'g{i}.idx')
+        n_in = cfg.num_groups[i]
+        x_in, bias = v[f'enc{i}.first_block']
+        assert_close(v[f'enc{i}.token_embed'], t[f'enc{i}.token_embed'], f'enc{i}.token_embed')
+        assert_close(v[f'enc{i}.pos'], t[f'enc{i}.pos'], f'enc{i}.pos')
+        assert_close(x_in, t[f'enc{i}.block_in'] + t[f'enc{i}.pos'], f'enc{i}.block_in + pos')
+        assert_close(bias[:, 0] < 0, t[f'enc{i}.radius_mask'], f'enc{i}.radius_mask')
+        assert_close(v[f'enc{i}.block_out'], t[f'enc{i}.block_out'], f'enc{i}.block_out')
+    assert_close(v['norm_out'], t['norm_out'], 'norm_out')
+    assert_close(v['pooled'][0], t['pooled'], 'pooled')
+    assert_close(logits, t['logits'], 'logits')
+
+
+def official_state_dict(listing, prefix='module.'):
+    """A state_dict in the authors' layout from a key listing, each tensor filled with its own number."""
+    state = {}
+    for n, line in enumerate(open(os.path.join(REFERENCE_DIR, listing))):
+        name, shape, dtype = line.rstrip('\n').split('\t')
+        shape = tuple(int(s) for s in shape.strip('()').split(',') if s.strip())
+        state[prefix + name] = torch.full(shape, float(n), dtype=getattr(torch, dtype.replace('torch.', '')))
+    return state
+
+
+def test_official_pretrain_checkpoint_loads_with_report():
+    state = official_state_dict('official_keys_pretrain.txt')
+    state['module.clip_model.visual.proj'] = torch.zeros(768, 512, dtype=torch.float16)
+    model = I2PMAE(ModelConfig())                            # 768-wide 2D head: theirs is 512-wide
+    skipped = load_official_checkpoint(model, {'base_model': state, 'epoch': 300})
+    assert set(skipped) == {'module.clip_model.visual.proj', 'module.rec_head_2d.weight', 'module.rec_head_2d.bias'}
+    assert 'depends on the teacher' in skipped['module.rec_head_2d.weight']
+    ours = model.state_dict()
+    for key, value in state.items():
+        if key not in skipped:   # every other tensor arrived, by value
+            name = official_to_ours(key)
+            assert torch.equal(ours[name], value.reshape(ours[name].shape).to(ours[name].dtype)), key
+
+
+def test_official_checkpoints_load_into_classifiers():
+    for listing, classes, pooling in (('official_keys_finetune_modelnet40.txt', 40, 'mean+max'),
+                                      ('official_keys_finetune_scanobjectnn.txt', 15, 'concat')):
+        cfg = ModelConfig(group_sizes=(32, 16, 16))
+        assert load_official_checkpoint(Classifier(cfg, classes, pooling), official_state_dict(listing, '')) == {}
+    # a pre-training file fine-tunes: encoder loads, their decoder is skipped, our head is new
+    model = Classifier(ModelConfig(), 40)
+    skipped = load_official_checkpoint(model, {'base_model': official_state_dict('official_keys_pretrain.txt')})
+    assert any(k.startswith('module.h_decoder') for k in skipped) and 'cls_head.0.weight' in skipped
+    assert not any('h_encoder.token_embed' in k or 'encoder_blocks' in k for k in skipped)
+
+
+def test_official_checkpoint_mismatch_fails_loudly():
+    state = official_state_dict('official_keys_pretrain.txt')
+    del state['module.h_encoder.encoder_blocks.0.blocks.0.attn.qkv.weight']
+    state['module.h_encoder.extra.weight'] = torch.zeros(1)
+    with pytest.raises(ValueError, match=r'(?s)unexpected key module.h_encoder.extra.weight.*'
+                                         r'missing key encoder.blocks.0.0.attn.qkv.weight'):
+        load_official_checkpoint(I2PMAE(ModelConfig()), {'base_model': state})
+    with pytest.raises(ValueError, match='shape of'):
+        load_official_checkpoint(I2PMAE(ModelConfig(encoder_dims=(96, 192, 256))),
+                                 {'base_model': official_state_dict('official_keys_pretrain.txt')})
+
+
+def test_no_top_level_file_shadows_stdlib():
+    names = {f[:-3] for f in os.listdir(HERE) if f.endswith('.py')}
+    assert not names & set(sys.stdlib_module_names), names & set(sys.stdlib_module_names)
 
 
 # ---------------------------------------------------------------- data.py
