@@ -46,6 +46,7 @@ class ModelConfig:
     decoder_depths: tuple = (1, 1)
     decoder_up_blocks: tuple = (1, 1)        # residual conv blocks in the upsampling into each finer stage
     feat_dim_2d: int = 768                   # teacher width (768 = torchvision ViT-B/16); 0 = no 2D target
+    point_embed_dims: tuple = (128, 256, 512)  # widths of the scale-0 mini-PointNet (smaller only for CPU demos)
 
 
 # ------------------------------------------------------------------ small pieces
@@ -109,7 +110,11 @@ class Block(nn.Module):
 
 
 def conv_bn(c_in, c_out, act=None):
-    """1x1 Conv1d, BatchNorm1d and an optional activation, over (B, C, N)."""
+    """1x1 Conv1d, BatchNorm1d and an optional activation over (B, C, N), as the authors.
+
+    (A Linear over rows is the same map and a little faster on CPUs, but rounds differently,
+    and train-mode BatchNorm amplifies that beyond the reference tolerance.)
+    """
     return nn.Sequential(nn.Conv1d(c_in, c_out, 1), nn.BatchNorm1d(c_out), *([act] if act else []))
 
 
@@ -164,7 +169,7 @@ class Encoder(nn.Module):
         super().__init__()
         dims = cfg.encoder_dims
         self.local_radius = cfg.local_radius
-        self.token_embed = nn.ModuleList([TokenEmbed(3, 128, 256, 512, dims[0])] + [
+        self.token_embed = nn.ModuleList([TokenEmbed(3, *cfg.point_embed_dims, dims[0])] + [
             TokenEmbed(dims[i - 1], dims[i - 1], dims[i - 1], dims[i], dims[i]) for i in range(1, len(dims))])
         self.pos_embed = nn.ModuleList([position_mlp(d) for d in dims])
         rates = torch.linspace(0, cfg.drop_path_rate, sum(cfg.encoder_depths)).tolist()
@@ -225,14 +230,15 @@ class TokenPropagation(nn.Module):
 
     def forward(self, fine_xyz, coarse_xyz, skip, coarse):
         # squared distances as |a|^2 - 2ab + |b|^2 in the authors' order: near-zero distances
-        # (every coarse centre is also a fine one) then round the same way
-        d = -2 * fine_xyz @ coarse_xyz.transpose(1, 2)
-        d = d + (fine_xyz ** 2).sum(-1)[:, :, None] + (coarse_xyz ** 2).sum(-1)[:, None, :]   # (B, Gf, Gc)
-        d, idx = d.topk(3, dim=-1, largest=False)
+        # (every coarse centre is also a fine one) then round the same way; never in bf16
+        with torch.autocast(fine_xyz.device.type, enabled=False):
+            d = -2 * fine_xyz.float() @ coarse_xyz.float().transpose(1, 2)
+            d = d + (fine_xyz.float() ** 2).sum(-1)[:, :, None] + (coarse_xyz.float() ** 2).sum(-1)[:, None, :]
+        d, idx = d.topk(3, dim=-1, largest=False)                               # (B, Gf, 3)
         weights = 1.0 / (d + 1e-8)
         weights = weights / weights.sum(dim=-1, keepdim=True)                   # (B, Gf, 3)
         interpolated = (gather_points(coarse, idx) * weights[..., None]).sum(dim=2)   # (B, Gf, C)
-        x = self.fuse(torch.cat([skip, interpolated], dim=-1).transpose(1, 2))
+        x = self.fuse(torch.cat([skip, interpolated], dim=-1).transpose(1, 2))  # (B, out_dim, Gf)
         return self.blocks(x).transpose(1, 2)                                   # (B, Gf, out_dim)
 
 
@@ -337,6 +343,8 @@ class I2PMAE(nn.Module):
             return loss_3d, torch.zeros_like(loss_3d)
         rec_2d = self.head_2d(x[~is_masked]).view(-1, K, target_2d.shape[-1])  # (L_visible, K, 3*C)
         return loss_3d, F.mse_loss(rec_2d, target_2d[~is_masked])
+
+    forward = pretrain_losses   # so DistributedDataParallel can wrap the student
 
 
 # ------------------------------------------------------------------ fine-tuning model

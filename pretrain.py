@@ -1,0 +1,399 @@
+"""
+pretrain.py: I2P-MAE pre-training (paper section "Image-to-Point Masked Autoencoders";
+SPEC.md sections 1 and 8.1). Read `pretrain_step` first: it is the whole method.
+
+  python pretrain.py                                  # synthetic demo on a CPU, about 10 minutes
+  python pretrain.py --data shapenet --gpu 0          # the paper's run (ShapeNet-55, 300 epochs)
+  torchrun --nproc_per_node=8 pretrain.py --data shapenet
+  python pretrain.py --benchmark [--config full]      # per-stage timings and peak memory
+Writes runs/<run_name>/last.pt (student only; atomically, every epoch and on Ctrl-C) and
+runs/<run_name>/log.jsonl. `--resume runs/<run_name>/last.pt` continues exactly.
+"""
+import argparse
+import json
+import math
+import os
+import random
+import resource
+import sys
+import time
+from dataclasses import asdict
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from tokenizer import build_token_hierarchy
+from project import project_depth_images, back_project
+from teacher import build_teacher, normalize_images, teacher_features_and_saliency, tiny_teacher
+from mask import guided_mask, random_mask, hierarchical_masks
+from model import I2PMAE, ModelConfig
+from data import load_split, scale_and_translate
+
+# A configuration a 2-core CPU pre-trains in minutes: the same architecture, fewer and narrower tokens.
+SMALL_CONFIG = ModelConfig(num_groups=(128, 64, 16), group_sizes=(16, 8, 8), encoder_dims=(64, 128, 256),
+                           encoder_depths=(2, 2, 2), num_heads=4, decoder_dims=(256, 128),
+                           point_embed_dims=(32, 64, 128))
+# `python pretrain.py` with no flags: flags the user did not give take these values on synthetic data
+SYNTHETIC_DEMO = dict(config='small', num_points=512, epochs=12, warmup_epochs=1, cosine_epochs=12,
+                      batch_size=32, small_random_teacher=True, svm_every=4)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    d = p.add_argument_group('data')
+    d.add_argument('--data', default='synthetic', choices=['synthetic', 'shapenet'],
+                   help='synthetic (built in, runs anywhere; demo settings) or shapenet (ShapeNet-55 train split)')
+    d.add_argument('--data_root', default='./data', help='folder holding the datasets (README: data layout)')
+    d.add_argument('--num_points', type=int, default=2048, help='points per cloud (official: 2048)')
+    m = p.add_argument_group('model')
+    m.add_argument('--config', default='full', choices=['full', 'small'],
+                   help='full = the official architecture; small = SMALL_CONFIG for CPU demos')
+    m.add_argument('--mask', default='guided', choices=['guided', 'random'],
+                   help='guided = 2D-guided (I2P-MAE); random = the 3D-only ablation')
+    m.add_argument('--mask_ratio', type=float, default=0.8, help='share of coarse tokens hidden (official: 0.8)')
+    m.add_argument('--no_2d_target', action='store_true', help='drop the 2D target: 3D-only reconstruction (Point-M2AE)')
+    m.add_argument('--teacher_weights', default='auto',
+                   help='auto (ImageNet if available, else random), imagenet, random, or a state_dict path')
+    m.add_argument('--teacher_arch', default='vit_b_16', help='torchvision ViT constructor (official: ViT-B/16)')
+    m.add_argument('--small_random_teacher', action='store_true',
+                   help='if the teacher ends up random, use a small random ViT instead (no less knowledge, much faster)')
+    o = p.add_argument_group('optimisation')
+    o.add_argument('--epochs', type=int, default=300, help='epochs to train (official: 300)')
+    o.add_argument('--cosine_epochs', type=int, default=400,
+                   help='length of the cosine schedule (official: 400, longer than the run, so it ends near 1.5e-4)')
+    o.add_argument('--warmup_epochs', type=int, default=10, help='linear warm-up from 1e-6 (official: 10)')
+    o.add_argument('--batch_size', type=int, default=64, help='total batch over all processes (official: 64)')
+    o.add_argument('--lr', type=float, default=1e-3, help='peak learning rate for the total batch (official: 1e-3)')
+    o.add_argument('--min_lr', type=float, default=1e-6, help='floor and warm-up start (official: 1e-6)')
+    o.add_argument('--weight_decay', type=float, default=0.05, help='AdamW weight decay (official: 0.05)')
+    s = p.add_argument_group('system')
+    s.add_argument('--gpu', type=int, default=0 if torch.cuda.is_available() else -1, help='GPU index, -1 = CPU')
+    s.add_argument('--amp', action=argparse.BooleanOptionalAction, default=None,
+                   help='bf16 autocast (default: on for GPU, off for CPU)')
+    s.add_argument('--seed', type=int, default=0)
+    s.add_argument('--deterministic', action='store_true', help='deterministic algorithms (slower)')
+    s.add_argument('--run_name', default=None, help='runs/<run_name>/ (default: pretrain-<data>)')
+    s.add_argument('--resume', default=None, help='checkpoint to continue from (runs/<name>/last.pt)')
+    s.add_argument('--log_every', type=int, default=20, help='steps between progress lines')
+    s.add_argument('--svm_every', type=int, default=0,
+                   help='epochs between linear-SVM checks (0 = off); monitoring only, never picks a checkpoint')
+    s.add_argument('--max_steps_per_epoch', type=int, default=0, help='cut epochs short (tests, quick looks)')
+    s.add_argument('--benchmark', action='store_true', help='time the stages of one step and exit')
+    s.add_argument('--benchmark_steps', type=int, default=5, help='timed steps after 2 warm-up steps')
+    args = p.parse_args(argv)
+    if args.data == 'synthetic':   # the demo: presets fill every flag the user did not give
+        given = {a.split('=')[0].lstrip('-') for a in (sys.argv[1:] if argv is None else argv) if a.startswith('--')}
+        for key, value in SYNTHETIC_DEMO.items():
+            if key not in given:
+                setattr(args, key, value)
+    args.run_name = args.run_name or f'pretrain-{args.data}'
+    return args
+
+
+# ---------------------------------------------------------------- the method, one step
+
+
+def pretrain_step(model, teacher, xyz, args, clock=lambda stage: None):
+    """(loss_3d, loss_2d) for a batch of clouds xyz (B, N, 3). `clock(stage)` marks stage ends (--benchmark).
+
+    model is the I2PMAE student, or DistributedDataParallel around it; the teacher stays outside.
+    """
+    student = getattr(model, 'module', model)
+    cfg = student.cfg
+    groups = build_token_hierarchy(xyz, cfg.num_groups, cfg.group_sizes)          # 3 scales of tokens
+    clock('tokenize')
+    needs_teacher = args.mask == 'guided' or not args.no_2d_target
+    if needs_teacher:
+        S = teacher.image_size
+        images, geometry = project_depth_images(xyz, S)                           # (3B, 3, S, S)
+        clock('project')
+        features, saliency = teacher_features_and_saliency(teacher, normalize_images(images))  # one call, 3 views
+        clock('teacher')
+    if args.mask == 'guided':
+        token_saliency = back_project(groups[-1].centers, geometry, saliency[:, None], S).mean(-1)  # (B, G_top)
+        is_masked = guided_mask(token_saliency, args.mask_ratio)
+    else:
+        is_masked = random_mask(xyz.shape[0], cfg.num_groups[-1], args.mask_ratio, xyz.device)
+    masks = hierarchical_masks(is_masked, groups)                                  # finest first
+    target_2d = None
+    if not args.no_2d_target:   # teacher features at the K members of every head-scale token
+        group = groups[student.head_scale]
+        B, G, K = group.idx.shape
+        target_2d = back_project(group.neighbors.flatten(1, 2), geometry, features, S).view(B, G, K, -1)
+    clock('mask')
+    return model(groups, masks, target_2d)                                         # I2PMAE.pretrain_losses
+
+
+# ---------------------------------------------------------------- pieces shared with finetune.py
+
+
+def cosine_lr(progress, args):
+    """Learning rate at `progress` epochs (fractional): linear warm-up from min_lr, then cosine over cosine_epochs."""
+    if progress < args.warmup_epochs:
+        return args.min_lr + (args.lr - args.min_lr) * progress / args.warmup_epochs
+    t = min(progress / args.cosine_epochs, 1.0)
+    return args.min_lr + 0.5 * (args.lr - args.min_lr) * (1 + math.cos(math.pi * t))
+
+
+def param_groups(model, weight_decay):
+    """AdamW groups: no decay for biases, norms and, as the authors, any name containing 'token'."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 or name.endswith('.bias') or 'token' in name else decay).append(p)
+    return [{'params': decay, 'weight_decay': weight_decay}, {'params': no_decay, 'weight_decay': 0.0}]
+
+
+def setup_device(args):
+    """Device, rank and world size; initialises torch.distributed when launched by torchrun."""
+    distributed = 'RANK' in os.environ and 'WORLD_SIZE' in os.environ
+    rank, world = (int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])) if distributed else (0, 1)
+    if args.gpu >= 0:
+        if not torch.cuda.is_available():
+            raise SystemExit(f'--gpu {args.gpu}: no CUDA device here; use --gpu -1 for the CPU')
+        device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', args.gpu)) if distributed else args.gpu)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device('cpu')
+    if distributed:
+        dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
+    if args.amp is None:
+        args.amp = device.type == 'cuda'
+    seed_everything(args.seed + rank)
+    if args.deterministic:
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    return device, rank, world
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state():
+    return {'torch': torch.get_rng_state(), 'numpy': np.random.get_state(), 'python': random.getstate(),
+            'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state['torch'])
+    np.random.set_state(state['numpy'])
+    random.setstate(state['python'])
+    if state['cuda'] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state['cuda'])
+
+
+def save_checkpoint(path, **content):
+    """Write atomically: a crash mid-write leaves the previous checkpoint intact."""
+    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+    torch.save(content, path + '.tmp')
+    os.replace(path + '.tmp', path)
+
+
+def check_resumable(checkpoint, path, model_config, settings):
+    """Refuse a checkpoint whose architecture or training set-up differs, naming every mismatch."""
+    as_tuple = lambda v: tuple(v) if isinstance(v, (list, tuple)) else v
+    mismatches = [f'{k}: checkpoint {checkpoint["model_config"].get(k)} vs now {v}'
+                  for k, v in asdict(model_config).items() if as_tuple(checkpoint['model_config'].get(k)) != as_tuple(v)]
+    mismatches += [f'--{k}: checkpoint {checkpoint["args"].get(k)} vs now {v}'
+                   for k, v in settings.items() if checkpoint['args'].get(k) != v]
+    if mismatches:
+        raise SystemExit(f'cannot resume from {path}, the configuration differs:\n  ' + '\n  '.join(mismatches))
+
+
+def batches(num_items, batch_size, epoch, seed, rank=0, world=1):
+    """This process's index batches for one epoch: a seeded shuffle, split over processes, last partial batch dropped."""
+    order = torch.randperm(num_items, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+    per_process = batch_size // world
+    steps = num_items // batch_size
+    return [order[s * batch_size + rank * per_process: s * batch_size + (rank + 1) * per_process] for s in range(steps)]
+
+
+class Log:
+    """Progress lines on rank 0 and the same numbers as JSON lines in runs/<name>/log.jsonl."""
+    def __init__(self, folder, rank):
+        self.rank, self.path = rank, os.path.join(folder, 'log.jsonl')
+        if rank == 0:
+            os.makedirs(folder, exist_ok=True)
+
+    def __call__(self, line, **numbers):
+        if self.rank == 0:
+            print(line, flush=True)
+            if numbers:
+                with open(self.path, 'a') as f:
+                    f.write(json.dumps(numbers) + '\n')
+
+
+def peak_memory_mb(device):
+    if device.type == 'cuda':
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # the whole process, in MB
+
+
+# ---------------------------------------------------------------- main
+
+
+def build(args, device):
+    """The frozen teacher (outside the student) and the student."""
+    needs_teacher = args.mask == 'guided' or not args.no_2d_target
+    teacher, described = None, 'none (random masking, no 2D target)'
+    if needs_teacher:
+        teacher, described = build_teacher(args.teacher_weights, args.teacher_arch)
+        if 'random' in described and args.small_random_teacher:
+            teacher, described = tiny_teacher(image_size=224, patch_size=16, num_layers=4, hidden_dim=64), \
+                'small random ViT (4 layers, width 64, 16-pixel patches): no pretrained knowledge'
+        teacher = teacher.to(device)
+    base = SMALL_CONFIG if args.config == 'small' else ModelConfig()
+    cfg = ModelConfig(**{**asdict(base), 'feat_dim_2d': 0 if args.no_2d_target else teacher.hidden_dim})
+    return teacher, described, I2PMAE(cfg).to(device)
+
+
+def benchmark(args, device, teacher, student):
+    """Milliseconds per stage of one training step, samples/s and peak memory, on random clouds."""
+    optimizer = torch.optim.AdamW(param_groups(student, args.weight_decay), lr=args.lr)
+    sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
+    times = {}
+
+    def clock(stage):
+        sync()
+        now = time.perf_counter()
+        times[stage] = times.get(stage, 0.0) + now - clock.last
+        clock.last = now
+    xyz = torch.randn(args.batch_size, args.num_points, 3, device=device)
+    xyz = xyz / xyz.norm(dim=-1).amax(1)[:, None, None]
+    for step in range(2 + args.benchmark_steps):
+        if step == 2:
+            times.clear()
+            if device.type == 'cuda':
+                torch.cuda.reset_peak_memory_stats(device)
+        sync()
+        clock.last = start = time.perf_counter()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
+            loss_3d, loss_2d = pretrain_step(student, teacher, xyz, args, clock)
+            clock('student forward')
+        (loss_3d + loss_2d).backward()
+        clock('backward')
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        clock('optimizer')
+    n = args.benchmark_steps
+    total = sum(times.values()) / n
+    print(f'\nbenchmark: config {args.config}, batch {args.batch_size}, {args.num_points} points, '
+          f'{device}, amp {args.amp}, {torch.get_num_threads()} threads, mean of {n} steps')
+    print(f'{"stage":<18}{"ms / step":>12}')
+    for stage, seconds in times.items():
+        print(f'{stage:<18}{1000 * seconds / n:>12.1f}')
+    print(f'{"step":<18}{1000 * total:>12.1f}')
+    print(f'{"step w/o teacher":<18}{1000 * (total - times.get("teacher", 0) / n):>12.1f}')
+    print(f'samples/s {args.batch_size / total:.1f}; peak memory {peak_memory_mb(device):.0f} MB '
+          f'({"GPU allocated" if device.type == "cuda" else "process RSS"})')
+
+
+def main(args):
+    device, rank, world = setup_device(args)
+    folder = os.path.join('runs', args.run_name)
+    log = Log(folder, rank)
+    teacher, described, student = build(args, device)
+    if args.benchmark:
+        return benchmark(args, device, teacher, student)
+    if args.batch_size % world:
+        raise SystemExit(f'--batch_size {args.batch_size} must be divisible by the {world} processes')
+    split = load_split(args.data, 'pretrain' if args.data == 'synthetic' else 'train',
+                       data_root=args.data_root, num_points=args.num_points, seed=args.seed)
+    points = split.points
+    optimizer = torch.optim.AdamW(param_groups(student, args.weight_decay), lr=args.lr)
+    start_epoch, start_step = 0, 0
+    if args.resume:
+        checkpoint = torch.load(args.resume, map_location='cpu', weights_only=False)
+        check_resumable(checkpoint, args.resume, student.cfg,
+                        {k: getattr(args, k) for k in ('data', 'num_points', 'batch_size', 'mask', 'no_2d_target')})
+        student.load_state_dict(checkpoint['model'], strict=True)
+        optimizer.load_state_dict(checkpoint['optimizer'])
+        start_epoch, start_step = checkpoint['epoch'], checkpoint['step_in_epoch']
+        set_rng_state(checkpoint['rng'])
+    # the scale-0 LayerNorm feeds no loss, so DDP must expect parameters without gradients
+    model = DistributedDataParallel(student, find_unused_parameters=True) if world > 1 else student
+    log(f'I2P-MAE pre-training on {args.data} ({len(points)} clouds of {args.num_points} points), device {device}, '
+        f'{world} process(es), total batch {args.batch_size} ({args.batch_size // world} per process), '
+        f'peak lr {args.lr}, amp {args.amp}\n  teacher: {described}\n  model: {args.config} {asdict(student.cfg)}\n'
+        f'  mask {args.mask} {args.mask_ratio}, 2D target {not args.no_2d_target}, epochs {args.epochs} '
+        f'(cosine over {args.cosine_epochs}, warm-up {args.warmup_epochs})'
+        + (f', resumed at epoch {start_epoch} step {start_step}' if args.resume else ''))
+
+    def save(epoch, step_in_epoch):
+        if rank == 0:
+            save_checkpoint(os.path.join(folder, 'last.pt'), model=student.state_dict(), optimizer=optimizer.state_dict(),
+                            epoch=epoch, step_in_epoch=step_in_epoch, rng=rng_state(), args=vars(args),
+                            model_config=asdict(student.cfg), teacher=described)
+    steps_per_epoch = len(batches(len(points), args.batch_size, 0, args.seed))
+    if args.max_steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, args.max_steps_per_epoch)
+    if steps_per_epoch == 0:
+        raise SystemExit(f'--batch_size {args.batch_size} is larger than the {len(points)} training clouds')
+    epoch, step = start_epoch, start_step
+    try:
+        for epoch in range(start_epoch, args.epochs):
+            model.train()
+            sums, tick, epoch_start = torch.zeros(2, device=device), time.time(), time.time()
+            order = batches(len(points), args.batch_size, epoch, args.seed, rank, world)[:steps_per_epoch]
+            for step in range(start_step if epoch == start_epoch else 0, steps_per_epoch):
+                lr = cosine_lr(epoch + step / steps_per_epoch, args)
+                for group in optimizer.param_groups:
+                    group['lr'] = lr
+                xyz = scale_and_translate(points[order[step]].to(device, non_blocking=True))
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
+                    loss_3d, loss_2d = pretrain_step(model, teacher, xyz, args)
+                loss = loss_3d + loss_2d
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                sums += torch.stack([loss_3d.detach(), loss_2d.detach()]).float()
+                if (step + 1) % args.log_every == 0 or step + 1 == steps_per_epoch:
+                    l3, l2 = loss_3d.item(), loss_2d.item()   # .item() syncs with the GPU: logging steps only
+                    if not math.isfinite(l3 + l2):
+                        raise FloatingPointError(f'non-finite loss at epoch {epoch} step {step} (loss_3d {l3}, '
+                                                 f'loss_2d {l2}); stopping, {folder}/last.pt keeps the last good epoch')
+                    rate = args.batch_size * (step % args.log_every + 1) / (time.time() - tick)
+                    left = (args.epochs - epoch) * steps_per_epoch - step - 1
+                    log(f'epoch {epoch} step {step + 1}/{steps_per_epoch} loss_3d {l3:.4f} loss_2d {l2:.4f} '
+                        f'lr {lr:.2e} {rate:.1f} samples/s ETA {left * args.batch_size / rate / 60:.1f} min',
+                        epoch=epoch, step=step + 1, loss_3d=l3, loss_2d=l2, lr=lr, samples_per_s=rate)
+                    tick = time.time()
+            done = steps_per_epoch - (start_step if epoch == start_epoch else 0)
+            mean_3d, mean_2d = (sums / max(done, 1)).tolist()
+            if not math.isfinite(mean_3d + mean_2d):
+                raise FloatingPointError(f'non-finite loss in epoch {epoch}; {folder}/last.pt keeps the last good epoch')
+            save(epoch + 1, 0)
+            summary = dict(epoch=epoch, mean_loss_3d=mean_3d, mean_loss_2d=mean_2d, minutes=(time.time() - epoch_start) / 60)
+            if args.svm_every and (epoch + 1) % args.svm_every == 0 and rank == 0:
+                from svm_eval import svm_check   # monitoring only: never used to choose a checkpoint
+                summary['svm_accuracy'] = svm_check(student, args, device)
+            log(f'== epoch {epoch} done: mean loss_3d {mean_3d:.4f} loss_2d {mean_2d:.4f}'
+                + (f' | linear SVM accuracy {summary["svm_accuracy"]:.2f}% (monitoring only)' if 'svm_accuracy' in summary else '')
+                + f' | {summary["minutes"]:.1f} min | saved {folder}/last.pt', **summary)
+    except KeyboardInterrupt:
+        save(epoch, step)
+        log(f'interrupted: saved {folder}/last.pt at epoch {epoch} step {step}; continue with --resume {folder}/last.pt')
+        raise SystemExit(130)
+    if world > 1:
+        check_ranks_agree(student, log)
+        dist.destroy_process_group()
+    return student
+
+
+def check_ranks_agree(student, log):
+    """After DDP training every process must hold the same weights; say so (or fail)."""
+    checksum = torch.cat([p.detach().double().sum().view(1) for p in student.parameters()]).cpu()
+    gathered = [torch.zeros_like(checksum) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, checksum)
+    if not all(torch.equal(g, gathered[0]) for g in gathered):
+        raise RuntimeError('DDP ranks disagree on the weights')
+    log(f'weights identical on all {len(gathered)} ranks')
+
+
+if __name__ == '__main__':
+    main(parse_args())
