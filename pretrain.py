@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import BatchSampler, DistributedSampler
 
 from tokenizer import build_token_hierarchy
 from project import project_depth_images, back_project
@@ -205,12 +206,12 @@ def check_resumable(checkpoint, path, model_config, settings):
         raise SystemExit(f'cannot resume from {path}, the configuration differs:\n  ' + '\n  '.join(mismatches))
 
 
-def batches(num_items, batch_size, epoch, seed, rank=0, world=1):
-    """This process's index batches for one epoch: a seeded shuffle, split over processes, last partial batch dropped."""
-    order = torch.randperm(num_items, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
-    per_process = batch_size // world
-    steps = num_items // batch_size
-    return [order[s * batch_size + rank * per_process: s * batch_size + (rank + 1) * per_process] for s in range(steps)]
+def epoch_batches(num_items, batch_size, epoch, seed, rank=0, world=1):
+    """This process's index batches for one epoch: DistributedSampler's seeded shuffle, split over
+    processes, the last partial batch dropped. The same for a given epoch however often it is asked."""
+    sampler = DistributedSampler(range(num_items), num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
+    sampler.set_epoch(epoch)
+    return list(BatchSampler(sampler, batch_size // world, drop_last=True))
 
 
 class Log:
@@ -242,10 +243,11 @@ def build(args, device):
     needs_teacher = args.mask == 'guided' or not args.no_2d_target
     teacher, described = None, 'none (random masking, no 2D target)'
     if needs_teacher:
-        teacher, described = build_teacher(args.teacher_weights, args.teacher_arch)
-        if 'random' in described and args.small_random_teacher:
-            teacher, described = tiny_teacher(image_size=224, patch_size=16, num_layers=4, hidden_dim=64), \
-                'small random ViT (4 layers, width 64, 16-pixel patches): no pretrained knowledge'
+        if not (args.small_random_teacher and args.teacher_weights == 'random'):
+            teacher, described = build_teacher(args.teacher_weights, args.teacher_arch)
+        if args.small_random_teacher and (teacher is None or 'random' in described):
+            teacher = tiny_teacher(image_size=224, patch_size=16, num_layers=4, hidden_dim=64)
+            described = 'small random ViT (4 layers, width 64, 16-pixel patches): no pretrained knowledge'
         teacher = teacher.to(device)
     base = SMALL_CONFIG if args.config == 'small' else ModelConfig()
     cfg = ModelConfig(**{**asdict(base), 'feat_dim_2d': 0 if args.no_2d_target else teacher.hidden_dim})
@@ -329,7 +331,7 @@ def main(args):
             save_checkpoint(os.path.join(folder, 'last.pt'), model=student.state_dict(), optimizer=optimizer.state_dict(),
                             epoch=epoch, step_in_epoch=step_in_epoch, rng=rng_state(), args=vars(args),
                             model_config=asdict(student.cfg), teacher=described)
-    steps_per_epoch = len(batches(len(points), args.batch_size, 0, args.seed))
+    steps_per_epoch = len(epoch_batches(len(points), args.batch_size, 0, args.seed, rank, world))
     if args.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, args.max_steps_per_epoch)
     if steps_per_epoch == 0:
@@ -339,7 +341,7 @@ def main(args):
         for epoch in range(start_epoch, args.epochs):
             model.train()
             sums, tick, epoch_start = torch.zeros(2, device=device), time.time(), time.time()
-            order = batches(len(points), args.batch_size, epoch, args.seed, rank, world)[:steps_per_epoch]
+            order = epoch_batches(len(points), args.batch_size, epoch, args.seed, rank, world)
             for step in range(start_step if epoch == start_epoch else 0, steps_per_epoch):
                 lr = cosine_lr(epoch + step / steps_per_epoch, args)
                 for group in optimizer.param_groups:
