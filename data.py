@@ -45,7 +45,7 @@ SYNTHETIC_CLASSES = ['table', 'chair', 'stool', 'bench', 'bed', 'sofa', 'shelf',
 # shapes per synthetic split: a ModelNet-like ratio, small enough to generate in seconds
 SYNTHETIC_SPLIT_SIZES = {'pretrain': 2000, 'train': 1000, 'test': 500}
 
-POINT_BERT = "Point-BERT's DATASET.md, https://github.com/lulutang0608/Point-BERT/blob/master/DATASET.md"
+POINT_BERT = "Point-BERT's DATASET.md, https://github.com/Julie-tang00/Point-BERT/blob/master/DATASET.md"
 SHAPENET_LAYOUT = ('ShapeNet55-34/ShapeNet-55/{train,test}.txt   one file name per line: <synset>-<id>.npy\n'
                    'ShapeNet55-34/shapenet_pc/<synset>-<id>.npy  float array (8192, 3)', POINT_BERT)
 MODELNET_DAT_LAYOUT = ('ModelNet/modelnet40_normal_resampled/modelnet40_{train,test}_8192pts_fps.dat'
@@ -59,7 +59,8 @@ SCAN_LAYOUT = ('ScanObjectNN/main_split/{training,test}_objectdataset.h5        
                'ScanObjectNN/main_split/{training,test}_objectdataset_augmentedrot_scale75.h5    PB-T50-RS\n'
                'ScanObjectNN/main_split_nobg/{training,test}_objectdataset.h5                    OBJ-ONLY\n'
                '   keys data (S, 2048, 3), label (S,)',
-               'the ScanObjectNN project page, https://hkust-vgd.github.io/scanobjectnn (h5_files.zip)')
+               'the ScanObjectNN project page, https://hkust-vgd.github.io/scanobjectnn '
+               '(h5_files.zip; its terms-of-use form gives the download link)')
 FEWSHOT_LAYOUT = ('ModelNetFewshot/{5way10shot,5way20shot,10way10shot,10way20shot}/{0..9}.pkl'
                   "   (or 5way_10shot, ...)\n"
                   "   pickle {'train': [(points (8192, 6), label, class id), ...], 'test': [...]}",
