@@ -1,0 +1,808 @@
+"""
+data.py: every point cloud the project reads, behind one call.
+
+    load_split(name, split, data_root='./data', num_points=None, seed=0) -> PointSplit
+      points       (S, N, 3) float32  S shapes of N points, xyz only
+      labels       (S,) int64         official class order; None for pre-training pools
+      class_names  list[str]          label id -> name ([] for pre-training pools)
+
+Real datasets are read once, up front, from the exact on-disk formats of
+Point-BERT / Point-MAE / I2P-MAE (layout: README, "Data layout"); nothing is
+downloaded. 'synthetic', the default of every entry script, is generated from
+parts (tables, chairs, lamps, ...), so the whole chain runs with no data at all.
+The entry scripts index batches out of `points` and move them to the device;
+the augmentations below then run batched there, drawing from torch's RNG:
+    scale_and_translate, rotate_about_up_axis, random_point_subset, fps_subsample
+Demo: python data.py          Tests: test_all.py, section "data.py"
+"""
+import argparse
+import glob
+import math
+import os
+import pickle
+import time
+from typing import List, NamedTuple, Optional
+
+import h5py
+import numpy as np
+import torch
+
+# load_split names: ShapeNet-55 (pre-training), ModelNet40 .dat (fine-tuning), ModelNet40 h5
+# (linear SVM), ScanObjectNN OBJ-BG / OBJ-ONLY / PB-T50-RS (the hardest)
+DATASET_NAMES = ('synthetic', 'shapenet', 'modelnet40', 'modelnet40_svm',
+                 'scan_objbg', 'scan_objonly', 'scan_hardest')
+# the standard shape_names order (label 0..39), SPEC section 9
+MODELNET40_CLASSES = [
+    'airplane', 'bathtub', 'bed', 'bench', 'bookshelf', 'bottle', 'bowl', 'car', 'chair', 'cone',
+    'cup', 'curtain', 'desk', 'door', 'dresser', 'flower_pot', 'glass_box', 'guitar', 'keyboard',
+    'lamp', 'laptop', 'mantel', 'monitor', 'night_stand', 'person', 'piano', 'plant', 'radio',
+    'range_hood', 'sink', 'sofa', 'stairs', 'stool', 'table', 'tent', 'toilet', 'tv_stand', 'vase',
+    'wardrobe', 'xbox']
+SCANOBJECTNN_CLASSES = ['bag', 'bin', 'box', 'cabinet', 'chair', 'desk', 'display', 'door',
+                        'shelf', 'table', 'bed', 'pillow', 'sink', 'sofa', 'toilet']
+SYNTHETIC_CLASSES = ['table', 'chair', 'stool', 'bench', 'bed', 'sofa', 'shelf',
+                     'lamp', 'mug', 'bottle', 'vase', 'airplane', 'car']
+# shapes per synthetic split: a ModelNet-like ratio, small enough to generate in seconds
+SYNTHETIC_SPLIT_SIZES = {'pretrain': 2000, 'train': 1000, 'test': 500}
+
+POINT_BERT = "Point-BERT's DATASET.md, https://github.com/Julie-tang00/Point-BERT/blob/master/DATASET.md"
+SHAPENET_LAYOUT = ('ShapeNet55-34/ShapeNet-55/{train,test}.txt   one file name per line: <synset>-<id>.npy\n'
+                   'ShapeNet55-34/shapenet_pc/<synset>-<id>.npy  float array (8192, 3)', POINT_BERT)
+MODELNET_DAT_LAYOUT = ('ModelNet/modelnet40_normal_resampled/modelnet40_{train,test}_8192pts_fps.dat'
+                       '   pickle [points list of (8192, 6), labels list of (1,)]\n'
+                       'ModelNet/modelnet40_normal_resampled/modelnet40_shape_names.txt', POINT_BERT)
+MODELNET_H5_LAYOUT = ('modelnet40_ply_hdf5_2048/ply_data_train{0..4}.h5, ply_data_test{0,1}.h5'
+                      '   keys data (S, 2048, 3), label (S, 1)\n'
+                      'modelnet40_ply_hdf5_2048/shape_names.txt',
+                      "PointNet's modelnet40_ply_hdf5_2048.zip, https://github.com/charlesq34/pointnet")
+SCAN_LAYOUT = ('ScanObjectNN/main_split/{training,test}_objectdataset.h5                          OBJ-BG\n'
+               'ScanObjectNN/main_split/{training,test}_objectdataset_augmentedrot_scale75.h5    PB-T50-RS\n'
+               'ScanObjectNN/main_split_nobg/{training,test}_objectdataset.h5                    OBJ-ONLY\n'
+               '   keys data (S, 2048, 3), label (S,)',
+               'the ScanObjectNN project page, https://hkust-vgd.github.io/scanobjectnn '
+               '(h5_files.zip; its terms-of-use form gives the download link)')
+FEWSHOT_LAYOUT = ('ModelNetFewshot/{5way10shot,5way20shot,10way10shot,10way20shot}/{0..9}.pkl'
+                  "   (or 5way_10shot, ...)\n"
+                  "   pickle {'train': [(points (8192, 6), label, class id), ...], 'test': [...]}",
+                  POINT_BERT)
+
+
+class PointSplit(NamedTuple):
+    points: torch.Tensor                # (S, N, 3) float32
+    labels: Optional[torch.Tensor]      # (S,) int64, or None for an unlabeled pre-training pool
+    class_names: List[str]
+
+
+def normalize_unit_sphere(points):
+    """(..., N, 3) -> same shape: subtract the centroid, divide by the largest radius."""
+    centred = points - points.mean(dim=-2, keepdim=True)
+    radius = centred.norm(dim=-1).amax(dim=-1, keepdim=True)         # (..., 1)
+    return centred / radius.clamp_min(1e-12).unsqueeze(-1)
+
+
+# ---------------------------------------------------------------- checks shared by the readers
+
+def require_path(path, layout):
+    """Raise one FileNotFoundError naming the path, the expected layout and where to get it."""
+    if not os.path.exists(path):
+        tree, source = layout
+        raise FileNotFoundError(
+            f'{path} not found.\nExpected under --data_root:\n{tree}\n'
+            f'The dataset is published at {source}. Nothing is downloaded at run time: '
+            f'download it, unpack it under --data_root, or run with --data synthetic.')
+    return path
+
+
+def check_points(points, path, num_points):
+    """points array (S, N, C>=3) float -> (S, num_points, 3) float32 tensor; errors name the file."""
+    points = np.asarray(points)
+    if points.ndim != 3 or points.shape[2] < 3:
+        raise ValueError(f'{path}: expected point clouds of shape (S, N, 3), got shape {points.shape}')
+    if not np.issubdtype(points.dtype, np.floating):
+        raise ValueError(f'{path}: expected float points, got dtype {points.dtype}')
+    if points.shape[0] == 0:
+        raise ValueError(f'{path}: the split is empty')
+    if points.shape[1] < num_points:
+        raise ValueError(f'{path}: clouds have {points.shape[1]} points, fewer than the {num_points} requested')
+    return torch.from_numpy(np.ascontiguousarray(points[:, :num_points, :3], dtype=np.float32))
+
+
+def check_labels(labels, num_shapes, num_classes, path):
+    """labels array (S,) or (S, 1) integer -> (S,) int64 tensor, every label in 0..num_classes-1."""
+    labels = np.asarray(labels)
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f'{path}: expected integer labels, got dtype {labels.dtype}')
+    labels = labels.reshape(-1)                                       # ModelNet h5 stores (S, 1)
+    if len(labels) != num_shapes:
+        raise ValueError(f'{path}: {len(labels)} labels for {num_shapes} point clouds')
+    is_bad = (labels < 0) | (labels >= num_classes)
+    if is_bad.any():
+        raise ValueError(f'{path}: label {labels[is_bad][0]} is outside 0..{num_classes - 1} '
+                         f'({is_bad.sum()} shapes affected)')
+    return torch.from_numpy(labels.astype(np.int64))
+
+
+def check_class_names(path, expected):
+    """A shape_names file, if present, must list the standard classes in the standard order."""
+    if os.path.exists(path):
+        with open(path) as f:
+            names = [line.strip() for line in f if line.strip()]
+        if names != expected:
+            raise ValueError(f'{path}: class names differ from the standard order {expected[:3]}...')
+    return list(expected)
+
+
+def read_h5(path, layout):
+    """-> (data, label) arrays as stored; other keys (normal, faceId, mask, ...) are ignored."""
+    require_path(path, layout)
+    try:
+        f = h5py.File(path, 'r')
+    except OSError as err:
+        raise ValueError(f'{path}: not a readable HDF5 file ({err})') from err
+    with f:
+        missing = sorted({'data', 'label'} - set(f.keys()))
+        if missing:
+            raise ValueError(f'{path}: missing key(s) {missing}; the file has {sorted(f.keys())}')
+        return f['data'][:], f['label'][:]
+
+
+def read_npy(path, layout):
+    require_path(path, layout)
+    try:
+        return np.load(path)
+    except (ValueError, OSError) as err:
+        raise ValueError(f'{path}: not a readable .npy array ({err})') from err
+
+
+def read_pickle(path, layout):
+    with open(require_path(path, layout), 'rb') as f:
+        try:
+            return pickle.load(f)      # only open pickles you trust: unpickling can run code
+        except (pickle.UnpicklingError, EOFError, ValueError) as err:
+            raise ValueError(f'{path}: not a readable pickle ({err})') from err
+
+
+def stack_xyz(clouds, path):
+    """list of (N, C>=3) arrays -> (S, N, 3) float array; all clouds must have one shape."""
+    shapes = sorted({np.shape(c) for c in clouds})
+    if len(shapes) > 1:
+        raise ValueError(f'{path}: point clouds of different shapes, e.g. {shapes[:2]}')
+    if not clouds or len(shapes[0]) != 2 or shapes[0][1] < 3:
+        raise ValueError(f'{path}: expected a non-empty list of (N, 3+) clouds, got shapes {shapes[:2]}')
+    return np.stack([np.asarray(c)[:, :3] for c in clouds])
+
+
+def check_split(split, allowed=('train', 'test')):
+    if split not in allowed:
+        raise ValueError(f'split must be one of {allowed}, got {split!r}')
+
+
+# ---------------------------------------------------------------- real datasets (SPEC section 9)
+
+def read_shapenet55(data_root, split, num_points=2048, seed=0):
+    """ShapeNet-55 pre-training pool: a random num_points-subset of each 8192-point npy, normalised.
+
+    deviation: the official loader draws a fresh 2048-of-8192 subset every time a shape
+    is read; we draw it once at load time (seeded), since keeping all 8192 points of
+    ~42k shapes would take 4 GB. Pass num_points=8192 to keep them and subsample per step.
+    """
+    check_split(split)
+    root = os.path.join(data_root, 'ShapeNet55-34')
+    list_path = require_path(os.path.join(root, 'ShapeNet-55', f'{split}.txt'), SHAPENET_LAYOUT)
+    with open(list_path) as f:
+        names = [line.strip() for line in f if line.strip()]
+    if not names:
+        raise ValueError(f'{list_path}: the split is empty')
+    rng = np.random.default_rng(seed)
+    clouds = np.empty((len(names), num_points, 3), np.float32)       # (S, num_points, 3)
+    for i, name in enumerate(names):                                  # load time, not the training loop
+        path = os.path.join(root, 'shapenet_pc', os.path.basename(name))
+        cloud = read_npy(path, SHAPENET_LAYOUT)                       # (8192, 3)
+        if cloud.ndim != 2 or cloud.shape[1] != 3 or not np.issubdtype(cloud.dtype, np.floating):
+            raise ValueError(f'{path}: expected a float (8192, 3) array, got {cloud.dtype} {cloud.shape}')
+        if len(cloud) < num_points:
+            raise ValueError(f'{path}: {len(cloud)} points, fewer than the {num_points} requested')
+        clouds[i] = cloud[rng.permutation(len(cloud))[:num_points]]   # shuffle, keep the first n
+    return PointSplit(normalize_unit_sphere(torch.from_numpy(clouds)), None, [])
+
+
+def read_modelnet40_dat(data_root, split, num_points=None):
+    """Point-BERT's 8192-point ModelNet40 pickles: xyz normalised, normals dropped.
+
+    num_points=None keeps all 8192 (fine-tuning runs FPS 1200 then a random 1024 per step);
+    otherwise the first num_points of each cloud; like Point-BERT's loader we slice, then normalise.
+    """
+    check_split(split)
+    folder = os.path.join(data_root, 'ModelNet', 'modelnet40_normal_resampled')
+    path = os.path.join(folder, f'modelnet40_{split}_8192pts_fps.dat')
+    content = read_pickle(path, MODELNET_DAT_LAYOUT)
+    if not isinstance(content, (list, tuple)) or len(content) != 2:
+        raise ValueError(f'{path}: expected a pickled pair [list of points, list of labels]')
+    xyz = stack_xyz(content[0], path)                                 # (S, 8192, 3)
+    points = check_points(xyz, path, num_points or xyz.shape[1])
+    labels = check_labels(content[1], len(points), len(MODELNET40_CLASSES), path)
+    names = check_class_names(os.path.join(folder, 'modelnet40_shape_names.txt'), MODELNET40_CLASSES)
+    return PointSplit(normalize_unit_sphere(points), labels, names)
+
+
+def read_h5_split(paths, num_points, class_names, layout):
+    """Concatenate h5 files -> PointSplit of their first num_points points, not re-normalised."""
+    clouds, labels = [], []
+    for path in paths:
+        data, label = read_h5(path, layout)
+        clouds.append(check_points(data, path, num_points or np.shape(data)[1]))
+        labels.append(check_labels(label, len(clouds[-1]), len(class_names), path))
+    return PointSplit(torch.cat(clouds), torch.cat(labels), list(class_names))
+
+
+def read_modelnet40_h5(data_root, split, num_points=1024):
+    """PointNet's modelnet40_ply_hdf5_2048 for the linear SVM: the first 1024 points, as stored."""
+    check_split(split)
+    folder = require_path(os.path.join(data_root, 'modelnet40_ply_hdf5_2048'), MODELNET_H5_LAYOUT)
+    pattern = os.path.join(folder, f'ply_data_{split}*.h5')
+    paths = sorted(glob.glob(pattern))          # deviation: the official glob order is unsorted
+    if not paths:
+        require_path(pattern, MODELNET_H5_LAYOUT)
+    names = check_class_names(os.path.join(folder, 'shape_names.txt'), MODELNET40_CLASSES)
+    return read_h5_split(paths, num_points, names, MODELNET_H5_LAYOUT)
+
+
+def read_scanobjectnn(data_root, variant, split, num_points=None):
+    """ScanObjectNN h5, variant 'objbg' | 'objonly' | 'hardest' (PB-T50-RS); 2048 points, as stored."""
+    check_split(split)
+    folder, suffix = {'objbg': ('main_split', ''), 'objonly': ('main_split_nobg', ''),
+                      'hardest': ('main_split', '_augmentedrot_scale75')}[variant]
+    prefix = 'training' if split == 'train' else 'test'
+    path = os.path.join(data_root, 'ScanObjectNN', folder, f'{prefix}_objectdataset{suffix}.h5')
+    return read_h5_split([path], num_points, SCANOBJECTNN_CLASSES, SCAN_LAYOUT)
+
+
+def load_fewshot_fold(data_root, way, shot, fold, num_points=None):
+    """One ModelNet40 few-shot fold -> (train, test) PointSplits, labels 0..way-1, xyz normalised.
+
+    class_names[k] is the ModelNet40 name of the fold's class k (the pickle's third field).
+    Point-BERT publishes folders named '5way10shot'; its loader reads '5way_10shot': both work.
+    """
+    root = os.path.join(data_root, 'ModelNetFewshot')
+    path = os.path.join(root, f'{way}way{shot}shot', f'{fold}.pkl')
+    loader_path = os.path.join(root, f'{way}way_{shot}shot', f'{fold}.pkl')
+    if not os.path.exists(path) and os.path.exists(loader_path):
+        path = loader_path
+    content = read_pickle(path, FEWSHOT_LAYOUT)
+    if not isinstance(content, dict) or not {'train', 'test'} <= set(content):
+        raise ValueError(f"{path}: expected a pickled dict with keys 'train' and 'test'")
+    splits = []
+    for split in ('train', 'test'):
+        items = content[split]
+        if not items or any(len(item) != 3 for item in items):
+            raise ValueError(f'{path}: {split!r} must be a non-empty list of (points, label, class id)')
+        xyz = stack_xyz([item[0] for item in items], path)
+        points = check_points(xyz, path, num_points or xyz.shape[1])
+        labels = check_labels(np.array([np.asarray(item[1]).item() for item in items]), len(points), way, path)
+        pairs = sorted({(int(label), int(np.asarray(item[2]).item())) for label, item in zip(labels, items)})
+        if [label for label, _ in pairs] != list(range(way)):   # each label 0..way-1 once, with one class id
+            raise ValueError(f'{path}: {split!r} pairs labels with ModelNet40 class ids as {pairs}, '
+                             f'expected labels 0..{way - 1} each with one class id')
+        names = [MODELNET40_CLASSES[class_id] for _, class_id in pairs]
+        splits.append(PointSplit(normalize_unit_sphere(points), labels, names))
+    return splits[0], splits[1]
+
+
+# ---------------------------------------------------------------- synthetic dataset: surfaces
+# A surface is (area, sample) with sample(n, rng) -> (n, 3) points on it, uniform by area.
+# Objects stand on the floor (y = 0) with y up, like ShapeNet and ModelNet.
+
+AXIS_ORDER = {'x': [1, 0, 2], 'y': [0, 1, 2], 'z': [0, 2, 1]}   # local y (symmetry axis) -> this axis
+
+
+def yaw_matrix(angle):
+    """(3, 3) rotation about the up (y) axis."""
+    c, s = math.cos(angle), math.sin(angle)
+    return np.array([[c, 0, s], [0, 1, 0], [-s, 0, c]])
+
+
+def box_surface(center, size, rotation=None):
+    """The six faces of a box of `size` (3,), optionally turned by `rotation` (3, 3) about its centre."""
+    size = np.asarray(size, float)
+    face_area = np.repeat([size[1] * size[2], size[0] * size[2], size[0] * size[1]], 2)  # -x +x -y +y -z +z
+
+    def sample(n, rng):
+        face = rng.choice(6, n, p=face_area / face_area.sum())
+        local = rng.uniform(-0.5, 0.5, (n, 3))
+        local[np.arange(n), face // 2] = np.where(face % 2 == 1, 0.5, -0.5)      # onto the chosen face
+        local = local * size
+        return (local if rotation is None else local @ rotation.T) + center
+    return face_area.sum(), sample
+
+
+def frustum_surface(base, r_bottom, r_top, height, axis='y', bottom=True, top=True):
+    """Side and optional end discs of a cone frustum standing on point `base` along `axis`.
+    r_bottom == r_top gives a cylinder, r_top == 0 a cone."""
+    dr = r_top - r_bottom
+    area = np.array([math.pi * (r_bottom + r_top) * math.hypot(height, dr),
+                     math.pi * r_bottom ** 2 * bottom, math.pi * r_top ** 2 * top])
+
+    def sample(n, rng):
+        piece = rng.choice(3, n, p=area / area.sum())                  # 0 side, 1 bottom, 2 top
+        u, angle = rng.random(n), rng.uniform(0, 2 * math.pi, n)
+        if abs(dr) < 1e-9:
+            t_side = u
+        else:   # the side's area grows with its radius: invert the cumulative area
+            t_side = (np.sqrt(r_bottom ** 2 + u * (r_top ** 2 - r_bottom ** 2)) - r_bottom) / dr
+        t = np.where(piece == 0, t_side, piece - 1.0)                  # height fraction
+        disc_r = np.where(piece == 1, r_bottom, r_top) * np.sqrt(rng.random(n))
+        radius = np.where(piece == 0, r_bottom + dr * t, disc_r)
+        local = np.stack([radius * np.cos(angle), t * height, radius * np.sin(angle)], 1)
+        return local[:, AXIS_ORDER[axis]] + base
+    return area.sum(), sample
+
+
+def rod_surface(start, end, radius):
+    """Open cylinder from point `start` to point `end`: legs, poles, struts."""
+    start, end = np.asarray(start, float), np.asarray(end, float)
+    direction = end - start
+    length = np.linalg.norm(direction)
+    helper = [1.0, 0, 0] if abs(direction[0]) < 0.9 * length else [0, 1.0, 0]
+    u = np.cross(direction, helper)
+    u /= np.linalg.norm(u)
+    v = np.cross(direction / length, u)                                # (u, v) spans the cross-section
+
+    def sample(n, rng):
+        t, angle = rng.random((n, 1)), rng.uniform(0, 2 * math.pi, (n, 1))
+        return start + t * direction + radius * (np.cos(angle) * u + np.sin(angle) * v)
+    return 2 * math.pi * radius * length, sample
+
+
+def ellipsoid_surface(center, radii):
+    """Ellipsoid; normalised Gaussian directions are close to, not exactly, uniform by area."""
+    a, b, c = radii
+    p = 1.6075      # Knud Thomsen's approximation of the ellipsoid's area
+    area = 4 * math.pi * (((a * b) ** p + (a * c) ** p + (b * c) ** p) / 3) ** (1 / p)
+
+    def sample(n, rng):
+        d = rng.standard_normal((n, 3))
+        return d / np.linalg.norm(d, axis=1, keepdims=True) * radii + center
+    return area, sample
+
+
+def torus_surface(center, major, minor, arc, axis='y'):
+    """`arc` radians of a torus around `axis`, centred on local +x: mug handles, foot rings."""
+    def sample(n, rng):
+        u, v = rng.uniform(-arc / 2, arc / 2, n), rng.uniform(0, 2 * math.pi, n)
+        ring = major + minor * np.cos(v)
+        local = np.stack([ring * np.cos(u), minor * np.sin(v), ring * np.sin(u)], 1)
+        return local[:, AXIS_ORDER[axis]] + center
+    return arc * major * 2 * math.pi * minor, sample
+
+
+def leg_surfaces(rng, half_x, half_z, top, thickness, splay=1.0):
+    """Four legs from the floor up to height `top` at (+-half_x, +-half_z): round or square."""
+    corners = [(sx * half_x, sz * half_z) for sx in (-1, 1) for sz in (-1, 1)]
+    if rng.random() < 0.5:
+        return [rod_surface((x * splay, 0, z * splay), (x, top, z), thickness / 2) for x, z in corners]
+    return [box_surface((x, top / 2, z), (thickness, top, thickness)) for x, z in corners]
+
+
+# ---------------------------------------------------------------- synthetic dataset: the classes
+# One function per class: rng -> list of surfaces. Proportions and part counts are drawn
+# per shape; the ranges overlap on purpose (square stools vs small tables, benches vs
+# tables and beds, sofas vs beds, wide bottles and vases vs mugs without a handle), so that
+# global statistics cannot separate the classes (measured in the demo).
+
+def table_parts(rng):
+    height, width, top_t = rng.uniform(0.45, 0.8), rng.uniform(0.5, 1.8), rng.uniform(0.03, 0.1)
+    depth = width * rng.uniform(0.4, 1.0)
+    if rng.random() < 0.3:                              # round top
+        parts, depth = [frustum_surface((0, height - top_t, 0), width / 2, width / 2, top_t)], width
+    else:
+        parts = [box_surface((0, height - top_t / 2, 0), (width, top_t, depth))]
+    if rng.random() < 0.7:
+        inset = rng.uniform(0.05, 0.15)
+        parts += leg_surfaces(rng, (0.5 - inset) * width, (0.5 - inset) * depth, height - top_t,
+                              rng.uniform(0.03, 0.08), splay=rng.uniform(1.0, 1.1))
+    else:                                               # pedestal and foot
+        parts += [rod_surface((0, 0, 0), (0, height - top_t, 0), rng.uniform(0.03, 0.1)),
+                  frustum_surface((0, 0, 0), rng.uniform(0.15, 0.35), rng.uniform(0.05, 0.1),
+                                  rng.uniform(0.02, 0.06))]
+    if rng.random() < 0.3:                              # lower shelf
+        parts.append(box_surface((0, rng.uniform(0.1, 0.3) * height, 0), (0.8 * width, top_t / 2, 0.8 * depth)))
+    return parts
+
+
+def chair_parts(rng):
+    width, depth, seat_y = rng.uniform(0.38, 0.6), rng.uniform(0.38, 0.6), rng.uniform(0.38, 0.55)
+    seat_t, back_h = rng.uniform(0.03, 0.1), rng.uniform(0.15, 0.7)
+    parts = [box_surface((0, seat_y, 0), (width, seat_t, depth))]
+    if rng.random() < 0.8:
+        parts += leg_surfaces(rng, width / 2 - 0.03, depth / 2 - 0.03, seat_y, rng.uniform(0.025, 0.06),
+                              splay=rng.uniform(1.0, 1.15))
+    else:                                               # swivel chair: a column on a star of 5 feet
+        parts.append(rod_surface((0, 0.08, 0), (0, seat_y, 0), 0.03))
+        parts += [rod_surface((0, 0.08, 0), (0.3 * math.cos(a), 0.02, 0.3 * math.sin(a)), 0.02)
+                  for a in np.arange(5) * 2 * math.pi / 5]
+    lean = rng.uniform(0, 0.3)                          # the backrest leans back (to -z) by this angle
+    tilt = np.array([[1, 0, 0], [0, math.cos(lean), math.sin(lean)], [0, -math.sin(lean), math.cos(lean)]])
+
+    def on_back(f):                                     # (y, z) of the point a fraction f up the backrest
+        return seat_y + math.cos(lean) * f * back_h, -depth / 2 + 0.02 - math.sin(lean) * f * back_h
+    if rng.random() < 0.6:
+        parts.append(box_surface((0, *on_back(0.5)), (width, back_h, rng.uniform(0.02, 0.06)), tilt))
+    else:                                               # two posts and 2..4 slats
+        parts += [box_surface((x, *on_back(0.5)), (0.04, back_h, 0.04), tilt) for x in (-width / 2, width / 2)]
+        parts += [box_surface((0, *on_back(f)), (width, 0.04, 0.02), tilt)
+                  for f in np.linspace(0.3, 1.0, rng.integers(2, 5))]
+    if rng.random() < 0.3:                              # armrests on front posts
+        arm_y = seat_y + rng.uniform(0.15, 0.25)
+        for x in (-width / 2, width / 2):
+            parts += [box_surface((x, arm_y, 0), (0.05, 0.04, depth)),
+                      rod_surface((x, seat_y, depth / 2 - 0.03), (x, arm_y, depth / 2 - 0.03), 0.02)]
+    return parts
+
+
+def stool_parts(rng):
+    seat_y, radius, seat_t = rng.uniform(0.4, 0.8), rng.uniform(0.15, 0.3), rng.uniform(0.03, 0.08)
+    parts = [frustum_surface((0, seat_y - seat_t, 0), radius, radius, seat_t) if rng.random() < 0.6
+             else box_surface((0, seat_y - seat_t / 2, 0), (2 * radius, seat_t, 2 * radius))]
+    n_legs, splay, leg_r = rng.integers(3, 5), rng.uniform(1.0, 1.5), rng.uniform(0.015, 0.035)
+    angles = rng.uniform(0, 2 * math.pi) + np.arange(n_legs) * 2 * math.pi / n_legs
+    top_r = 0.75 * radius
+    parts += [rod_surface((splay * top_r * math.cos(a), 0, splay * top_r * math.sin(a)),
+                          (top_r * math.cos(a), seat_y - seat_t, top_r * math.sin(a)), leg_r) for a in angles]
+    if rng.random() < 0.4:                              # foot ring, where it meets the splayed legs
+        ring_y = rng.uniform(0.2, 0.4) * seat_y
+        parts.append(torus_surface((0, ring_y, 0), top_r * (splay - (splay - 1) * ring_y / seat_y),
+                                   leg_r, 2 * math.pi))
+    if rng.random() < 0.15:                             # a low back: a bar chair
+        parts.append(box_surface((0, seat_y + 0.1, -radius), (1.6 * radius, 0.12, 0.03)))
+    return parts
+
+
+def bench_parts(rng):
+    length, depth = rng.uniform(0.9, 2.0), rng.uniform(0.3, 0.55)
+    seat_y, seat_t = rng.uniform(0.38, 0.5), rng.uniform(0.03, 0.08)
+    parts = [box_surface((0, seat_y - seat_t / 2, 0), (length, seat_t, depth))]
+    if rng.random() < 0.6:
+        parts += leg_surfaces(rng, length / 2 - 0.08, depth / 2 - 0.04, seat_y - seat_t, rng.uniform(0.03, 0.07))
+    else:                                               # two slab ends
+        parts += [box_surface((x, (seat_y - seat_t) / 2, 0), (0.05, seat_y - seat_t, 0.9 * depth))
+                  for x in (-0.4 * length, 0.4 * length)]
+    if rng.random() < 0.5:                              # backrest
+        back_h = rng.uniform(0.2, 0.45)
+        parts.append(box_surface((0, seat_y + back_h / 2 + 0.05, -depth / 2), (length, back_h, 0.04)))
+    return parts
+
+
+def bed_parts(rng):
+    length, width = rng.uniform(1.6, 2.2), rng.uniform(0.8, 1.9)
+    bottom, thick, head_h = rng.uniform(0.1, 0.4), rng.uniform(0.12, 0.35), rng.uniform(0.1, 0.9)
+    top = bottom + thick
+    parts = [box_surface((0, bottom + thick / 2, 0), (width, thick, length)),       # mattress
+             box_surface((0, (top + head_h) / 2, -length / 2), (width, top + head_h, 0.06))]
+    if rng.random() < 0.5:                              # footboard
+        foot_h = top + rng.uniform(0.0, 0.3)
+        parts.append(box_surface((0, foot_h / 2, length / 2), (width, foot_h, 0.05)))
+    if rng.random() < 0.6:
+        parts += leg_surfaces(rng, width / 2 - 0.05, length / 2 - 0.05, bottom, rng.uniform(0.04, 0.08))
+    else:                                               # a closed base
+        parts.append(box_surface((0, bottom / 2, 0), (0.95 * width, bottom, 0.95 * length)))
+    n_pillows = rng.integers(0, 3)
+    for x in np.linspace(-width / 4, width / 4, n_pillows) if n_pillows == 2 else [0] * n_pillows:
+        parts.append(ellipsoid_surface((x, top + 0.05, -length / 2 + 0.25), (min(0.3, width / 4), 0.07, 0.18)))
+    return parts
+
+
+def sofa_parts(rng):
+    length, depth, seat_y = rng.uniform(1.2, 2.6), rng.uniform(0.7, 1.0), rng.uniform(0.35, 0.5)
+    foot, back_h, back_t = rng.uniform(0.0, 0.15), rng.uniform(0.25, 0.55), rng.uniform(0.12, 0.3)
+    parts = [box_surface((0, (foot + seat_y) / 2, 0), (length, seat_y - foot, depth)),
+             box_surface((0, seat_y + back_h / 2, -depth / 2 + back_t / 2), (length, back_h, back_t))]
+    if rng.random() < 0.8:                              # arms
+        arm_h, arm_w = rng.uniform(0.1, 0.3), rng.uniform(0.1, 0.25)
+        parts += [box_surface((x, (foot + seat_y + arm_h) / 2, 0), (arm_w, seat_y + arm_h - foot, depth))
+                  for x in (-(length - arm_w) / 2, (length - arm_w) / 2)]
+    cushions = rng.integers(0, 4)
+    parts += [box_surface((x, seat_y + 0.04, back_t / 2), (0.9 * length / cushions, 0.08, depth - back_t))
+              for x in (np.arange(cushions) - (cushions - 1) / 2) * length / max(cushions, 1)]
+    if foot > 0.03:
+        parts += leg_surfaces(rng, length / 2 - 0.05, depth / 2 - 0.05, foot, 0.05)
+    return parts
+
+
+def shelf_parts(rng):
+    width, height, depth = rng.uniform(0.5, 1.6), rng.uniform(0.5, 2.0), rng.uniform(0.25, 0.45)
+    board = rng.uniform(0.015, 0.04)
+    parts = [box_surface((x, height / 2, 0), (board, height, depth)) for x in (-width / 2, width / 2)]
+    parts += [box_surface((0, y, 0), (width, board, depth))
+              for y in np.linspace(board / 2, height - board / 2, rng.integers(2, 7))]
+    if rng.random() < 0.6:                              # back panel
+        parts.append(box_surface((0, height / 2, -depth / 2), (width, height, board)))
+    if rng.random() < 0.3:                              # divider
+        parts.append(box_surface((0, height / 2, 0), (board, height, depth)))
+    return parts
+
+
+def lamp_parts(rng):
+    pole_h, base_r = rng.uniform(0.3, 1.6), rng.uniform(0.08, 0.22)
+    parts = [frustum_surface((0, 0, 0), base_r, base_r * rng.uniform(0.5, 1.0), rng.uniform(0.02, 0.06))
+             if rng.random() < 0.7 else box_surface((0, 0.02, 0), (2 * base_r, 0.04, 2 * base_r)),
+             rod_surface((0, 0, 0), (0, pole_h, 0), rng.uniform(0.01, 0.025))]
+    head = np.array([0, pole_h, 0])
+    if rng.random() < 0.4:                              # an arm
+        head = head + [rng.uniform(0.15, 0.5), rng.uniform(-0.2, 0.1), 0]
+        parts.append(rod_surface((0, pole_h, 0), head, 0.012))
+    if rng.random() < 0.75:                             # an open shade
+        shade_h, r_bottom = rng.uniform(0.12, 0.35), rng.uniform(0.1, 0.3)
+        parts.append(frustum_surface(head - [0, shade_h / 2, 0], r_bottom, r_bottom * rng.uniform(0.4, 1.0),
+                                     shade_h, bottom=False, top=False))
+    else:                                               # a globe
+        parts.append(ellipsoid_surface(head, np.full(3, rng.uniform(0.08, 0.2))))
+    return parts
+
+
+def mug_parts(rng):
+    radius, height = rng.uniform(0.035, 0.06), rng.uniform(0.06, 0.13)
+    parts = [frustum_surface((0, 0, 0), radius, radius * rng.uniform(1.0, 1.25), height, top=False)]
+    if rng.random() < 0.85:                             # handle
+        parts.append(torus_surface((radius, height / 2, 0), rng.uniform(0.2, 0.35) * height,
+                                   rng.uniform(0.004, 0.01), rng.uniform(0.8, 1.0) * math.pi, axis='z'))
+    return parts
+
+
+def bottle_parts(rng):
+    radius, body_h, shoulder_h = rng.uniform(0.025, 0.06), rng.uniform(0.08, 0.25), rng.uniform(0.005, 0.05)
+    neck_r, neck_h = rng.uniform(0.3, 0.6) * radius, rng.uniform(0.01, 0.08)
+    neck_y = body_h + shoulder_h
+    return [frustum_surface((0, 0, 0), radius, radius * rng.uniform(0.85, 1.0), body_h, top=False),
+            frustum_surface((0, body_h, 0), 0.9 * radius, neck_r, shoulder_h, bottom=False, top=False),
+            frustum_surface((0, neck_y, 0), neck_r, neck_r, neck_h, bottom=False, top=False),
+            frustum_surface((0, neck_y + neck_h, 0), 1.15 * neck_r, 1.15 * neck_r, rng.uniform(0.01, 0.025))]
+
+
+def vase_parts(rng):
+    heights = rng.uniform(0.03, 0.12, rng.integers(2, 5))          # a stack of 2..4 frustums
+    radii = rng.uniform(0.3, 1.0, len(heights) + 1) * rng.uniform(0.03, 0.09)
+    bases = np.concatenate([[0], np.cumsum(heights)[:-1]])
+    return [frustum_surface((0, y, 0), r0, r1, h, bottom=(i == 0), top=False)
+            for i, (y, r0, r1, h) in enumerate(zip(bases, radii[:-1], radii[1:], heights))]
+
+
+def airplane_parts(rng):
+    length = rng.uniform(2.5, 4.0)
+    radius, span, chord = (length * rng.uniform(0.04, 0.08), length * rng.uniform(0.6, 1.2),
+                           length * rng.uniform(0.15, 0.3))
+    nose, tail = length * rng.uniform(0.05, 0.12), length * rng.uniform(0.15, 0.3)
+    tail_x = -length / 2 + 0.1 * length
+    parts = [frustum_surface((-length / 2 + tail, 0, 0), radius, radius, length - tail - nose, axis='x',
+                             bottom=False, top=False),                               # fuselage
+             ellipsoid_surface((length / 2 - nose, 0, 0), (nose, radius, radius)),   # nose
+             frustum_surface((-length / 2, 0.6 * radius, 0), 0.3 * radius, radius, tail, axis='x', top=False),
+             box_surface((tail_x, radius + 0.1 * span, 0), (0.5 * chord, 0.2 * span, 0.02))]  # fin
+    wing_x, wing_y = length * rng.uniform(-0.1, 0.15), radius * rng.uniform(-0.7, 0.7)
+    sweep = rng.uniform(0, 0.6)
+    for side in (-1, 1):
+        turn = yaw_matrix(-side * sweep)                # wing tips swept back (to -x)
+        wing_center = (wing_x - math.sin(sweep) * span / 4, wing_y, side * span / 4)
+        parts += [box_surface(wing_center, (chord, 0.03 * chord + 0.01, span / 2), turn),
+                  box_surface((tail_x, radius, side * span / 8), (0.5 * chord, 0.02, span / 4), turn)]
+    n_engines = rng.choice([0, 2, 4], p=[0.3, 0.5, 0.2])
+    for z in np.array([-2, -1, 1, 2] if n_engines == 4 else [-1, 1] if n_engines == 2 else []) * span / 6:
+        parts.append(frustum_surface((wing_x - 0.1 * length, wing_y - 0.8 * radius, z), 0.4 * radius,
+                                     0.4 * radius, 0.25 * length, axis='x'))
+    return parts
+
+
+def car_parts(rng):
+    length, width, body_h = rng.uniform(3.5, 5.0), rng.uniform(1.6, 2.0), rng.uniform(0.45, 0.8)
+    wheel_r, wheel_w = rng.uniform(0.28, 0.4), rng.uniform(0.18, 0.3)
+    clearance = wheel_r * rng.uniform(0.5, 0.9)
+    cabin_l, cabin_h = length * rng.uniform(0.35, 0.7), rng.uniform(0.35, 0.7)
+    cabin_x = length * rng.uniform(-0.2, 0.15)
+    parts = [box_surface((0, clearance + body_h / 2, 0), (length, body_h, width)),
+             box_surface((cabin_x, clearance + body_h + cabin_h / 2, 0),
+                         (cabin_l, cabin_h, width * rng.uniform(0.8, 0.95)))]
+    axle_x = length / 2 - rng.uniform(0.55, 0.9)
+    for x in [-axle_x, axle_x] + ([-axle_x + 2.2 * wheel_r] if rng.random() < 0.1 else []):   # 4 or 6 wheels
+        parts += [frustum_surface((x, wheel_r, z), wheel_r, wheel_r, wheel_w, axis='z')
+                  for z in (-width / 2, width / 2 - wheel_w)]
+    return parts
+
+
+# same order as SYNTHETIC_CLASSES: PARTS_OF_CLASS[label](rng) -> surfaces
+PARTS_OF_CLASS = (table_parts, chair_parts, stool_parts, bench_parts, bed_parts, sofa_parts,
+                  shelf_parts, lamp_parts, mug_parts, bottle_parts, vase_parts, airplane_parts, car_parts)
+
+
+def sample_shape(parts, num_points, rng):
+    """Parts of one object -> (num_points, 3): sampled by area, unevenly dense, scaled, turned, noisy."""
+    area = np.array([a for a, _ in parts]) * rng.lognormal(0.0, 0.6, len(parts))  # uneven density per part
+    counts = rng.multinomial(num_points, area / area.sum())
+    xyz = np.concatenate([sample(n, rng) for (_, sample), n in zip(parts, counts)])   # (num_points, 3)
+    xyz = xyz * rng.uniform(0.75, 1.33, 3)                   # anisotropic scale
+    xyz = xyz @ yaw_matrix(rng.uniform(0, 2 * math.pi)).T    # random rotation about the up axis
+    extent = np.abs(xyz - xyz.mean(0)).max()
+    xyz = xyz + rng.normal(0.0, rng.uniform(0.002, 0.015) * extent, xyz.shape)
+    return xyz[rng.permutation(num_points)]                   # no part order in the point order
+
+
+def synthetic_shapes(num_shapes, num_points, rng):
+    """-> points (S, N, 3) float32 on the unit sphere, labels (S,) int64, classes balanced to within one."""
+    labels = rng.permutation(np.arange(num_shapes) % len(SYNTHETIC_CLASSES))
+    clouds = np.stack([sample_shape(PARTS_OF_CLASS[label](rng), num_points, rng) for label in labels])
+    return normalize_unit_sphere(torch.from_numpy(clouds).float()), torch.from_numpy(labels).long()
+
+
+def make_synthetic(num_shapes, num_points=2048, seed=0):
+    """Deterministic labeled synthetic shapes: the same seed gives the same tensors."""
+    return synthetic_shapes(num_shapes, num_points, np.random.default_rng(seed))
+
+
+def load_split(name, split, data_root='./data', num_points=None, seed=0):
+    """One split of one dataset as a PointSplit (see the file docstring).
+
+    name: one of DATASET_NAMES; split: 'train' | 'test', and 'pretrain' for synthetic.
+    num_points=None is the protocol's default: 2048 for synthetic and ShapeNet, all 8192 for the
+    ModelNet40 .dat files (FPS happens in the step), the first 1024 for the SVM h5 files, 2048 for
+    ScanObjectNN. seed picks the dataset (synthetic shapes, ShapeNet subsets), not the training run:
+    keep it the same in pretrain.py, svm_eval.py and finetune.py."""
+    if name == 'synthetic':
+        check_split(split, tuple(SYNTHETIC_SPLIT_SIZES))
+        rng = np.random.default_rng([seed, list(SYNTHETIC_SPLIT_SIZES).index(split)])  # one stream per split
+        points, labels = synthetic_shapes(SYNTHETIC_SPLIT_SIZES[split], num_points or 2048, rng)
+        if split == 'pretrain':
+            return PointSplit(points, None, [])
+        return PointSplit(points, labels, list(SYNTHETIC_CLASSES))
+    if name == 'shapenet':
+        return read_shapenet55(data_root, split, num_points or 2048, seed)
+    if name == 'modelnet40':
+        return read_modelnet40_dat(data_root, split, num_points)
+    if name == 'modelnet40_svm':
+        return read_modelnet40_h5(data_root, split, num_points or 1024)
+    if name in ('scan_objbg', 'scan_objonly', 'scan_hardest'):
+        return read_scanobjectnn(data_root, name[len('scan_'):], split, num_points)
+    raise ValueError(f'unknown dataset {name!r}; choose one of {DATASET_NAMES}')
+
+
+# ---------------------------------------------------------------- augmentations (batched, on the device)
+# `generator` must live on xyz's device; None uses torch's global RNG (seeded once by --seed).
+
+def scale_and_translate(xyz, scale_low=2 / 3, scale_high=3 / 2, translate=0.2, generator=None):
+    """(B, N, 3) -> (B, N, 3): per sample, per axis scale ~ U(low, high), then shift ~ U(-t, t)
+    (official PointcloudScaleAndTranslate, without its loop over the batch)."""
+    B = xyz.shape[0]
+    scale = torch.rand(B, 1, 3, generator=generator, device=xyz.device) * (scale_high - scale_low) + scale_low
+    shift = (torch.rand(B, 1, 3, generator=generator, device=xyz.device) * 2 - 1) * translate
+    return xyz * scale + shift
+
+
+def rotate_about_up_axis(xyz, generator=None):
+    """(B, N, 3) -> (B, N, 3): ONE angle ~ U(-pi, pi) for the whole batch, about the y axis
+    (the ScanObjectNN fine-tuning rotation, SPEC section 8.3)."""
+    angle = (torch.rand((), generator=generator, device=xyz.device) * 2 - 1) * math.pi
+    c, s = torch.cos(angle), torch.sin(angle)
+    zero, one = torch.zeros_like(c), torch.ones_like(c)
+    rotation = torch.stack([torch.stack([c, zero, s]), torch.stack([zero, one, zero]),
+                            torch.stack([-s, zero, c])]).to(xyz.dtype)          # (3, 3)
+    return xyz @ rotation.T
+
+
+def gather_points(xyz, idx):
+    """xyz (B, N, 3), idx (B, n) -> (B, n, 3)."""
+    return torch.gather(xyz, 1, idx.unsqueeze(-1).expand(-1, -1, xyz.shape[-1]))
+
+
+def random_point_subset(xyz, n, generator=None):
+    """(B, N, 3) -> (B, n, 3): a different random n-subset per sample, without replacement.
+    n = N is a random permutation, which is what the official train loaders' shuffle does."""
+    B, N, _ = xyz.shape
+    if n > N:
+        raise ValueError(f'cannot take {n} points out of {N}')
+    idx = torch.rand(B, N, generator=generator, device=xyz.device).argsort(dim=1)[:, :n]   # (B, n)
+    return gather_points(xyz, idx)
+
+
+def fps_subsample(xyz, n):
+    """(B, N, 3) -> (B, n, 3): deterministic farthest point sampling (test-time inputs)."""
+    from tokenizer import farthest_point_sample     # lazy: data.py stays usable on its own
+    return gather_points(xyz, farthest_point_sample(xyz, n))
+
+
+# ---------------------------------------------------------------- demo: baselines and a picture
+
+def global_statistics(xyz, bins=16):
+    """(B, N, 3) -> (B, 8 + 3 * bins) hand-crafted, yaw-invariant shape statistics: covariance
+    eigenvalues, height range, horizontal spread, and histograms of the distance to the centroid,
+    of the height and of the distance to the up axis."""
+    centred = xyz - xyz.mean(dim=1, keepdim=True)
+    eig3 = torch.linalg.eigvalsh(centred.transpose(1, 2) @ centred / xyz.shape[1])          # (B, 3)
+    xz = centred[..., [0, 2]]
+    eig2 = torch.linalg.eigvalsh(xz.transpose(1, 2) @ xz / xyz.shape[1])                    # (B, 2)
+    height = centred[..., 1]                                                                 # (B, N)
+    y_range = torch.stack([height.amin(1), height.amax(1), height.std(1)], 1)               # (B, 3)
+
+    def histogram(values, low, high):                                                        # (B, N) -> (B, bins)
+        idx = ((values - low) / (high - low) * bins).long().clamp(0, bins - 1)
+        counts = torch.zeros(len(values), bins, device=values.device).scatter_add_(1, idx, torch.ones_like(values))
+        return counts / values.shape[1]
+    return torch.cat([eig3, eig2, y_range, histogram(centred.norm(dim=-1), 0, 1),
+                      histogram(height, -1, 1), histogram(xz.norm(dim=-1), 0, 1)], 1)
+
+
+def random_encoder_features(xyz, width=256, seed=0):
+    """(B, N, 3) -> (B, width): a randomly initialised PointNet (shared MLP, max-pool), untrained.
+    A stand-in for svm_eval.py on a random-init I2P-MAE encoder."""
+    generator = torch.Generator().manual_seed(seed)
+    w1 = torch.randn(3, 32, generator=generator).to(xyz.device)
+    w2 = (torch.randn(32, width, generator=generator) / 32 ** 0.5).to(xyz.device)
+    return torch.cat([(torch.relu(chunk @ w1) @ w2).amax(dim=1) for chunk in xyz.split(64)])   # (B, width)
+
+
+def linear_svm_accuracies(train_x, train_y, test_x, test_y):
+    """Standardised features, sklearn's LinearSVC -> (train accuracy, test accuracy) in %."""
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    from sklearn.svm import LinearSVC
+    svm = make_pipeline(StandardScaler(), LinearSVC(C=1.0, max_iter=20000)).fit(train_x.numpy(), train_y.numpy())
+    return 100 * svm.score(train_x.numpy(), train_y.numpy()), 100 * svm.score(test_x.numpy(), test_y.numpy())
+
+
+def depth_images(xyz, size=128):
+    """(B, N, 3) unit-sphere clouds -> (B, 1, size, size) orthographic depth in [0, 1], nearer is
+    brighter, seen from the front-left and a little above (a z-buffer: max nearness per pixel)."""
+    B = xyz.shape[0]
+    pitch = np.array([[1, 0, 0], [0, math.cos(0.35), -math.sin(0.35)], [0, math.sin(0.35), math.cos(0.35)]])
+    camera = torch.tensor(pitch @ yaw_matrix(math.radians(35)), dtype=xyz.dtype, device=xyz.device)   # (3, 3)
+    xyz = xyz @ camera.T
+    col = ((xyz[..., 0] + 1) / 2 * (size - 1)).round().long().clamp(0, size - 1)            # (B, N)
+    row = ((1 - xyz[..., 1]) / 2 * (size - 1)).round().long().clamp(0, size - 1)            # y up = row 0
+    nearness = 0.25 + 0.75 * (xyz[..., 2] + 1) / 2                                           # (B, N) in [0.25, 1]
+    image = torch.zeros(B, size * size, device=xyz.device).scatter_reduce(1, row * size + col, nearness, 'amax')
+    image = torch.nn.functional.max_pool2d(image.view(B, 1, size, size), 3, stride=1, padding=1)  # 3x3 dots
+    return image
+
+
+def example_images(xyz):
+    """(K, N, 3) -> (K, 1, H, W) pictures: the first view of project.py's projection when that file
+    is present (called one shape at a time, so its view/batch order does not matter), else depth_images."""
+    try:
+        from project import project_depth_images
+    except ImportError:     # project.py is not in this checkout
+        return depth_images(xyz)
+    pictures = []
+    for cloud in xyz:                                   # one call per example shape: a demo, not a hot path
+        images = project_depth_images(cloud[None])
+        first = (images[0] if isinstance(images, tuple) else images).flatten(0, -3)[0]   # (H, W)
+        pictures.append((first - first.min()) / (first.max() - first.min()).clamp_min(1e-12))
+    return torch.stack(pictures).unsqueeze(1)
+
+
+def main():
+    parser = argparse.ArgumentParser(description='Synthetic dataset demo: timing, baselines, a picture.')
+    parser.add_argument('--seed', type=int, default=0, help='dataset seed, as load_split takes it (default: 0)')
+    parser.add_argument('--out', default='runs/demo', help='folder for synthetic_classes.png (default: runs/demo)')
+    args = parser.parse_args()
+    from torchvision.utils import make_grid, save_image
+
+    start = time.perf_counter()
+    points, labels = make_synthetic(1000, 2048, seed=0)
+    print(f'make_synthetic(1000, 2048): {time.perf_counter() - start:.2f} s, points {tuple(points.shape)}')
+    print('shapes per class:', dict(zip(SYNTHETIC_CLASSES, labels.bincount().tolist())))
+    assert torch.equal(points, make_synthetic(1000, 2048, seed=0)[0]), 'not deterministic'
+
+    train = load_split('synthetic', 'train', seed=args.seed)        # the splits svm_eval.py sees
+    test = load_split('synthetic', 'test', seed=args.seed)
+    print(f'linear SVMs fit on {len(train.labels)} train shapes, scored on {len(test.labels)} test shapes')
+    for name, features in (('hand-crafted global statistics', global_statistics),
+                           ('random-init PointNet, max-pool', random_encoder_features)):
+        train_acc, test_acc = linear_svm_accuracies(features(train.points), train.labels,
+                                                    features(test.points), test.labels)
+        print(f'linear SVM on {name}: train {train_acc:.1f}%, test {test_acc:.1f}%')
+
+    first_of_class = torch.stack([(labels == k).nonzero()[0, 0] for k in range(len(SYNTHETIC_CLASSES))])
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, 'synthetic_classes.png')
+    save_image(make_grid(example_images(points[first_of_class]), nrow=7, padding=4, pad_value=0.5), path)
+    print(f'one example per class, in the order {SYNTHETIC_CLASSES}: {path}')
+
+
+if __name__ == '__main__':
+    main()
