@@ -131,7 +131,10 @@ def pretrain_step(model, teacher, xyz, args, clock=lambda stage: None):
 
 
 def cosine_lr(progress, args):
-    """Learning rate at `progress` epochs (fractional): linear warm-up from min_lr, then cosine over cosine_epochs."""
+    """Learning rate at `progress` epochs (fractional): linear warm-up from min_lr, then cosine over cosine_epochs.
+
+    As timm's scheduler the authors used, the cosine counts from epoch 0, not from the warm-up's end.
+    """
     if progress < args.warmup_epochs:
         return args.min_lr + (args.lr - args.min_lr) * progress / args.warmup_epochs
     t = min(progress / args.cosine_epochs, 1.0)
@@ -305,7 +308,7 @@ def main(args):
     if args.batch_size % world:
         raise SystemExit(f'--batch_size {args.batch_size} must be divisible by the {world} processes')
     split = load_split(args.data, 'pretrain' if args.data == 'synthetic' else 'train',
-                       data_root=args.data_root, num_points=args.num_points, seed=args.seed)
+                       data_root=args.data_root, num_points=args.num_points)
     points = split.points
     optimizer = torch.optim.AdamW(param_groups(student, args.weight_decay), lr=args.lr)
     start_epoch, start_step = 0, 0

@@ -102,11 +102,11 @@ def choose_C(train_x, train_y, grid=(0.001, 0.003, 0.0093, 0.018, 0.03, 0.1, 0.3
     return search.best_params_['C']
 
 
-def evaluate(student, data, data_root, num_points, C, batch_size, device, cv=False, seed=0):
+def evaluate(student, data, data_root, num_points, C, batch_size, device, cv=False):
     """Linear-SVM accuracy of the student's frozen features; returns (accuracy, C, n_train, n_test)."""
     name, default_points = SVM_DATA[data]
-    train = load_split(name, 'train', data_root=data_root, num_points=num_points or default_points, seed=seed)
-    test = load_split(name, 'test', data_root=data_root, num_points=num_points or default_points, seed=seed)
+    train = load_split(name, 'train', data_root=data_root, num_points=num_points or default_points)
+    test = load_split(name, 'test', data_root=data_root, num_points=num_points or default_points)
     train_x = extract_features(student, train.points, batch_size, device)
     test_x = extract_features(student, test.points, batch_size, device)
     if cv:
@@ -119,7 +119,7 @@ def svm_check(student, args, device):
     """pretrain.py's periodic monitor: accuracy on synthetic data or ModelNet40, never used to pick checkpoints."""
     data = 'synthetic' if args.data == 'synthetic' else 'modelnet40'
     points = args.num_points if data == 'synthetic' else None
-    accuracy, *_ = evaluate(student, data, args.data_root, points, SVM_C[data], 128, device, seed=args.seed)
+    accuracy, *_ = evaluate(student, data, args.data_root, points, SVM_C[data], 128, device)
     student.train()
     return accuracy
 
@@ -135,7 +135,7 @@ def main(args):
           f'encoder of {path}\n  model {asdict(student.cfg)}')
     start = time.time()
     accuracy, C, n_train, n_test = evaluate(student, args.data, args.data_root, num_points,
-                                            args.C or SVM_C[args.data], args.batch_size, device, args.cv, args.seed)
+                                            args.C or SVM_C[args.data], args.batch_size, device, args.cv)
     print(f'accuracy {accuracy:.2f}%  (C {C}{" by cross-validation" if args.cv else ""}, '
           f'{n_train} train / {n_test} test shapes, {time.time() - start:.1f} s)')
     return accuracy

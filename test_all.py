@@ -819,6 +819,152 @@ def test_fps_subsample_gathers_farthest_point_sample():
 
 
 # ---------------------------------------------------------------- pretrain.py
+import json
+import subprocess
+
+import pretrain
+from pretrain import cosine_lr, param_groups, parse_args, pretrain_step
+
+TINY = ['--config', 'small', '--num_points', '256', '--batch_size', '8', '--teacher_weights', 'random',
+        '--small_random_teacher', '--log_every', '1', '--gpu', '-1']
+
+
+def tiny_student_and_teacher(feat_dim=32):
+    cfg = ModelConfig(num_groups=(32, 16, 8), group_sizes=(8, 4, 4), encoder_dims=(16, 32, 64),
+                      encoder_depths=(1, 1, 1), num_heads=2, decoder_dims=(64, 32), drop_path_rate=0.0,
+                      point_embed_dims=(8, 16, 32), feat_dim_2d=feat_dim)
+    return I2PMAE(cfg), tiny_teacher(hidden_dim=feat_dim)
+
+
+def run_losses(args, steps, seed=0, batch=None):
+    torch.manual_seed(seed)
+    student, teacher = tiny_student_and_teacher()
+    optimizer = torch.optim.AdamW(student.parameters(), lr=2e-3)
+    xyz = batch if batch is not None else torch.rand(4, 128, 3, generator=torch.Generator().manual_seed(7))
+    losses = []
+    for _ in range(steps):
+        loss_3d, loss_2d = pretrain_step(student, teacher, xyz, args)
+        optimizer.zero_grad()
+        (loss_3d + loss_2d).backward()
+        optimizer.step()
+        losses.append((loss_3d.item(), loss_2d.item()))
+    return losses
+
+
+def test_pretrain_step_overfits_one_batch():
+    losses = run_losses(parse_args(['--data', 'shapenet']), steps=40)
+    (first_3d, first_2d), (last_3d, last_2d) = losses[0], losses[-1]
+    assert last_3d < 0.5 * first_3d and last_2d < 0.5 * first_2d, losses[::10]
+
+
+def test_same_seed_same_loss_on_cpu():
+    args = parse_args(['--data', 'shapenet'])
+    assert run_losses(args, 2, seed=3) == run_losses(args, 2, seed=3)
+    assert run_losses(args, 2, seed=3) != run_losses(args, 2, seed=4)
+
+
+def test_ablations_run_without_teacher_parts():
+    args = parse_args(['--data', 'shapenet', '--mask', 'random', '--no_2d_target'])
+    teacher = None     # neither the mask nor a target needs the teacher: it is never called
+    student, _ = tiny_student_and_teacher()
+    loss_3d, loss_2d = pretrain_step(student, teacher, torch.rand(2, 128, 3), args)
+    assert loss_3d > 0 and loss_2d == 0
+
+
+def test_synthetic_demo_presets_fill_only_unset_flags():
+    demo, paper = parse_args([]), parse_args(['--data', 'shapenet'])
+    assert demo.config == 'small' and demo.epochs == pretrain.SYNTHETIC_DEMO['epochs']
+    assert parse_args(['--epochs', '3']).epochs == 3
+    assert (paper.config, paper.epochs, paper.batch_size, paper.lr, paper.mask_ratio, paper.num_points) == \
+        ('full', 300, 64, 1e-3, 0.8, 2048)
+
+
+def test_cosine_lr_warms_up_then_decays():
+    args = parse_args(['--data', 'shapenet'])
+    assert cosine_lr(0, args) == args.min_lr
+    official = lambda t: 1e-6 + 0.5 * (1e-3 - 1e-6) * (1 + np.cos(np.pi * t / 400))
+    assert cosine_lr(args.warmup_epochs / 2, args) == pytest.approx((1e-6 + 1e-3) / 2)
+    assert cosine_lr(args.warmup_epochs, args) == pytest.approx(official(10))   # timm: cosine counts from 0
+    assert cosine_lr(args.cosine_epochs, args) == pytest.approx(args.min_lr)
+    # the official schedule: cosine over 400 epochs, so epoch 300 is still at about 1.5e-4
+    assert cosine_lr(300, args) == pytest.approx(official(300))
+
+
+def test_no_weight_decay_on_biases_norms_and_token_parameters():
+    student, _ = tiny_student_and_teacher()
+    decay, no_decay = param_groups(student, 0.05)
+    names = {id(p): n for n, p in student.named_parameters()}
+    no_decay_names = {names[id(p)] for p in no_decay['params']}
+    assert 'mask_token' in no_decay_names and 'encoder.token_embed.0.first_conv.0.weight' in no_decay_names
+    assert 'token_propagation.0.fuse.0.weight' in no_decay_names          # 'token' in the name, as theirs
+    assert 'encoder.blocks.0.0.attn.qkv.weight' in {names[id(p)] for p in decay['params']}
+    assert not any(n.endswith('.bias') for n in {names[id(p)] for p in decay['params']})
+
+
+def read_log(folder):
+    return [json.loads(line) for line in open(os.path.join(folder, 'log.jsonl'))]
+
+
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    common = TINY + ['--epochs', '2', '--max_steps_per_epoch', '2']
+    pretrain.main(parse_args(common + ['--run_name', 'straight']))
+    pretrain.main(parse_args(common + ['--run_name', 'cut', '--epochs', '1']))
+    # the cut run stopped after epoch 0; resuming it with --epochs 2 must retrace the straight run
+    pretrain.main(parse_args(common + ['--run_name', 'cut', '--resume', 'runs/cut/last.pt']))
+    straight = [r for r in read_log('runs/straight') if 'step' in r]
+    cut = [r for r in read_log('runs/cut') if 'step' in r]
+    assert [(r['epoch'], r['step'], r['loss_3d'], r['loss_2d']) for r in straight] == \
+           [(r['epoch'], r['step'], r['loss_3d'], r['loss_2d']) for r in cut]
+    summaries = [r for r in read_log('runs/straight') if 'mean_loss_3d' in r]
+    assert summaries[-1]['mean_loss_3d'] < summaries[0]['mean_loss_3d']    # a few steps already help
+    # the checkpoint: student only, loads strictly into the SVM and fine-tuning encoders
+    checkpoint = torch.load('runs/straight/last.pt', weights_only=False)
+    assert not any(k.startswith(('teacher', 'vit', 'clip')) for k in checkpoint['model'])
+    assert checkpoint['epoch'] == 2 and checkpoint['model_config']['feat_dim_2d'] == 64
+    cfg = ModelConfig(**checkpoint['model_config'])
+    I2PMAE(cfg).load_state_dict(checkpoint['model'], strict=True)
+    encoder = {k[len('encoder.'):]: v for k, v in checkpoint['model'].items() if k.startswith('encoder.')}
+    Classifier(cfg, 13).encoder.load_state_dict(encoder, strict=True)
+    # an incompatible configuration is refused, naming what differs
+    with pytest.raises(SystemExit, match='encoder_dims'):
+        pretrain.main(parse_args(TINY + ['--config', 'full', '--run_name', 'cut', '--resume', 'runs/cut/last.pt']))
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = parse_args(TINY + ['--epochs', '1', '--max_steps_per_epoch', '1', '--run_name', 'nan'])
+    pretrain.main(args)
+    good = torch.load('runs/nan/last.pt', weights_only=False)
+
+    def exploding_step(*a, **k):
+        loss = torch.tensor(float('nan'), requires_grad=True)
+        return loss, loss
+    monkeypatch.setattr(pretrain, 'pretrain_step', exploding_step)
+    with pytest.raises(FloatingPointError, match='non-finite loss'):
+        pretrain.main(parse_args(TINY + ['--epochs', '2', '--max_steps_per_epoch', '1', '--run_name', 'nan',
+                                         '--resume', 'runs/nan/last.pt']))
+    kept = torch.load('runs/nan/last.pt', weights_only=False)
+    assert kept['epoch'] == good['epoch'] and all(torch.equal(kept['model'][k], v) for k, v in good['model'].items())
+
+
+def test_ddp_two_cpu_processes_agree_on_the_weights(tmp_path):
+    command = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', '--master_port=29533',
+               os.path.join(HERE, 'pretrain.py')] + TINY + ['--epochs', '1', '--max_steps_per_epoch', '2',
+                                                            '--run_name', 'ddp']
+    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONPATH': HERE}
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert 'weights identical on all 2 ranks' in done.stdout
+    assert 'total batch 8 (4 per process)' in done.stdout
+    assert os.path.exists(tmp_path / 'runs' / 'ddp' / 'last.pt')
+
+
+def test_benchmark_prints_a_stage_table(capsys):
+    pretrain.main(parse_args(TINY + ['--benchmark', '--benchmark_steps', '1']))
+    out = capsys.readouterr().out
+    for stage in ('tokenize', 'project', 'teacher', 'mask', 'student forward', 'backward', 'optimizer', 'samples/s'):
+        assert stage in out
 
 
 # ---------------------------------------------------------------- svm_eval.py and finetune.py
