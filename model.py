@@ -47,6 +47,7 @@ class ModelConfig:
     decoder_up_blocks: tuple = (1, 1)        # residual conv blocks in the upsampling into each finer stage
     feat_dim_2d: int = 768                   # teacher width (768 = torchvision ViT-B/16); 0 = no 2D target
     point_embed_dims: tuple = (128, 256, 512)  # widths of the scale-0 mini-PointNet (smaller only for CPU demos)
+    official_radius_bug: bool = False        # pre-training only: AND the radius with padding as the authors (SPEC B5)
 
 
 # ------------------------------------------------------------------ small pieces
@@ -154,21 +155,23 @@ def pack_visible(is_masked):
     return order, is_masked.gather(1, order)
 
 
-def attention_bias(is_pad, centers, radius):
+def attention_bias(is_pad, centers, radius, radius_and_padding=False):
     """(B, 1, L, L) additive logits blocking padded queries or keys and, if radius > 0, far centres."""
     blocked = is_pad[:, :, None] | is_pad[:, None, :]
     if radius > 0:
-        # deviation: the authors AND this with the padding mask (SPEC B5; dead code at radius 0)
-        blocked = blocked | (torch.cdist(centers, centers) >= radius)
+        far = torch.cdist(centers, centers) >= radius
+        # deviation: the authors' pre-training encoder ANDs the two (SPEC B5, dead code at their radius 0),
+        # which ignores the radius between real tokens and opens nearby padding; we OR them
+        blocked = (blocked & far) if radius_and_padding else (blocked | far)
     return (blocked.to(centers.dtype) * BLOCKED)[:, None]
 
 
 class Encoder(nn.Module):
     """The hierarchical encoder shared by pre-training, the linear SVM and fine-tuning."""
-    def __init__(self, cfg):
+    def __init__(self, cfg, radius_and_padding=False):
         super().__init__()
         dims = cfg.encoder_dims
-        self.local_radius = cfg.local_radius
+        self.local_radius, self.radius_and_padding = cfg.local_radius, radius_and_padding
         self.token_embed = nn.ModuleList([TokenEmbed(3, *cfg.point_embed_dims, dims[0])] + [
             TokenEmbed(dims[i - 1], dims[i - 1], dims[i - 1], dims[i], dims[i]) for i in range(1, len(dims))])
         self.pos_embed = nn.ModuleList([position_mlp(d) for d in dims])
@@ -190,7 +193,7 @@ class Encoder(nn.Module):
             x = gather_points(tokens, order).masked_fill(is_pad[..., None], 0)       # (B, L, C_i)
             centers = gather_points(group.centers, order).masked_fill(is_pad[..., None], 0)
             pos = self.pos_embed[i](centers)
-            bias = attention_bias(is_pad, centers, self.local_radius[i])
+            bias = attention_bias(is_pad, centers, self.local_radius[i], self.radius_and_padding)
             for block in self.blocks[i]:
                 x = block(x + pos, bias)   # positions are re-added before every block
             outputs.append(Encoded(x, centers, is_pad, order))
@@ -268,7 +271,7 @@ class I2PMAE(nn.Module):
     def __init__(self, cfg=ModelConfig()):
         super().__init__()
         self.cfg = cfg
-        self.encoder = Encoder(cfg)
+        self.encoder = Encoder(cfg, radius_and_padding=cfg.official_radius_bug)
         self.encoder_norms = nn.ModuleList([nn.LayerNorm(d) for d in cfg.encoder_dims])
         dims, top = cfg.decoder_dims, len(cfg.num_groups) - 1
         self.mask_token = nn.Parameter(torch.zeros(1, dims[0]))

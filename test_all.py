@@ -62,7 +62,9 @@ def reference_config(c):
         decoder_dims=tuple(c.get('decoder_dims', default.decoder_dims)),
         decoder_depths=tuple(c.get('decoder_depths', default.decoder_depths)),
         decoder_up_blocks=tuple(c.get('decoder_up_blocks', default.decoder_up_blocks)),
-        feat_dim_2d=c.get('feat_dim_2d', 0))
+        feat_dim_2d=c.get('feat_dim_2d', 0),
+        # the authors' pre-training mask ANDs radius and padding (SPEC B5); only a radius > 0 shows it
+        official_radius_bug='decoder_dims' in c and any(r > 0 for r in c['local_radius']))
 
 
 def flat_idx(group, n_in):
@@ -382,6 +384,17 @@ def test_parameter_counts_match_the_authors():
     assert count(Classifier(mn40, 40, 'mean+max')) == 12_830_056
     assert count(Classifier(mn40, 15, 'concat')) == 12_921_935
     assert count(Classifier(mn40, 40).encoder) == 12_653_632
+
+
+def test_attention_bias_blocks_padding_or_far_centres():
+    from model import attention_bias
+    centers = torch.tensor([[[0.0, 0, 0], [1.0, 0, 0], [0.0, 0, 0]]])     # token 2 is padding
+    is_pad = torch.tensor([[False, False, True]])
+    ours = attention_bias(is_pad, centers, 0.5)[0, 0] < 0
+    assert ours.tolist() == [[False, True, True], [True, False, True], [True, True, True]]
+    theirs = attention_bias(is_pad, centers, 0.5, radius_and_padding=True)[0, 0] < 0   # SPEC B5
+    assert theirs.tolist() == [[False, False, False], [False, False, True], [False, True, False]]
+    assert not (attention_bias(is_pad[:, :2], centers[:, :2], 0.0) < 0).any()
 
 
 def record_pretrain(model):
