@@ -46,6 +46,7 @@ class ModelConfig:
     decoder_depths: tuple = (1, 1)
     decoder_up_blocks: tuple = (1, 1)        # residual conv blocks in the upsampling into each finer stage
     feat_dim_2d: int = 768                   # teacher width (768 = torchvision ViT-B/16); 0 = no 2D target
+    num_views: int = 3                       # depth views whose teacher features the 2D head predicts
     point_embed_dims: tuple = (128, 256, 512)  # widths of the scale-0 mini-PointNet (smaller only for CPU demos)
     official_radius_bug: bool = False        # pre-training only: AND the radius with padding as the authors (SPEC B5)
 
@@ -291,7 +292,7 @@ class I2PMAE(nn.Module):
         self.head_scale = top - len(dims) + 1                  # scale 1 by default
         K = cfg.group_sizes[self.head_scale]
         self.head_3d = nn.Linear(dims[-1], K * 3)
-        self.head_2d = nn.Linear(dims[-1], K * 3 * cfg.feat_dim_2d) if cfg.feat_dim_2d else None
+        self.head_2d = nn.Linear(dims[-1], K * cfg.num_views * cfg.feat_dim_2d) if cfg.feat_dim_2d else None
 
     def encode(self, groups, masks):
         """Encoder outputs per scale, each after its own LayerNorm."""
@@ -333,7 +334,7 @@ class I2PMAE(nn.Module):
         """(loss_3d, loss_2d) for one batch.
 
         groups, masks: from tokenizer.build_token_hierarchy and mask.hierarchical_masks;
-        target_2d (B, G_h, K_h, 3 * feat_dim_2d): teacher features at each member of each
+        target_2d (B, G_h, K_h, V * feat_dim_2d): teacher features at each member of each
         head-scale token, or None to train without the 2D target (loss_2d = 0).
         """
         encoded = self.encode(groups, masks)
@@ -344,7 +345,7 @@ class I2PMAE(nn.Module):
         loss_3d = chamfer_l2(rec_3d, group.relative[is_masked])
         if target_2d is None or self.head_2d is None:
             return loss_3d, torch.zeros_like(loss_3d)
-        rec_2d = self.head_2d(x[~is_masked]).view(-1, K, target_2d.shape[-1])  # (L_visible, K, 3*C)
+        rec_2d = self.head_2d(x[~is_masked]).view(-1, K, target_2d.shape[-1])  # (L_visible, K, V*C)
         return loss_3d, F.mse_loss(rec_2d, target_2d[~is_masked])
 
     forward = pretrain_losses   # so DistributedDataParallel can wrap the student
@@ -461,3 +462,51 @@ def load_official_checkpoint(model, checkpoint):
         raise ValueError('the checkpoint does not fit this model:\n  ' + '\n  '.join(problems))
     model.load_state_dict({**own, **{k: v.to(own[k].dtype) for k, v in state.items()}}, strict=True)
     return skipped
+
+
+if __name__ == '__main__':
+    import glob
+    import os
+    from dataclasses import asdict
+    from torchvision.utils import save_image
+    from data import make_synthetic
+    from project import paint_points
+    from mask import random_mask
+
+    torch.manual_seed(0)
+    found = sorted(glob.glob('runs/pretrain-*/last.pt'), key=os.path.getmtime)
+    if found:   # the demo checkpoint of `python pretrain.py`, if there is one
+        checkpoint = torch.load(found[-1], map_location='cpu', weights_only=False)
+        model = I2PMAE(ModelConfig(**checkpoint['model_config']))
+        model.load_state_dict(checkpoint['model'])
+        num_points, source = checkpoint['args']['num_points'], f'pre-trained student from {found[-1]}'
+    else:       # no checkpoint: fit a small student to this one shape for a few steps (3D loss only)
+        from pretrain import SMALL_CONFIG
+        model = I2PMAE(ModelConfig(**{**asdict(SMALL_CONFIG), 'feat_dim_2d': 0}))
+        num_points, source = 512, 'small student fitted to this shape for 60 steps (run pretrain.py for a real one)'
+    xyz, _ = make_synthetic(1, num_points=num_points, seed=5)
+    groups = build_token_hierarchy(xyz, model.cfg.num_groups, model.cfg.group_sizes)
+    masks = hierarchical_masks(random_mask(1, model.cfg.num_groups[-1], 0.8), groups)
+    if not found:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        for step in range(60):
+            loss_3d, _ = model.pretrain_losses(groups, masks)
+            optimizer.zero_grad()
+            loss_3d.backward()
+            optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        x = model.decode(groups, masks, model.encode(groups, masks))             # (1, G_h, D)
+        is_masked, group = masks[model.head_scale][0], groups[model.head_scale]
+        K = group.idx.shape[-1]
+        predicted = model.head_3d(x[0][is_masked]).view(-1, K, 3) + group.centers[0][is_masked][:, None]
+        loss_3d, _ = model.pretrain_losses(groups, masks)
+    print(f'{source}\nChamfer-L2 of the masked scale-{model.head_scale} tokens: {loss_3d.item():.4f}')
+    kept = group.neighbors[0][~is_masked].reshape(-1, 3)                          # visible members, as given
+    truth = torch.cat([kept, group.neighbors[0][is_masked].reshape(-1, 3)])
+    guess = torch.cat([kept, predicted.reshape(-1, 3)])
+    shade = torch.cat([torch.full((len(kept),), 0.4), torch.ones(predicted.numel() // 3)])   # bright = hidden part
+    os.makedirs('runs/demo', exist_ok=True)
+    save_image(torch.cat([paint_points(truth, shade), paint_points(guess, shade)]), 'runs/demo/model.png',
+               nrow=3, padding=4, pad_value=1.0)
+    print('wrote runs/demo/model.png (top: input, bottom: reconstruction; bright = the masked tokens)')

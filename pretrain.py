@@ -26,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import BatchSampler, DistributedSampler
 
 from tokenizer import build_token_hierarchy
-from project import project_depth_images, back_project
+from project import VIEWS, project_depth_images, back_project
 from teacher import build_teacher, normalize_images, teacher_features_and_saliency, tiny_teacher
 from mask import guided_mask, random_mask, hierarchical_masks
 from model import I2PMAE, ModelConfig
@@ -54,6 +54,8 @@ def parse_args(argv=None):
     m.add_argument('--mask', default='guided', choices=['guided', 'random'],
                    help='guided = 2D-guided (I2P-MAE); random = the 3D-only ablation')
     m.add_argument('--mask_ratio', type=float, default=0.8, help='share of coarse tokens hidden (official: 0.8)')
+    m.add_argument('--views', type=int, default=3, choices=[1, 2, 3],
+                   help='depth views shown to the teacher: the first 1, 2 or 3 of (x,y,z), (z,x,y), (y,z,x) (official: 3)')
     m.add_argument('--no_2d_target', action='store_true', help='drop the 2D target: 3D-only reconstruction (Point-M2AE)')
     m.add_argument('--teacher_weights', default='auto',
                    help='auto (ImageNet if available, else random), imagenet, random, or a state_dict path')
@@ -108,9 +110,9 @@ def pretrain_step(model, teacher, xyz, args, clock=lambda stage: None):
     needs_teacher = args.mask == 'guided' or not args.no_2d_target
     if needs_teacher:
         S = teacher.image_size
-        images, geometry = project_depth_images(xyz, S)                           # (3B, 3, S, S)
+        images, geometry = project_depth_images(xyz, S, VIEWS[:args.views])      # (V*B, 3, S, S)
         clock('project')
-        features, saliency = teacher_features_and_saliency(teacher, normalize_images(images))  # one call, 3 views
+        features, saliency = teacher_features_and_saliency(teacher, normalize_images(images))  # one call, all views
         clock('teacher')
     if args.mask == 'guided':
         token_saliency = back_project(groups[-1].centers, geometry, saliency[:, None], S).mean(-1)  # (B, G_top)
@@ -253,7 +255,8 @@ def build(args, device):
             described = 'small random ViT (4 layers, width 64, 16-pixel patches): no pretrained knowledge'
         teacher = teacher.to(device)
     base = SMALL_CONFIG if args.config == 'small' else ModelConfig()
-    cfg = ModelConfig(**{**asdict(base), 'feat_dim_2d': 0 if args.no_2d_target else teacher.hidden_dim})
+    cfg = ModelConfig(**{**asdict(base), 'feat_dim_2d': 0 if args.no_2d_target else teacher.hidden_dim,
+                         'num_views': args.views})
     return teacher, described, I2PMAE(cfg).to(device)
 
 

@@ -30,11 +30,12 @@ class ViewGeometry(NamedTuple):
     pc_min: torch.Tensor   # (V*B, 2) smallest (row, col) coordinate of the cloud
     cell: torch.Tensor     # (V*B,) cloud units per pixel
     offset: torch.Tensor   # (V*B, 2) pixel shift that centres the splatted cloud
+    views: tuple           # the (row, column, depth) axes of each view
 
 
-def permute_views(xyz):
+def permute_views(xyz, views=VIEWS):
     """(B, N, 3) -> (V*B, N, 3): the cloud's coordinates as (row, column, depth) for each view."""
-    return torch.cat([xyz[..., list(view)] for view in VIEWS])
+    return torch.cat([xyz[..., list(view)] for view in views])
 
 
 def pixel_cells(rowcol, geometry):
@@ -42,10 +43,10 @@ def pixel_cells(rowcol, geometry):
     return torch.floor((rowcol - geometry.pc_min[:, None]) / geometry.cell[:, None, None])
 
 
-def project_depth_images(xyz, img_size=224):
+def project_depth_images(xyz, img_size=224, views=VIEWS):
     """Depth images (V*B, 3, S, S) in (0, 1) and the ViewGeometry to read them back."""
     check_points(xyz, 'xyz')
-    pts = permute_views(xyz)                                          # (V*B, N, 3)
+    pts = permute_views(xyz, views)                                   # (V*B, N, 3)
     VB, N, _ = pts.shape
     rowcol, depth = pts[..., :2], pts[..., 2]
     pc_min = rowcol.min(dim=1).values                                 # (V*B, 2)
@@ -54,7 +55,7 @@ def project_depth_images(xyz, img_size=224):
         raise ValueError(f'xyz (shape {tuple(xyz.shape)}) has a cloud whose projected extent is '
                          'zero in some view: all its points share two coordinates')
     # the 3 free pixels: the splat reaches 2 beyond the cell range [0, S-3], then shifts by +1
-    geometry = ViewGeometry(pc_min, extent / (img_size - 3), None)
+    geometry = ViewGeometry(pc_min, extent / (img_size - 3), None, tuple(views))
     cells = pixel_cells(rowcol, geometry)                             # (V*B, N, 2)
     steps = torch.arange(-SPLAT, SPLAT + 1, device=xyz.device, dtype=xyz.dtype)
     splat = torch.cartesian_prod(steps, steps)                        # (25, 2), row offset major
@@ -73,7 +74,7 @@ def project_depth_images(xyz, img_size=224):
 
 def point_pixels(points, geometry, img_size):
     """(B, M, 3) query points -> (V*B, M, 2) long pixel of each point's own cell in each view."""
-    rowcol = permute_views(points)[..., :2]
+    rowcol = permute_views(points, geometry.views)[..., :2]
     pixels = pixel_cells(rowcol, geometry) + 1 + geometry.offset[:, None]
     # points of the projected cloud always land inside; clamp others to the border
     return pixels.clamp(0, img_size - 1).long()
@@ -113,7 +114,7 @@ def back_project(points, geometry, maps, img_size):
     """Teacher maps (V*B, C, h, w) read at points (B, M, 3) -> (B, M, V*C), views concatenated."""
     check_points(points, 'points')
     B, M, _ = points.shape
-    V = len(VIEWS)
+    V = len(geometry.views)
     if maps.dim() != 4 or maps.shape[0] != V * B:
         raise ValueError(f'maps must be (V*B, C, h, w) = ({V * B}, C, h, w), got {tuple(maps.shape)}')
     values = sample_upsampled(maps, point_pixels(points, geometry, img_size), img_size)
@@ -129,7 +130,8 @@ def paint_points(xyz, brightness, img_size=224):
     pixels = point_pixels(xyz[None], geometry, img_size)                 # (V, N, 2)
     canvas = torch.zeros(len(VIEWS), img_size * img_size)
     canvas.scatter_(1, pixels[..., 0] * img_size + pixels[..., 1], brightness.float().expand(len(VIEWS), -1))
-    return canvas.view(len(VIEWS), 1, img_size, img_size)
+    canvas = canvas.view(len(VIEWS), 1, img_size, img_size)
+    return torch.nn.functional.max_pool2d(canvas, 3, stride=1, padding=1)   # 3x3 dots, easier to see
 
 
 if __name__ == '__main__':

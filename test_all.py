@@ -884,6 +884,16 @@ def test_ablations_run_without_teacher_parts():
     assert loss_3d > 0 and loss_2d == 0
 
 
+def test_one_view_ablation_predicts_one_view_of_features():
+    args = parse_args(['--data', 'shapenet', '--views', '1'])
+    cfg = ModelConfig(num_groups=(32, 16, 8), group_sizes=(8, 4, 4), encoder_dims=(16, 32, 64), encoder_depths=(1, 1, 1),
+                      num_heads=2, decoder_dims=(64, 32), point_embed_dims=(8, 16, 32), feat_dim_2d=32, num_views=1)
+    student = I2PMAE(cfg)
+    assert student.head_2d.out_features == 4 * 1 * 32
+    loss_3d, loss_2d = pretrain_step(student, tiny_teacher(hidden_dim=32), torch.rand(2, 128, 3), args)
+    assert loss_3d > 0 and loss_2d > 0
+
+
 def test_synthetic_demo_presets_fill_only_unset_flags():
     demo, paper = parse_args([]), parse_args(['--data', 'shapenet'])
     assert demo.config == 'small' and demo.epochs == pretrain.SYNTHETIC_DEMO['epochs']
