@@ -60,7 +60,7 @@ def parse_args(argv=None):
     m.add_argument('--teacher_weights', default='auto',
                    help='auto (ImageNet if available, else random), imagenet, random, or a state_dict path')
     m.add_argument('--teacher_arch', default='vit_b_16', help='torchvision ViT constructor (official: ViT-B/16)')
-    m.add_argument('--small_random_teacher', action='store_true',
+    m.add_argument('--small_random_teacher', action=argparse.BooleanOptionalAction, default=False,
                    help='if the teacher ends up random, use a small random ViT instead (no less knowledge, much faster)')
     o = p.add_argument_group('optimisation')
     o.add_argument('--epochs', type=int, default=300, help='epochs to train (official: 300)')
@@ -87,7 +87,8 @@ def parse_args(argv=None):
     s.add_argument('--benchmark_steps', type=int, default=5, help='timed steps after 2 warm-up steps')
     args = p.parse_args(argv)
     if args.data == 'synthetic':   # the demo: presets fill every flag the user did not give
-        given = {a.split('=')[0].lstrip('-') for a in (sys.argv[1:] if argv is None else argv) if a.startswith('--')}
+        flags = [a.split('=')[0][2:] for a in (sys.argv[1:] if argv is None else argv) if a.startswith('--')]
+        given = {f[3:] if f.startswith('no-') else f for f in flags}
         for key, value in SYNTHETIC_DEMO.items():
             if key not in given:
                 setattr(args, key, value)

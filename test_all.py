@@ -898,6 +898,7 @@ def test_synthetic_demo_presets_fill_only_unset_flags():
     demo, paper = parse_args([]), parse_args(['--data', 'shapenet'])
     assert demo.config == 'small' and demo.epochs == pretrain.SYNTHETIC_DEMO['epochs']
     assert parse_args(['--epochs', '3']).epochs == 3
+    assert parse_args(['--no-small_random_teacher']).small_random_teacher is False
     assert (paper.config, paper.epochs, paper.batch_size, paper.lr, paper.mask_ratio, paper.num_points) == \
         ('full', 300, 64, 1e-3, 0.8, 2048)
 
