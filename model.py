@@ -334,8 +334,9 @@ class I2PMAE(nn.Module):
         """(loss_3d, loss_2d) for one batch.
 
         groups, masks: from tokenizer.build_token_hierarchy and mask.hierarchical_masks;
-        target_2d (B, G_h, K_h, V * feat_dim_2d): teacher features at each member of each
-        head-scale token, or None to train without the 2D target (loss_2d = 0).
+        target_2d (L_visible, K_h, V * feat_dim_2d): teacher features at each member of each
+        visible head-scale token, in (sample, token) order, or None to train without the 2D
+        target (loss_2d = 0).
         """
         encoded = self.encode(groups, masks)
         x = self.decode(groups, masks, encoded)                                 # (B, G_h, D)
@@ -346,7 +347,7 @@ class I2PMAE(nn.Module):
         if target_2d is None or self.head_2d is None:
             return loss_3d, torch.zeros_like(loss_3d)
         rec_2d = self.head_2d(x[~is_masked]).view(-1, K, target_2d.shape[-1])  # (L_visible, K, V*C)
-        return loss_3d, F.mse_loss(rec_2d, target_2d[~is_masked])
+        return loss_3d, F.mse_loss(rec_2d, target_2d)
 
     forward = pretrain_losses   # so DistributedDataParallel can wrap the student
 

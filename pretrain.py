@@ -25,11 +25,11 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import BatchSampler, DistributedSampler
 
-from tokenizer import build_token_hierarchy
+from tokenizer import build_token_hierarchy, gather_points
 from project import VIEWS, project_depth_images, back_project
 from teacher import build_teacher, normalize_images, teacher_features_and_saliency, tiny_teacher
 from mask import guided_mask, random_mask, hierarchical_masks
-from model import I2PMAE, ModelConfig
+from model import I2PMAE, ModelConfig, pack_visible
 from data import load_split, scale_and_translate
 
 # A configuration a 2-core CPU pre-trains in minutes: the same architecture, fewer and narrower tokens.
@@ -122,12 +122,23 @@ def pretrain_step(model, teacher, xyz, args, clock=lambda stage: None):
         is_masked = random_mask(xyz.shape[0], cfg.num_groups[-1], args.mask_ratio, xyz.device)
     masks = hierarchical_masks(is_masked, groups)                                  # finest first
     target_2d = None
-    if not args.no_2d_target:   # teacher features at the K members of every head-scale token
-        group = groups[student.head_scale]
-        B, G, K = group.idx.shape
-        target_2d = back_project(group.neighbors.flatten(1, 2), geometry, features, S).view(B, G, K, -1)
+    if not args.no_2d_target:
+        h = student.head_scale
+        target_2d = visible_targets(groups[h], masks[h], geometry, features, S)   # (L_visible, K, V*C)
     clock('mask')
     return model(groups, masks, target_2d)                                         # I2PMAE.pretrain_losses
+
+
+def visible_targets(group, is_masked, geometry, features, img_size):
+    """Teacher features at the K members of every visible token -> (L_visible, K, V*C), (sample, token) order.
+
+    Only visible tokens get a 2D target, so only their members are read back (packed per sample).
+    """
+    order, is_pad = pack_visible(is_masked)                                        # (B, L) visible first
+    B, L = order.shape
+    members = gather_points(group.neighbors.flatten(2), order).view(B, -1, 3)      # (B, L*K, 3)
+    target = back_project(members, geometry, features, img_size)                   # (B, L*K, V*C)
+    return target.view(B, L, group.idx.shape[-1], -1)[~is_pad]
 
 
 # ---------------------------------------------------------------- pieces shared with finetune.py

@@ -421,7 +421,7 @@ def test_reference_pretrain_forward(pretrain_reference, mode):
     ref, t = pretrain_reference, pretrain_reference['t']
     model = reference_student(ref).train(mode == 'train')
     rec = record_pretrain(model)
-    loss_3d, loss_2d = model.pretrain_losses(ref['groups'], ref['masks'], ref['target_2d'])
+    loss_3d, loss_2d = model.pretrain_losses(ref['groups'], ref['masks'], ref['target_2d'][~ref['masks'][1]])
     state = {k: v.clone() for k, v in model.state_dict().items()}   # BatchNorm statistics after one forward
     v, p = rec.values, mode + '.'
     for i in range(len(ref['groups'])):
@@ -892,6 +892,13 @@ def test_one_view_ablation_predicts_one_view_of_features():
     assert student.head_2d.out_features == 4 * 1 * 32
     loss_3d, loss_2d = pretrain_step(student, tiny_teacher(hidden_dim=32), torch.rand(2, 128, 3), args)
     assert loss_3d > 0 and loss_2d > 0
+
+
+def test_visible_targets_equal_reading_every_token_then_selecting(pretrain_reference):
+    ref = pretrain_reference
+    targets = pretrain.visible_targets(ref['groups'][1], ref['masks'][1], ref['geometry'],
+                                       ref['t']['teacher.feats'], ref['img_size'])
+    assert torch.allclose(targets, ref['target_2d'][~ref['masks'][1]], atol=1e-6)
 
 
 def test_synthetic_demo_presets_fill_only_unset_flags():
