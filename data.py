@@ -745,34 +745,12 @@ def linear_svm_accuracies(train_x, train_y, test_x, test_y):
     return 100 * svm.score(train_x.numpy(), train_y.numpy()), 100 * svm.score(test_x.numpy(), test_y.numpy())
 
 
-def depth_images(xyz, size=128):
-    """(B, N, 3) unit-sphere clouds -> (B, 1, size, size) orthographic depth in [0, 1], nearer is
-    brighter, seen from the front-left and a little above (a z-buffer: max nearness per pixel)."""
-    B = xyz.shape[0]
-    pitch = np.array([[1, 0, 0], [0, math.cos(0.35), -math.sin(0.35)], [0, math.sin(0.35), math.cos(0.35)]])
-    camera = torch.tensor(pitch @ yaw_matrix(math.radians(35)), dtype=xyz.dtype, device=xyz.device)   # (3, 3)
-    xyz = xyz @ camera.T
-    col = ((xyz[..., 0] + 1) / 2 * (size - 1)).round().long().clamp(0, size - 1)            # (B, N)
-    row = ((1 - xyz[..., 1]) / 2 * (size - 1)).round().long().clamp(0, size - 1)            # y up = row 0
-    nearness = 0.25 + 0.75 * (xyz[..., 2] + 1) / 2                                           # (B, N) in [0.25, 1]
-    image = torch.zeros(B, size * size, device=xyz.device).scatter_reduce(1, row * size + col, nearness, 'amax')
-    image = torch.nn.functional.max_pool2d(image.view(B, 1, size, size), 3, stride=1, padding=1)  # 3x3 dots
-    return image
-
-
 def example_images(xyz):
-    """(K, N, 3) -> (K, 1, H, W) pictures: the first view of project.py's projection when that file
-    is present (called one shape at a time, so its view/batch order does not matter), else depth_images."""
-    try:
-        from project import project_depth_images
-    except ImportError:     # project.py is not in this checkout
-        return depth_images(xyz)
-    pictures = []
-    for cloud in xyz:                                   # one call per example shape: a demo, not a hot path
-        images = project_depth_images(cloud[None])
-        first = (images[0] if isinstance(images, tuple) else images).flatten(0, -3)[0]   # (H, W)
-        pictures.append((first - first.min()) / (first.max() - first.min()).clamp_min(1e-12))
-    return torch.stack(pictures).unsqueeze(1)
+    """(K, N, 3) y-up clouds -> (K, 1, S, S): project.py's third view (rows from y, columns from z),
+    flipped so that up is up."""
+    from project import project_depth_images
+    images, _ = project_depth_images(xyz)                 # (3K, 3, S, S), views stacked
+    return images[2 * len(xyz):, :1].flip(-2)
 
 
 def main():

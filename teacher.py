@@ -121,11 +121,12 @@ def teacher_features_and_saliency(vit, images):
 
 
 if __name__ == '__main__':
+    import sys
     from torchvision.utils import save_image
     from data import make_synthetic
     from project import project_depth_images
 
-    vit, described = build_teacher('auto')
+    vit, described = build_teacher(sys.argv[1] if len(sys.argv) > 1 else 'auto')   # python teacher.py [weights]
     print('teacher:', described)
     xyz, _ = make_synthetic(1, num_points=2048, seed=2)
     images, _ = project_depth_images(xyz, img_size=vit.image_size)

@@ -557,6 +557,21 @@ def test_official_checkpoint_mismatch_fails_loudly():
                                  {'base_model': official_state_dict('official_keys_pretrain.txt')})
 
 
+@pytest.mark.parametrize('stage, extra, picture, rows, cols', [
+    ('tokenizer', [], 'tokenizer.png', 4, 3), ('project', [], 'project.png', 4, 3),
+    ('teacher', ['random'], 'teacher.png', 3, 2), ('mask', [], 'mask.png', 2, 3),
+    ('model', [], 'model.png', 2, 3), ('data', [], 'synthetic_classes.png', 2, 7)])
+def test_stage_demo_writes_its_picture(tmp_path, stage, extra, picture, rows, cols):
+    import subprocess
+    from torchvision.io import read_image
+    done = subprocess.run([sys.executable, os.path.join(HERE, f'{stage}.py')] + extra, cwd=tmp_path,
+                          env={**os.environ, 'PYTHONPATH': HERE}, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    image = read_image(str(tmp_path / 'runs' / 'demo' / picture))
+    assert tuple(image.shape[1:]) == (rows * 228 + 4, cols * 228 + 4)   # 224-pixel tiles, 4-pixel padding
+    assert image.float().std() > 0       # not a blank picture
+
+
 def test_no_top_level_file_shadows_stdlib():
     names = {f[:-3] for f in os.listdir(HERE) if f.endswith('.py')}
     assert not names & set(sys.stdlib_module_names), names & set(sys.stdlib_module_names)
