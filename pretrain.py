@@ -354,7 +354,7 @@ def main(args):
         steps_per_epoch = min(steps_per_epoch, args.max_steps_per_epoch)
     if steps_per_epoch == 0:
         raise SystemExit(f'--batch_size {args.batch_size} is larger than the {len(points)} training clouds')
-    epoch, step = start_epoch, start_step
+    resume_at = (start_epoch, start_step)   # where a Ctrl-C checkpoint must continue
     try:
         for epoch in range(start_epoch, args.epochs):
             model.train()
@@ -372,6 +372,7 @@ def main(args):
                 loss.backward()
                 optimizer.step()
                 sums += torch.stack([loss_3d.detach(), loss_2d.detach()]).float()
+                resume_at = (epoch, step + 1)
                 if (step + 1) % args.log_every == 0 or step + 1 == steps_per_epoch:
                     l3, l2 = loss_3d.item(), loss_2d.item()   # .item() syncs with the GPU: logging steps only
                     if not math.isfinite(l3 + l2):
@@ -388,6 +389,7 @@ def main(args):
             if not math.isfinite(mean_3d + mean_2d):
                 raise FloatingPointError(f'non-finite loss in epoch {epoch}; {folder}/last.pt keeps the last good epoch')
             save(epoch + 1, 0)
+            resume_at = (epoch + 1, 0)
             summary = dict(epoch=epoch, mean_loss_3d=mean_3d, mean_loss_2d=mean_2d, minutes=(time.time() - epoch_start) / 60)
             if args.svm_every and (epoch + 1) % args.svm_every == 0 and rank == 0:
                 from svm_eval import svm_check   # monitoring only: never used to choose a checkpoint
@@ -396,8 +398,9 @@ def main(args):
                 + (f' | linear SVM accuracy {summary["svm_accuracy"]:.2f}% (monitoring only)' if 'svm_accuracy' in summary else '')
                 + f' | {summary["minutes"]:.1f} min | saved {folder}/last.pt', **summary)
     except KeyboardInterrupt:
-        save(epoch, step)
-        log(f'interrupted: saved {folder}/last.pt at epoch {epoch} step {step}; continue with --resume {folder}/last.pt')
+        save(*resume_at)
+        log(f'interrupted: saved {folder}/last.pt to continue at epoch {resume_at[0]} step {resume_at[1]}; '
+            f'continue with --resume {folder}/last.pt')
         raise SystemExit(130)
     if world > 1:
         check_ranks_agree(student, log)

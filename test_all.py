@@ -994,6 +994,22 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
     assert kept['epoch'] == good['epoch'] and all(torch.equal(kept['model'][k], v) for k, v in good['model'].items())
 
 
+def test_ctrl_c_saves_where_to_continue(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    real_step, calls = pretrain.pretrain_step, []
+
+    def interrupted_second_step(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_step(*a, **k)
+    monkeypatch.setattr(pretrain, 'pretrain_step', interrupted_second_step)
+    with pytest.raises(SystemExit):
+        pretrain.main(parse_args(TINY + ['--epochs', '1', '--max_steps_per_epoch', '3', '--run_name', 'cc']))
+    saved = torch.load('runs/cc/last.pt', weights_only=False)
+    assert (saved['epoch'], saved['step_in_epoch']) == (0, 1)        # one step done, the second to redo
+
+
 def test_ddp_two_cpu_processes_agree_on_the_weights(tmp_path):
     command = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', '--master_port=29533',
                os.path.join(HERE, 'pretrain.py')] + TINY + ['--epochs', '1', '--max_steps_per_epoch', '2',
