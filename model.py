@@ -185,7 +185,7 @@ class Encoder(nn.Module):
 
     def forward(self, groups, masks):
         """groups: Groups finest first; masks: (B, G_i) bool is_masked per scale -> list of Encoded."""
-        outputs = []
+        outputs, full = [], None   # full: the previous scale's features for every token (B, G, C)
         for i, (group, is_masked) in enumerate(zip(groups, masks)):
             # scale 0 embeds points; scale i embeds its members' features from scale i - 1
             members = group.relative if i == 0 else gather_points(full, group.idx)   # (B, G, K, C)

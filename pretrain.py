@@ -291,7 +291,7 @@ def benchmark(args, device, teacher, student):
             if device.type == 'cuda':
                 torch.cuda.reset_peak_memory_stats(device)
         sync()
-        clock.last = start = time.perf_counter()
+        clock.last = time.perf_counter()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
             loss_3d, loss_2d = pretrain_step(student, teacher, xyz, args, clock)
             clock('student forward')

@@ -16,7 +16,6 @@ import os
 import time
 from dataclasses import asdict
 
-import numpy as np
 import torch
 from sklearn.model_selection import GridSearchCV
 from sklearn.svm import SVC
