@@ -1030,6 +1030,199 @@ def test_benchmark_prints_a_stage_table(capsys):
 
 
 # ---------------------------------------------------------------- svm_eval.py and finetune.py
+import pickle
+from dataclasses import replace
+
+from sklearn.svm import SVC
+
+import finetune
+import svm_eval
+from data import PointSplit, load_split, random_point_subset, scale_and_translate
+
+# tiny enough for a CPU test; the same architecture as the paper's, fewer and narrower tokens
+TINY = ModelConfig(num_groups=(32, 16, 8), group_sizes=(8, 4, 4), encoder_dims=(16, 32, 64), encoder_depths=(1, 1, 1),
+                   num_heads=2, decoder_dims=(64, 32), feat_dim_2d=0, point_embed_dims=(8, 16, 32))
+TINY_FLAGS = ['--points', '48', '--train_fps', '56', '--group_sizes', '8', '4', '4', '--gpu', '-1']
+
+
+@pytest.fixture(scope='module')
+def pretrain_checkpoint(tmp_path_factory):
+    """A pretrain.py-format checkpoint of a TINY I2PMAE whose every tensor differs from a fresh init."""
+    torch.manual_seed(0)
+    student = I2PMAE(TINY)
+    state = {k: v + 0.01 * torch.randn_like(v) if v.is_floating_point() else v + 3 for k, v in student.state_dict().items()}
+    state = {k: v.abs() if k.endswith('running_var') else v for k, v in state.items()}
+    path = str(tmp_path_factory.mktemp('pretrain') / 'last.pt')
+    torch.save(dict(model=state, model_config=asdict(TINY), args={'data': 'synthetic'}, optimizer={}, epoch=1,
+                    step_in_epoch=0, rng=None, teacher='none'), path)
+    return path
+
+
+@pytest.fixture(scope='module')
+def small_synthetic():
+    """Four synthetic classes, 64 points per cloud: 96 training and 32 test shapes."""
+    data = load_split('synthetic', 'test', num_points=64)
+    keep = (data.labels < 4).nonzero()[:, 0]
+    return (PointSplit(data.points[keep[:96]], data.labels[keep[:96]], data.class_names[:4]),
+            PointSplit(data.points[keep[96:128]], data.labels[keep[96:128]], data.class_names[:4]))
+
+
+def test_finetune_loads_every_pretrained_encoder_tensor_and_learns(pretrain_checkpoint, small_synthetic, tmp_path):
+    args = finetune.parse_args(['--ckpt', pretrain_checkpoint, *TINY_FLAGS, '--points', '64', '--train_fps', '0',
+                                '--epochs', '12', '--warmup_epochs', '0', '--lr', '1e-3', '--batch_size', '16',
+                                '--val_fraction', '0', '--test_every', '100'])
+    args.amp = False
+    torch.manual_seed(0)
+    classifier, described = finetune.build_classifier(args, num_classes=4)
+    saved = torch.load(pretrain_checkpoint, weights_only=False)['model']
+    encoder_keys = [k for k in saved if k.startswith('encoder.')]
+    loaded = classifier.encoder.state_dict()
+    assert len(loaded) == len(encoder_keys) > 0
+    for key in encoder_keys:   # by value: every tensor, BatchNorm statistics included
+        assert torch.equal(loaded[key[len('encoder.'):]], saved[key]), key
+    assert classifier.cfg.group_sizes == (8, 4, 4) and classifier.cfg.encoder_dims == TINY.encoder_dims
+    train, test = small_synthetic
+    result = finetune.finetune(classifier, train, test, args, torch.device('cpu'), 0, 1, lambda *a, **k: None,
+                               str(tmp_path))
+    accuracy = [h['train_accuracy'] for h in result['history']]
+    assert np.mean(accuracy[-2:]) > accuracy[0] + 15, accuracy
+    assert result['test_accuracy'] == result['history'][-1]['test_accuracy']   # the final epoch, not the best
+    assert os.path.exists(tmp_path / 'last.pt')
+
+
+def test_finetune_resume_continues_exactly(small_synthetic, tmp_path):
+    train, test = small_synthetic
+    flags = [*TINY_FLAGS, '--cosine_epochs', '2', '--batch_size', '16', '--val_fraction', '0.25']
+    weights = []
+    for run, epochs, resume in (('straight', '2', None), ('cut', '1', None), ('cut', '2', tmp_path / 'cut' / 'last.pt')):
+        args = finetune.parse_args(flags + ['--epochs', epochs] + (['--resume', str(resume)] if resume else []))
+        args.amp = False
+        torch.manual_seed(0)
+        checkpoint = torch.load(resume, weights_only=False) if resume else None
+        fresh = Classifier(replace(TINY, local_radius=args.local_radius), 4)   # as build_classifier makes it
+        classifier = finetune.build_classifier(args, 4, checkpoint)[0] if resume else fresh
+        result = finetune.finetune(classifier, train, test, args, torch.device('cpu'), 0, 1, lambda *a, **k: None,
+                                   str(tmp_path / run), resume=checkpoint)
+        weights.append(classifier.state_dict())
+    for key in weights[0]:
+        assert torch.equal(weights[0][key], weights[2][key]), key
+    assert [h['epoch'] for h in result['history']] == [0, 1] and 'test_accuracy_of_best_val' in result
+
+
+def test_finetune_loads_the_authors_checkpoints():
+    theirs = official_state_dict('official_keys_finetune_modelnet40.txt')   # 'module.' prefix, as saved on one GPU
+    mn40 = ModelConfig(group_sizes=(48, 24, 24), local_radius=(0.24, 0.48, 0.96))
+    classifier = Classifier(mn40, 40, 'mean+max')
+    assert finetune.load_encoder(classifier, {'base_model': theirs}, 'modelnet_1k.pth', whole=True) == {}
+    ours = classifier.state_dict()
+    for key, value in theirs.items():   # every tensor arrived, by value
+        name = official_to_ours(key)
+        assert torch.equal(ours[name], value.reshape(ours[name].shape).to(ours[name].dtype)), key
+    with pytest.raises(SystemExit, match=r'(?s)40 classes.*15 classes'):   # their ModelNet40 head on ScanObjectNN
+        finetune.load_encoder(Classifier(mn40, 15, 'concat'), {'base_model': theirs}, 'modelnet_1k.pth')
+    pretrained = official_state_dict('official_keys_pretrain.txt')
+    classifier = Classifier(mn40, 15, 'concat')
+    skipped = finetune.load_encoder(classifier, {'base_model': pretrained}, 'pre-train.pth')
+    encoder = classifier.state_dict()
+    loaded = [k for k in pretrained if k.startswith('module.h_encoder.') and 'encoder_norms' not in k]
+    assert loaded and not set(loaded) & set(skipped)
+    for key in loaded:
+        name = official_to_ours(key)
+        assert torch.equal(encoder[name], pretrained[key].to(encoder[name].dtype)), key
+    with pytest.raises(SystemExit, match='no classifier head'):
+        finetune.load_encoder(classifier, {'base_model': pretrained}, 'pre-train.pth', whole=True)
+
+
+def test_voting_averages_the_logits_of_ten_augmented_views():
+    args = finetune.parse_args(['--data', 'modelnet40', *TINY_FLAGS, '--vote_runs', '3'])
+    args.amp = False
+    torch.manual_seed(0)
+    classifier = Classifier(TINY, 5).eval()
+    pool = torch.rand(6, 56, 3)
+    torch.manual_seed(1)
+    voted = finetune.vote_logits(classifier, pool, args)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        views = torch.stack([classifier(scale_and_translate(random_point_subset(pool, 48), 2 / 3, 3 / 2, 0.2))
+                             for _ in range(10)])
+    assert not torch.allclose(views[0], views[1])   # ten different views...
+    assert torch.allclose(voted, views.mean(dim=0), atol=1e-6)   # ...whose logits are averaged
+    result = finetune.voting(classifier, pool, torch.arange(6) % 5, args, 0, 1)
+    assert len(result['vote_runs']) == 3 and result['vote_mean'] == pytest.approx(np.mean(result['vote_runs']))
+
+
+def write_fewshot_folds(root, way, shot, folds, num_test=2, num_points=64):
+    """Fake folds in Point-BERT's pickle format: {'train': [(points (N, 6), label, class id)], 'test': [...]}."""
+    for fold in folds:
+        rng = np.random.default_rng(fold)
+        class_ids = rng.choice(40, way, replace=False)
+        def items(per_class):
+            return [(rng.normal(size=(num_points, 6)).astype(np.float32) * (1 + label), label, int(class_ids[label]))
+                    for label in range(way) for _ in range(per_class)]
+        folder = root / 'ModelNetFewshot' / f'{way}way{shot}shot'
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / f'{fold}.pkl', 'wb') as f:
+            pickle.dump({'train': items(shot), 'test': items(num_test)}, f)
+
+
+def test_fewshot_runs_every_fold_and_reports_mean_and_std(pretrain_checkpoint, tmp_path, monkeypatch, capsys):
+    write_fewshot_folds(tmp_path / 'data', way=3, shot=4, folds=range(3))
+    monkeypatch.chdir(tmp_path)
+    args = finetune.parse_args(['--data', 'fewshot', '--data_root', 'data', '--ckpt', pretrain_checkpoint, *TINY_FLAGS,
+                                '--ways', '3', '--shots', '4', '--folds', '0', '1', '2', '--epochs', '1',
+                                '--batch_size', '4'])
+    result = finetune.main(args)
+    accuracies = [result['folds'][f'3way4shot/{fold}'] for fold in range(3)]
+    assert all(0 <= a <= 100 for a in accuracies)
+    mean, std = result['fewshot']['3way4shot']
+    assert mean == pytest.approx(np.mean(accuracies)) and std == pytest.approx(np.std(accuracies))
+    out = capsys.readouterr().out
+    assert f'3-way 4-shot: {mean:.2f} ± {std:.2f}' in out and out.count('final-epoch test accuracy') == 3
+
+
+def test_finetune_bad_inputs_are_explained(pretrain_checkpoint, tmp_path, monkeypatch, capsys):
+    with pytest.raises(SystemExit):
+        finetune.parse_args(['--data', 'modelnet'])
+    error = capsys.readouterr().err
+    assert "invalid choice: 'modelnet'" in error and all(f"'{name}'" in error for name in finetune.PRESETS)
+    with pytest.raises(SystemExit):
+        finetune.parse_args(['--data', 'scan_hardest', '--vote'])
+    assert 'ModelNet40 only' in capsys.readouterr().err
+    checkpoint = torch.load(pretrain_checkpoint, weights_only=False)
+    wider = Classifier(replace(TINY, encoder_dims=(16, 32, 48)), 4)
+    with pytest.raises(SystemExit, match=r'shape of pos_embed.2.0.weight: checkpoint \(64, 3\), model \(48, 3\)'):
+        finetune.load_encoder(wider, checkpoint, 'last.pt')
+    deeper = Classifier(replace(TINY, encoder_depths=(2, 1, 1)), 4)
+    with pytest.raises(SystemExit, match=r'missing key blocks.0.1.attn.qkv.weight'):
+        finetune.load_encoder(deeper, checkpoint, 'last.pt')
+    del checkpoint['model']['encoder.pos_embed.0.0.weight']
+    with pytest.raises(SystemExit, match=r'missing key pos_embed.0.0.weight'):
+        finetune.load_encoder(Classifier(TINY, 4), checkpoint, 'last.pt')
+    with pytest.raises(SystemExit, match='no classifier head'):
+        finetune.load_encoder(Classifier(TINY, 4), checkpoint, 'last.pt', whole=True)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match='python pretrain.py'):   # no checkpoint at the default path
+        finetune.build_classifier(finetune.parse_args([]), 13)
+
+
+def test_svm_eval_scores_encoder_width_features_with_sklearn():
+    torch.manual_seed(0)
+    student = I2PMAE(TINY)
+    accuracy, C, n_train, n_test = svm_eval.evaluate(student, 'synthetic', './data', 64, 0.0093, 256, torch.device('cpu'))
+    train, test = (load_split('synthetic', split, num_points=64) for split in ('train', 'test'))
+    train_x = svm_eval.extract_features(student, train.points, 256, torch.device('cpu'))
+    test_x = svm_eval.extract_features(student, test.points, 256, torch.device('cpu'))
+    assert train_x.shape == (len(train.points), TINY.encoder_dims[-1]) and (n_train, n_test) == (len(train_x), len(test_x))
+    svm = SVC(kernel='linear', C=0.0093).fit(train_x, train.labels.numpy())
+    expected = 100 * (svm.predict(test_x) == test.labels.numpy()).mean()
+    assert accuracy == pytest.approx(expected) and C == 0.0093
+    assert svm_eval.linear_svm_accuracy(train_x, train.labels.numpy(), test_x, test.labels.numpy(), C) == pytest.approx(expected)
+
+
+def test_svm_eval_without_a_checkpoint_says_to_pretrain(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match='pretrain.py'):
+        svm_eval.main(svm_eval.parse_args([]))
 
 
 if __name__ == '__main__':
