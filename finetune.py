@@ -30,7 +30,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from model import Classifier, ModelConfig, load_official_checkpoint, official_to_ours, smoothed_cross_entropy
-from pretrain import (SMALL_CONFIG, Log, batches, check_resumable, cosine_lr, param_groups, rng_state,
+from pretrain import (SMALL_CONFIG, Log, epoch_batches, check_resumable, cosine_lr, param_groups, rng_state,
                       save_checkpoint, seed_everything, set_rng_state, setup_device)
 from data import (fps_subsample, load_fewshot_fold, load_split, random_point_subset, rotate_about_up_axis,
                   scale_and_translate)
@@ -279,7 +279,7 @@ def finetune(classifier, train, test, args, device, rank, world, log, folder, re
         start_epoch, start_step, history, best_val = (resume[k] for k in ('epoch', 'step_in_epoch', 'history', 'best_val'))
         set_rng_state(resume['rng'])
     model = DistributedDataParallel(classifier) if world > 1 else classifier   # averages the gradients
-    steps = len(batches(len(points), args.batch_size, 0, args.seed))
+    steps = len(epoch_batches(len(points), args.batch_size, 0, args.seed))
     if steps == 0:
         raise SystemExit(f'--batch_size {args.batch_size} is larger than the {len(points)} training clouds')
 
@@ -294,7 +294,7 @@ def finetune(classifier, train, test, args, device, rank, world, log, folder, re
         for epoch in range(start_epoch, args.epochs):
             model.train()
             sums, tick = torch.zeros(3, device=device), time.time()   # loss x clouds, correct, clouds
-            order = batches(len(points), args.batch_size, epoch, args.seed, rank, world)
+            order = epoch_batches(len(points), args.batch_size, epoch, args.seed, rank, world)
             for step in range(start_step if epoch == start_epoch else 0, steps):
                 lr = cosine_lr(epoch + step / steps, args)
                 for group in optimizer.param_groups:
