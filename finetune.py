@@ -21,6 +21,7 @@ import argparse
 import copy
 import math
 import os
+import signal
 import time
 from dataclasses import asdict, replace
 
@@ -30,8 +31,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from model import Classifier, ModelConfig, load_official_checkpoint, official_to_ours, smoothed_cross_entropy
-from pretrain import (SMALL_CONFIG, Log, epoch_batches, check_resumable, cosine_lr, param_groups, rng_state,
-                      save_checkpoint, seed_everything, set_rng_state, setup_device)
+from pretrain import (SMALL_CONFIG, Log, check_ranks_agree, check_resumable, cosine_lr, epoch_batches,
+                      param_groups, rng_state, save_checkpoint, seed_everything, set_rng_state, setup_device)
 from data import (fps_subsample, load_fewshot_fold, load_split, random_point_subset, rotate_about_up_axis,
                   scale_and_translate)
 
@@ -289,7 +290,11 @@ def finetune(classifier, train, test, args, device, rank, world, log, folder, re
                             epoch=epoch, step_in_epoch=step_in_epoch, rng=rng_state(), args=vars(args),
                             model_config=asdict(classifier.cfg), num_classes=classifier.cls_head[-1].out_features,
                             pooling=classifier.pooling, history=history, best_val=best_val, **(extra or {}))
-    epoch, step = start_epoch, start_step
+    # Ctrl-C finishes the current step, saves and stops, so that --resume continues exactly (a step cut short
+    # would leave BatchNorm statistics and the RNG half-updated); a second Ctrl-C stops at once. Under
+    # torchrun, Ctrl-C stops every process at once and the last epoch's last.pt is where to resume.
+    stop, handler = [], lambda *_: (stop.append(True), signal.signal(signal.SIGINT, signal.default_int_handler))
+    previous_handler = signal.signal(signal.SIGINT, handler if world == 1 else signal.getsignal(signal.SIGINT))
     try:
         for epoch in range(start_epoch, args.epochs):
             model.train()
@@ -311,10 +316,16 @@ def finetune(classifier, train, test, args, device, rank, world, log, folder, re
                 sums += torch.stack([loss.detach() * len(y), (logits.argmax(1) == y).sum(), torch.tensor(len(y), device=device)])
                 if (step + 1) % args.log_every == 0:   # .item() syncs with the GPU: logging steps only
                     log(f'  epoch {epoch} step {step + 1}/{steps} loss {loss.item():.4f} lr {lr:.2e}')
+                if stop:
+                    save('last.pt', epoch, step + 1)
+                    log(f'interrupted: saved {folder}/last.pt at epoch {epoch} step {step + 1}; '
+                        f'continue with --resume {folder}/last.pt')
+                    raise SystemExit(130)
             if world > 1:
                 dist.all_reduce(sums)
-            record = dict(epoch=epoch, lr=lr, train_loss=(sums[0] / sums[2]).item(),
-                          train_accuracy=100 * (sums[1] / sums[2]).item(), minutes=(time.time() - tick) / 60)
+            seen, lr = sums[2].clamp_min(1), optimizer.param_groups[0]['lr']
+            record = dict(epoch=epoch, lr=lr, train_loss=(sums[0] / seen).item(),
+                          train_accuracy=100 * (sums[1] / seen).item(), minutes=(time.time() - tick) / 60)
             if not math.isfinite(record['train_loss']):
                 raise FloatingPointError(f'non-finite loss in epoch {epoch}; {folder}/last.pt keeps the last good epoch')
             if len(val_idx):
@@ -329,10 +340,12 @@ def finetune(classifier, train, test, args, device, rank, world, log, folder, re
             log(f'epoch {epoch} loss {record["train_loss"]:.4f} train {record["train_accuracy"]:.2f}%'
                 + ''.join(f' {k[:-9]} {record[k]:.2f}%' for k in ('val_accuracy', 'test_accuracy') if k in record)
                 + f' lr {lr:.2e} {record["minutes"]:.1f} min', **record, **({'fold': extra['fold']} if extra else {}))
-    except KeyboardInterrupt:
-        save('last.pt', epoch, step)
-        log(f'interrupted: saved {folder}/last.pt at epoch {epoch} step {step}; continue with --resume {folder}/last.pt')
-        raise SystemExit(130)
+            if stop:
+                raise SystemExit(130)
+    finally:
+        signal.signal(signal.SIGINT, previous_handler)
+    if world > 1:
+        check_ranks_agree(classifier, log)
     tested = [h['test_accuracy'] for h in history if 'test_accuracy' in h]
     done = history and history[-1]['epoch'] == args.epochs - 1 and 'test_accuracy' in history[-1]
     result = dict(test_accuracy=tested[-1] if done else evaluate(classifier, test_pool, test.labels, args, rank, world),
@@ -399,7 +412,8 @@ def main(args):
         else:
             result = finetune(classifier, train, test, args, device, rank, world, log, folder, resume)
         r = result
-        log(f'== final-epoch test accuracy {r["test_accuracy"]:.2f}% (the number we report)'
+        log((f'== test accuracy of {args.ckpt} {r["test_accuracy"]:.2f}%' if args.test_only else
+             f'== final-epoch test accuracy {r["test_accuracy"]:.2f}% (the number we report)')
             + (f'\n   best.pt (chosen on validation, {r["best_val_accuracy"]:.2f}%): test accuracy '
                f'{r["test_accuracy_of_best_val"]:.2f}%' if 'best_val_accuracy' in r else '')
             + (f'\n   voting: {r["vote_mean"]:.2f} ± {r["vote_std"]:.2f}% (mean ± std of {args.vote_runs} runs)'

@@ -1031,6 +1031,7 @@ def test_benchmark_prints_a_stage_table(capsys):
 
 # ---------------------------------------------------------------- svm_eval.py and finetune.py
 import pickle
+import signal
 from dataclasses import replace
 
 from sklearn.svm import SVC
@@ -1090,22 +1091,36 @@ def test_finetune_loads_every_pretrained_encoder_tensor_and_learns(pretrain_chec
     assert os.path.exists(tmp_path / 'last.pt')
 
 
-def test_finetune_resume_continues_exactly(small_synthetic, tmp_path):
+def test_ctrl_c_saves_and_resume_continues_exactly(small_synthetic, tmp_path, monkeypatch):
     train, test = small_synthetic
-    flags = [*TINY_FLAGS, '--cosine_epochs', '2', '--batch_size', '16', '--val_fraction', '0.25']
-    weights = []
-    for run, epochs, resume in (('straight', '2', None), ('cut', '1', None), ('cut', '2', tmp_path / 'cut' / 'last.pt')):
-        args = finetune.parse_args(flags + ['--epochs', epochs] + (['--resume', str(resume)] if resume else []))
-        args.amp = False
+    args = finetune.parse_args([*TINY_FLAGS, '--epochs', '2', '--batch_size', '16', '--val_fraction', '0.25'])
+    args.amp, silent = False, lambda *a, **k: None
+
+    def run(folder, resume=None):
         torch.manual_seed(0)
-        checkpoint = torch.load(resume, weights_only=False) if resume else None
-        fresh = Classifier(replace(TINY, local_radius=args.local_radius), 4)   # as build_classifier makes it
-        classifier = finetune.build_classifier(args, 4, checkpoint)[0] if resume else fresh
-        result = finetune.finetune(classifier, train, test, args, torch.device('cpu'), 0, 1, lambda *a, **k: None,
-                                   str(tmp_path / run), resume=checkpoint)
-        weights.append(classifier.state_dict())
-    for key in weights[0]:
-        assert torch.equal(weights[0][key], weights[2][key]), key
+        classifier = (finetune.build_classifier(args, 4, resume)[0] if resume
+                      else Classifier(replace(TINY, local_radius=args.local_radius), 4))   # as build_classifier
+        result = finetune.finetune(classifier, train, test, args, torch.device('cpu'), 0, 1, silent, str(folder), resume)
+        return classifier.state_dict(), result
+    straight, _ = run(tmp_path / 'straight')
+    views, training_view = [], finetune.training_view
+
+    def ctrl_c_in_step_3(xyz, args):   # the signal arrives in the middle of a step
+        views.append(xyz)
+        if len(views) == 3:
+            signal.raise_signal(signal.SIGINT)
+        return training_view(xyz, args)
+    monkeypatch.setattr(finetune, 'training_view', ctrl_c_in_step_3)
+    with pytest.raises(SystemExit) as stopped:
+        run(tmp_path / 'cut')
+    assert stopped.value.code == 130 and len(views) == 3   # the step finished, nothing after it ran
+    monkeypatch.setattr(finetune, 'training_view', training_view)
+    args.resume = str(tmp_path / 'cut' / 'last.pt')
+    checkpoint = torch.load(args.resume, weights_only=False)
+    assert (checkpoint['epoch'], checkpoint['step_in_epoch']) == (0, 3)
+    resumed, result = run(tmp_path / 'cut', checkpoint)
+    for key in straight:
+        assert torch.equal(straight[key], resumed[key]), key
     assert [h['epoch'] for h in result['history']] == [0, 1] and 'test_accuracy_of_best_val' in result
 
 
