@@ -1234,6 +1234,20 @@ def test_svm_eval_scores_encoder_width_features_with_sklearn():
     assert svm_eval.linear_svm_accuracy(train_x, train.labels.numpy(), test_x, test.labels.numpy(), C) == pytest.approx(expected)
 
 
+def test_random_init_baseline_gets_batchnorm_statistics_of_the_data():
+    import svm_eval
+    student, _ = tiny_student_and_teacher()
+    clouds = torch.rand(6, 128, 3)
+    seen = []
+    bn = student.encoder.token_embed[0].first_conv[1]
+    bn.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach()))
+    svm_eval.calibrate_batchnorm(student, clouds, batch_size=6, device=torch.device('cpu'))
+    x = seen[0].transpose(0, 1).flatten(1)                      # (C, every position)
+    assert torch.allclose(bn.running_mean, x.mean(1), atol=1e-6)
+    assert torch.allclose(bn.running_var, x.var(1), rtol=1e-4)   # unbiased, as BatchNorm keeps it
+    assert not student.training
+
+
 def test_svm_eval_without_a_checkpoint_says_to_pretrain(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit, match='pretrain.py'):
