@@ -51,7 +51,9 @@ def parse_args(argv=None):
 
 
 def newest_checkpoint(root='runs'):
-    found = sorted(glob.glob(os.path.join(root, '*', 'last.pt')), key=os.path.getmtime)
+    """The newest pre-training checkpoint runs/*/last.pt (fine-tuned classifiers, with num_classes, are skipped)."""
+    found = [path for path in sorted(glob.glob(os.path.join(root, '*', 'last.pt')), key=os.path.getmtime)
+             if 'num_classes' not in torch.load(path, map_location='cpu', weights_only=False)]
     if not found:
         raise SystemExit(f'no checkpoint under {root}/*/last.pt: run `python pretrain.py` first, or pass --ckpt PATH')
     return found[-1]
