@@ -853,7 +853,7 @@ import subprocess
 import pretrain
 from pretrain import cosine_lr, param_groups, parse_args, pretrain_step
 
-TINY = ['--config', 'small', '--num_points', '256', '--batch_size', '8', '--teacher_weights', 'random',
+PRETRAIN_FLAGS = ['--config', 'small', '--num_points', '256', '--batch_size', '8', '--teacher_weights', 'random',
         '--small_random_teacher', '--log_every', '1', '--gpu', '-1']
 
 
@@ -953,7 +953,7 @@ def read_log(folder):
 
 def test_resume_reproduces_the_uninterrupted_run(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    common = TINY + ['--epochs', '2', '--max_steps_per_epoch', '2']
+    common = PRETRAIN_FLAGS + ['--epochs', '2', '--max_steps_per_epoch', '2']
     pretrain.main(parse_args(common + ['--run_name', 'straight']))
     pretrain.main(parse_args(common + ['--run_name', 'cut', '--epochs', '1']))
     # the cut run stopped after epoch 0; resuming it with --epochs 2 must retrace the straight run
@@ -974,12 +974,12 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, monkeypatch):
     Classifier(cfg, 13).encoder.load_state_dict(encoder, strict=True)
     # an incompatible configuration is refused, naming what differs
     with pytest.raises(SystemExit, match='encoder_dims'):
-        pretrain.main(parse_args(TINY + ['--config', 'full', '--run_name', 'cut', '--resume', 'runs/cut/last.pt']))
+        pretrain.main(parse_args(PRETRAIN_FLAGS + ['--config', 'full', '--run_name', 'cut', '--resume', 'runs/cut/last.pt']))
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    args = parse_args(TINY + ['--epochs', '1', '--max_steps_per_epoch', '1', '--run_name', 'nan'])
+    args = parse_args(PRETRAIN_FLAGS + ['--epochs', '1', '--max_steps_per_epoch', '1', '--run_name', 'nan'])
     pretrain.main(args)
     good = torch.load('runs/nan/last.pt', weights_only=False)
 
@@ -988,7 +988,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
         return loss, loss
     monkeypatch.setattr(pretrain, 'pretrain_step', exploding_step)
     with pytest.raises(FloatingPointError, match='non-finite loss'):
-        pretrain.main(parse_args(TINY + ['--epochs', '2', '--max_steps_per_epoch', '1', '--run_name', 'nan',
+        pretrain.main(parse_args(PRETRAIN_FLAGS + ['--epochs', '2', '--max_steps_per_epoch', '1', '--run_name', 'nan',
                                          '--resume', 'runs/nan/last.pt']))
     kept = torch.load('runs/nan/last.pt', weights_only=False)
     assert kept['epoch'] == good['epoch'] and all(torch.equal(kept['model'][k], v) for k, v in good['model'].items())
@@ -1005,14 +1005,14 @@ def test_ctrl_c_saves_where_to_continue(tmp_path, monkeypatch):
         return real_step(*a, **k)
     monkeypatch.setattr(pretrain, 'pretrain_step', interrupted_second_step)
     with pytest.raises(SystemExit):
-        pretrain.main(parse_args(TINY + ['--epochs', '1', '--max_steps_per_epoch', '3', '--run_name', 'cc']))
+        pretrain.main(parse_args(PRETRAIN_FLAGS + ['--epochs', '1', '--max_steps_per_epoch', '3', '--run_name', 'cc']))
     saved = torch.load('runs/cc/last.pt', weights_only=False)
     assert (saved['epoch'], saved['step_in_epoch']) == (0, 1)        # one step done, the second to redo
 
 
 def test_ddp_two_cpu_processes_agree_on_the_weights(tmp_path):
     command = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', '--master_port=29533',
-               os.path.join(HERE, 'pretrain.py')] + TINY + ['--epochs', '1', '--max_steps_per_epoch', '2',
+               os.path.join(HERE, 'pretrain.py')] + PRETRAIN_FLAGS + ['--epochs', '1', '--max_steps_per_epoch', '2',
                                                             '--run_name', 'ddp']
     env = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONPATH': HERE}
     done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
@@ -1023,7 +1023,7 @@ def test_ddp_two_cpu_processes_agree_on_the_weights(tmp_path):
 
 
 def test_benchmark_prints_a_stage_table(capsys):
-    pretrain.main(parse_args(TINY + ['--benchmark', '--benchmark_steps', '1']))
+    pretrain.main(parse_args(PRETRAIN_FLAGS + ['--benchmark', '--benchmark_steps', '1']))
     out = capsys.readouterr().out
     for stage in ('tokenize', 'project', 'teacher', 'mask', 'student forward', 'backward', 'optimizer', 'samples/s'):
         assert stage in out
