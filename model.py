@@ -111,6 +111,13 @@ class Block(nn.Module):
         return x + drop_path(self.mlp(self.norm2(x)), self.drop_path_rate, self.training)
 
 
+def transformer_stages(dims, depths, num_heads, drop_path_rate):
+    """One list of Blocks per stage; stochastic-depth rates rise linearly over all blocks in order."""
+    rates = iter(torch.linspace(0, drop_path_rate, sum(depths)).tolist())
+    return nn.ModuleList([nn.ModuleList([Block(d, num_heads, next(rates)) for _ in range(depth)])
+                          for d, depth in zip(dims, depths)])
+
+
 def conv_bn(c_in, c_out, act=None):
     """1x1 Conv1d, BatchNorm1d and an optional activation over (B, C, N), as the authors.
 
@@ -176,11 +183,7 @@ class Encoder(nn.Module):
         self.token_embed = nn.ModuleList([TokenEmbed(3, *cfg.point_embed_dims, dims[0])] + [
             TokenEmbed(dims[i - 1], dims[i - 1], dims[i - 1], dims[i], dims[i]) for i in range(1, len(dims))])
         self.pos_embed = nn.ModuleList([position_mlp(d) for d in dims])
-        rates = torch.linspace(0, cfg.drop_path_rate, sum(cfg.encoder_depths)).tolist()
-        starts = [sum(cfg.encoder_depths[:i]) for i in range(len(dims))]
-        self.blocks = nn.ModuleList([
-            nn.ModuleList([Block(d, cfg.num_heads, rates[s + j]) for j in range(depth)])
-            for d, depth, s in zip(dims, cfg.encoder_depths, starts)])
+        self.blocks = transformer_stages(dims, cfg.encoder_depths, cfg.num_heads, cfg.drop_path_rate)
         self.apply(init_encoder_weights)
 
     def forward(self, groups, masks):
@@ -278,11 +281,7 @@ class I2PMAE(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(1, dims[0]))
         nn.init.trunc_normal_(self.mask_token, std=0.02)
         self.decoder_pos_embed = nn.ModuleList([position_mlp(d) for d in dims])
-        rates = torch.linspace(0, cfg.drop_path_rate, sum(cfg.decoder_depths)).tolist()
-        starts = [sum(cfg.decoder_depths[:j]) for j in range(len(dims))]
-        self.decoder_blocks = nn.ModuleList([
-            nn.ModuleList([Block(d, cfg.num_heads, rates[s + i]) for i in range(depth)])
-            for d, depth, s in zip(dims, cfg.decoder_depths, starts)])
+        self.decoder_blocks = transformer_stages(dims, cfg.decoder_depths, cfg.num_heads, cfg.drop_path_rate)
         self.decoder_blocks.apply(init_decoder_block)
         # decoder stage j works at scale top - j; propagation j feeds stage j + 1
         self.token_propagation = nn.ModuleList([
