@@ -94,7 +94,7 @@ def require_path(path, layout):
     return path
 
 
-def check_points(points, path, num_points):
+def check_point_array(points, path, num_points):
     """points array (S, N, C>=3) float -> (S, num_points, 3) float32 tensor; errors name the file."""
     points = np.asarray(points)
     if points.ndim != 3 or points.shape[2] < 3:
@@ -220,7 +220,7 @@ def read_modelnet40_dat(data_root, split, num_points=None):
     if not isinstance(content, (list, tuple)) or len(content) != 2:
         raise ValueError(f'{path}: expected a pickled pair [list of points, list of labels]')
     xyz = stack_xyz(content[0], path)                                 # (S, 8192, 3)
-    points = check_points(xyz, path, num_points or xyz.shape[1])
+    points = check_point_array(xyz, path, num_points or xyz.shape[1])
     labels = check_labels(content[1], len(points), len(MODELNET40_CLASSES), path)
     names = check_class_names(os.path.join(folder, 'modelnet40_shape_names.txt'), MODELNET40_CLASSES)
     return PointSplit(normalize_unit_sphere(points), labels, names)
@@ -231,7 +231,7 @@ def read_h5_split(paths, num_points, class_names, layout):
     clouds, labels = [], []
     for path in paths:
         data, label = read_h5(path, layout)
-        clouds.append(check_points(data, path, num_points or np.shape(data)[1]))
+        clouds.append(check_point_array(data, path, num_points or np.shape(data)[1]))
         labels.append(check_labels(label, len(clouds[-1]), len(class_names), path))
     return PointSplit(torch.cat(clouds), torch.cat(labels), list(class_names))
 
@@ -278,7 +278,7 @@ def load_fewshot_fold(data_root, way, shot, fold, num_points=None):
         if not items or any(len(item) != 3 for item in items):
             raise ValueError(f'{path}: {split!r} must be a non-empty list of (points, label, class id)')
         xyz = stack_xyz([item[0] for item in items], path)
-        points = check_points(xyz, path, num_points or xyz.shape[1])
+        points = check_point_array(xyz, path, num_points or xyz.shape[1])
         labels = check_labels(np.array([np.asarray(item[1]).item() for item in items]), len(points), way, path)
         pairs = sorted({(int(label), int(np.asarray(item[2]).item())) for label, item in zip(labels, items)})
         if [label for label, _ in pairs] != list(range(way)):   # each label 0..way-1 once, with one class id

@@ -148,7 +148,6 @@ class TokenEmbed(nn.Module):
 class Encoded(NamedTuple):
     """One scale of encoder output: visible tokens packed to the front, padding after them."""
     x: torch.Tensor        # (B, L, C)
-    centers: torch.Tensor  # (B, L, 3), zeros at padding
     is_pad: torch.Tensor   # (B, L) bool
     order: torch.Tensor    # (B, L) long: token index of each row
 
@@ -200,7 +199,7 @@ class Encoder(nn.Module):
             bias = attention_bias(is_pad, centers, self.local_radius[i], self.radius_and_padding)
             for block in self.blocks[i]:
                 x = block(x + pos, bias)   # positions are re-added before every block
-            outputs.append(Encoded(x, centers, is_pad, order))
+            outputs.append(Encoded(x, is_pad, order))
             # next scale's input: transformer output where visible, the raw embedding where masked
             index = order[..., None].expand_as(x)
             full = torch.where(is_masked[..., None], tokens, tokens.scatter(1, index, x))

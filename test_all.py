@@ -5,12 +5,17 @@ Run with `python -m pytest -q test_all.py` (or `python test_all.py`).
 Reference tests read the authors' recorded tensors from $I2P_REFERENCE_DIR
 (default ../shared/reference) and take every size from the files' config.
 """
+import math
 import os
+import pickle
 import sys
 
+import h5py
 import numpy as np
 import pytest
 import torch
+
+import data
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REFERENCE_DIR = os.environ.get('I2P_REFERENCE_DIR', os.path.join(HERE, '..', 'shared', 'reference'))
@@ -579,13 +584,6 @@ def test_no_top_level_file_shadows_stdlib():
 
 # ---------------------------------------------------------------- data.py
 
-import math  # noqa: E402  (data.py section)
-import pickle  # noqa: E402
-
-import h5py  # noqa: E402
-
-import data  # noqa: E402
-
 
 def _unit_sphere_np(xyz):
     centred = xyz - xyz.mean(axis=-2, keepdims=True)
@@ -1030,7 +1028,6 @@ def test_benchmark_prints_a_stage_table(capsys):
 
 
 # ---------------------------------------------------------------- svm_eval.py and finetune.py
-import pickle
 import signal
 from dataclasses import replace
 
