@@ -28,7 +28,7 @@ import scipy.spatial
 import torch.nn.functional as F
 
 from tokenizer import (build_token_hierarchy, farthest_point_sample, group_points, knn_indices)
-from project import (VIEWS, back_project, bicubic_matrix, point_pixels, project_depth_images,
+from project import (VIEWS, back_project, bicubic_matrix, project_depth_images,
                      sample_upsampled)
 from teacher import normalize_images, teacher_features_and_saliency, tiny_teacher
 from mask import guided_mask, hierarchical_masks, propagate_mask, random_mask
