@@ -30,8 +30,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from model import Classifier, ModelConfig, load_official_checkpoint, official_to_ours, smoothed_cross_entropy
-from pretrain import (SMALL_CONFIG, Log, check_ranks_agree, check_resumable, cosine_lr, epoch_batches,
+from model import SMALL_CONFIG, Classifier, ModelConfig, load_official_checkpoint, official_to_ours, smoothed_cross_entropy
+from pretrain import (Log, check_ranks_agree, check_resumable, cosine_lr, epoch_batches,
                       param_groups, rng_state, save_checkpoint, seed_everything, set_rng_state, setup_device)
 from data import (fps_subsample, load_fewshot_fold, load_split, random_point_subset, rotate_about_up_axis,
                   scale_and_translate)
@@ -50,7 +50,7 @@ PRESETS = {
     'scan_hardest': dict(SCANOBJECTNN, local_radius=(0.48, 0.96, 1.92)),
     # I2P-MAE ships no few-shot config: the ModelNet40 model, 150 epochs (Point-M2AE's protocol)
     'fewshot': dict(MODELNET40, epochs=150),
-    # CPU demo on pretrain.py's SMALL_CONFIG: 1024 -> FPS 600 -> random 512 mirrors ModelNet40's
+    # CPU demo on model.py's SMALL_CONFIG: 1024 -> FPS 600 -> random 512 mirrors ModelNet40's
     # 8192 -> 1200 -> 1024; group sizes cover each scale as often as ScanObjectNN's (K x G / N = 8, 8, 4);
     # ModelNet40's radii block the same share of token pairs here (93/77/39% vs 93/75/32%, measured)
     'synthetic': dict(MODELNET40, load_points=1024, points=512, train_fps=600, group_sizes=(32, 16, 16), epochs=6,
@@ -82,7 +82,7 @@ def parse_args(argv=None):
                                   'last.pt; synthetic: runs/pretrain-synthetic/last.pt)')
     m.add_argument('--from_scratch', action='store_true', help='random initialisation instead of --ckpt')
     m.add_argument('--config', choices=['full', 'small'], help='architecture with --from_scratch (preset: full; '
-                                                               'synthetic: small = pretrain.py SMALL_CONFIG)')
+                                                               'synthetic: small = model.SMALL_CONFIG)')
     m.add_argument('--group_sizes', type=int, nargs=3, help='kNN sizes per scale (official: 48 24 24 ModelNet40, 32 16 16 Scan)')
     m.add_argument('--local_radius', type=float, nargs=3, help='attention radii per scale (official: SPEC 8.3)')
     m.add_argument('--pooling', choices=['mean+max', 'concat'], help='head input (official: mean+max ModelNet40, concat Scan)')

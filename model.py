@@ -51,6 +51,11 @@ class ModelConfig:
     official_radius_bug: bool = False        # pre-training only: AND the radius with padding as the authors (SPEC B5)
 
 
+# The same architecture shrunk for a 2-core CPU (demos, tests): fewer and narrower tokens, 2 blocks per scale.
+SMALL_CONFIG = ModelConfig(num_groups=(128, 64, 16), group_sizes=(16, 8, 8), encoder_dims=(64, 128, 256),
+                           encoder_depths=(2, 2, 2), num_heads=4, decoder_dims=(256, 128),
+                           point_embed_dims=(32, 64, 128))
+
 # ------------------------------------------------------------------ small pieces
 
 
@@ -480,7 +485,6 @@ if __name__ == '__main__':
         model.load_state_dict(checkpoint['model'])
         num_points, source = checkpoint['args']['num_points'], f'pre-trained student from {found[-1]}'
     else:       # no checkpoint: fit a small student to this one shape for a few steps (3D loss only)
-        from pretrain import SMALL_CONFIG
         model = I2PMAE(ModelConfig(**{**asdict(SMALL_CONFIG), 'feat_dim_2d': 0}))
         num_points, source = 512, 'small student fitted to this shape for 60 steps (run pretrain.py for a real one)'
     xyz, _ = make_synthetic(1, num_points=num_points, seed=5)

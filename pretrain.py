@@ -14,7 +14,6 @@ import json
 import math
 import os
 import random
-import resource
 import sys
 import time
 from dataclasses import asdict
@@ -29,13 +28,9 @@ from tokenizer import build_token_hierarchy, gather_points
 from project import VIEWS, project_depth_images, back_project
 from teacher import build_teacher, normalize_images, teacher_features_and_saliency, tiny_teacher
 from mask import guided_mask, random_mask, hierarchical_masks
-from model import I2PMAE, ModelConfig, pack_visible
+from model import I2PMAE, ModelConfig, SMALL_CONFIG, pack_visible
 from data import load_split, scale_and_translate
 
-# A configuration a 2-core CPU pre-trains in minutes: the same architecture, fewer and narrower tokens.
-SMALL_CONFIG = ModelConfig(num_groups=(128, 64, 16), group_sizes=(16, 8, 8), encoder_dims=(64, 128, 256),
-                           encoder_depths=(2, 2, 2), num_heads=4, decoder_dims=(256, 128),
-                           point_embed_dims=(32, 64, 128))
 # `python pretrain.py` with no flags: flags the user did not give take these values on synthetic data
 SYNTHETIC_DEMO = dict(config='small', num_points=512, epochs=12, warmup_epochs=1, cosine_epochs=12,
                       batch_size=32, small_random_teacher=True, svm_every=4)
@@ -246,12 +241,6 @@ class Log:
                     f.write(json.dumps(numbers) + '\n')
 
 
-def peak_memory_mb(device):
-    if device.type == 'cuda':
-        return torch.cuda.max_memory_allocated(device) / 2 ** 20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # the whole process, in MB
-
-
 # ---------------------------------------------------------------- main
 
 
@@ -272,54 +261,14 @@ def build(args, device):
     return teacher, described, I2PMAE(cfg).to(device)
 
 
-def benchmark(args, device, teacher, student):
-    """Milliseconds per stage of one training step, samples/s and peak memory, on random clouds."""
-    optimizer = torch.optim.AdamW(param_groups(student, args.weight_decay), lr=args.lr)
-    sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
-    times = {}
-
-    def clock(stage):
-        sync()
-        now = time.perf_counter()
-        times[stage] = times.get(stage, 0.0) + now - clock.last
-        clock.last = now
-    xyz = torch.randn(args.batch_size, args.num_points, 3, device=device)
-    xyz = xyz / xyz.norm(dim=-1).amax(1)[:, None, None]
-    for step in range(2 + args.benchmark_steps):
-        if step == 2:
-            times.clear()
-            if device.type == 'cuda':
-                torch.cuda.reset_peak_memory_stats(device)
-        sync()
-        clock.last = time.perf_counter()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
-            loss_3d, loss_2d = pretrain_step(student, teacher, xyz, args, clock)
-            clock('student forward')
-        (loss_3d + loss_2d).backward()
-        clock('backward')
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        clock('optimizer')
-    n = args.benchmark_steps
-    total = sum(times.values()) / n
-    print(f'\nbenchmark: config {args.config}, batch {args.batch_size}, {args.num_points} points, '
-          f'{device}, amp {args.amp}, {torch.get_num_threads()} threads, mean of {n} steps')
-    print(f'{"stage":<18}{"ms / step":>12}')
-    for stage, seconds in times.items():
-        print(f'{stage:<18}{1000 * seconds / n:>12.1f}')
-    print(f'{"step":<18}{1000 * total:>12.1f}')
-    print(f'{"step w/o teacher":<18}{1000 * (total - times.get("teacher", 0) / n):>12.1f}')
-    print(f'samples/s {args.batch_size / total:.1f}; peak memory {peak_memory_mb(device):.0f} MB '
-          f'({"GPU allocated" if device.type == "cuda" else "process RSS"})')
-
-
 def main(args):
     device, rank, world = setup_device(args)
     folder = os.path.join('runs', args.run_name)
     log = Log(folder, rank)
     teacher, described, student = build(args, device)
-    if args.benchmark:
-        return benchmark(args, device, teacher, student)
+    if args.benchmark:   # benchmark.py times this step; it is not part of training
+        from benchmark import benchmark_pretrain_step
+        return benchmark_pretrain_step(args, device, teacher, student)
     if args.batch_size % world:
         raise SystemExit(f'--batch_size {args.batch_size} must be divisible by the {world} processes')
     split = load_split(args.data, 'pretrain' if args.data == 'synthetic' else 'train',
