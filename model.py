@@ -227,6 +227,22 @@ class ResidualConv(nn.Module):
         return F.gelu(self.net2(self.net1(x)) + x)
 
 
+def interpolate_3nn(fine_xyz, coarse_xyz, coarse):
+    """Features (B, Gc, C) at coarse_xyz (B, Gc, 3) -> (B, Gf, C) at fine_xyz (B, Gf, 3): each fine point
+    averages its 3 nearest coarse points with weights 1 / (d^2 + 1e-8), normalised to sum to 1.
+
+    d^2 comes from coordinate differences, in fp32 even under autocast: every coarse centre is also a
+    fine one, and the authors' |a|^2 - 2ab + |b|^2 turns those zero distances into +-1e-3 under TF32
+    or bf16, so the weights into garbage. (It rounds like theirs to within the reference tolerance.)
+    """
+    with torch.autocast(fine_xyz.device.type, enabled=False):
+        d = square_distance(fine_xyz.float(), coarse_xyz.float())             # (B, Gf, Gc)
+    d, idx = d.topk(3, dim=-1, largest=False)                                 # (B, Gf, 3)
+    weights = 1.0 / (d + 1e-8)
+    weights = weights / weights.sum(dim=-1, keepdim=True)
+    return (gather_points(coarse, idx) * weights[..., None].to(coarse.dtype)).sum(dim=2)
+
+
 class TokenPropagation(nn.Module):
     """Upsample decoder tokens to a finer scale (PointNet++ feature propagation).
 
@@ -240,15 +256,7 @@ class TokenPropagation(nn.Module):
         self.blocks = nn.Sequential(*[ResidualConv(out_dim) for _ in range(num_blocks)])
 
     def forward(self, fine_xyz, coarse_xyz, skip, coarse):
-        # squared distances as |a|^2 - 2ab + |b|^2 in the authors' order: near-zero distances
-        # (every coarse centre is also a fine one) then round the same way; never in bf16
-        with torch.autocast(fine_xyz.device.type, enabled=False):
-            d = -2 * fine_xyz.float() @ coarse_xyz.float().transpose(1, 2)
-            d = d + (fine_xyz.float() ** 2).sum(-1)[:, :, None] + (coarse_xyz.float() ** 2).sum(-1)[:, None, :]
-        d, idx = d.topk(3, dim=-1, largest=False)                               # (B, Gf, 3)
-        weights = 1.0 / (d + 1e-8)
-        weights = weights / weights.sum(dim=-1, keepdim=True)                   # (B, Gf, 3)
-        interpolated = (gather_points(coarse, idx) * weights[..., None]).sum(dim=2)   # (B, Gf, C)
+        interpolated = interpolate_3nn(fine_xyz, coarse_xyz, coarse)            # (B, Gf, C)
         x = self.fuse(torch.cat([skip, interpolated], dim=-1).transpose(1, 2))  # (B, out_dim, Gf)
         return self.blocks(x).transpose(1, 2)                                   # (B, Gf, out_dim)
 
@@ -276,9 +284,9 @@ def init_decoder_block(m):
 
 class I2PMAE(nn.Module):
     """The student: encoder, decoder and the 3D and 2D reconstruction heads (no teacher inside)."""
-    def __init__(self, cfg=ModelConfig()):
+    def __init__(self, cfg=None):
         super().__init__()
-        self.cfg = cfg
+        self.cfg = cfg = cfg or ModelConfig()   # a fresh default: instances never share one config
         self.encoder = Encoder(cfg, radius_and_padding=cfg.official_radius_bug)
         self.encoder_norms = nn.ModuleList([nn.LayerNorm(d) for d in cfg.encoder_dims])
         dims, top = cfg.decoder_dims, len(cfg.num_groups) - 1

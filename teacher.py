@@ -34,10 +34,14 @@ def freeze(vit):
 
 
 def tiny_teacher(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, seed=0):
-    """A small random-weight VisionTransformer for tests and quick demos (a 4 x 4 patch grid)."""
-    torch.manual_seed(seed)
-    vit = VisionTransformer(image_size=image_size, patch_size=patch_size, num_layers=num_layers,
-                            num_heads=num_heads, hidden_dim=hidden_dim, mlp_dim=4 * hidden_dim)
+    """A small random-weight VisionTransformer for tests and quick demos (a 4 x 4 patch grid).
+
+    Its weights depend on `seed` only: the global random stream (seeded by --seed) is left as it was.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        vit = VisionTransformer(image_size=image_size, patch_size=patch_size, num_layers=num_layers,
+                                num_heads=num_heads, hidden_dim=hidden_dim, mlp_dim=4 * hidden_dim)
     return freeze(vit)
 
 

@@ -391,6 +391,21 @@ def test_parameter_counts_match_the_authors():
     assert count(Classifier(mn40, 40).encoder) == 12_653_632
 
 
+def test_3nn_interpolation_is_exact_at_shared_centres_far_from_the_origin():
+    """Every coarse centre is also a fine one: its weight must be ~1 however the cloud is placed.
+    (|a|^2 - 2ab + |b|^2 cancels catastrophically when |a|^2 >> d: in fp32 300 units from the origin,
+    as in TF32 matmuls near it; there it gives errors of order 1.)"""
+    from model import interpolate_3nn
+    generator = torch.Generator().manual_seed(0)
+    fine = torch.rand(2, 40, 3, generator=generator) + 300.0
+    coarse_xyz = fine[:, ::4]                                             # (2, 10, 3), each also a fine point
+    coarse = torch.randn(2, 10, 5, generator=generator)
+    out = interpolate_3nn(fine, coarse_xyz, coarse)
+    assert torch.allclose(out[:, ::4], coarse, atol=1e-5)
+    with torch.autocast('cpu', dtype=torch.bfloat16):                      # distances stay fp32
+        assert torch.allclose(interpolate_3nn(fine, coarse_xyz, coarse)[:, ::4].float(), coarse, atol=1e-2)
+
+
 def test_attention_bias_blocks_padding_or_far_centres():
     from model import attention_bias
     centers = torch.tensor([[[0.0, 0, 0], [1.0, 0, 0], [0.0, 0, 0]]])     # token 2 is padding
