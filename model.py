@@ -540,7 +540,7 @@ def main():
         K = group.idx.shape[-1]
         predicted = model.head_3d(x[0][is_masked]).view(-1, K, 3) + group.centers[0][is_masked][:, None]
         loss_3d, _ = model.pretrain_losses(groups, masks)
-    print(f'Chamfer-L2 of the masked scale-{h} tokens: {loss_3d.item():.4f}')
+    print(f'Chamfer-L2 of the masked scale-{h} tokens, eval mode: {loss_3d.item():.4f}')
 
     frame = cloud_frame(xyz[0])
     visible_points = groups[0].neighbors[0][~masks[0][0]].reshape(-1, 3)      # what the encoder embeds
@@ -559,10 +559,11 @@ def main():
         row_labels=list(VIEW_NAMES),
         legend=[(CLOUD, 'input points'), (VISIBLE, 'visible tokens (given)'), (HIDDEN, 'hidden tokens (true points)'),
                 (CENTRE, 'x centre of a masked token (given)'), (PREDICTED, 'predicted points')],
-        caption=f'Student: {source}. A random mask hides 80% of the coarse tokens; propagated as in mask.py, '
-                f'{L} of {G} scale-{h} tokens are hidden. The decoder knows only the centres of the masked tokens '
-                f'(x) and predicts {K} points around each (orange); the 3D loss is the Chamfer-L2 distance between '
-                f'them and the true points (light grey). Visible tokens are not reconstructed in 3D.')
+        caption=f'Student: {source}. A random mask (ratio 0.8) hides {int(masks[-1].sum())} of '
+                f'{masks[-1].shape[1]} coarse tokens; propagated as in mask.py, {L} of {G} scale-{h} tokens are '
+                f'hidden. The decoder knows only the centres of the masked tokens (x) and predicts {K} points around '
+                f'each (orange); the 3D loss is the Chamfer-L2 distance between them and the true points (light '
+                f'grey). Visible tokens are not reconstructed in 3D.')
     path = save_picture(picture, os.path.join(args.out, 'model.png'))
     print(f'wrote {path} (rows: views; columns: input, visible tokens, reconstruction) '
           f'in {time.perf_counter() - start:.1f} s')

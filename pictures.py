@@ -142,16 +142,19 @@ def picture_teacher(weights='demo'):
     """(teacher, description) for the demo pictures of teacher.py and mask.py.
 
     'demo': the trained demo teacher (the newest .pt in DEMO_TEACHER_DIR) if there is one, else 'tiny';
-    'tiny': a small random ViT on 224-pixel images with 16-pixel patches (14 x 14, as ViT-B/16), seed 0;
+    'tiny': the small random ViT of pretrain.py's demo: 224-pixel images, 16-pixel patches (14 x 14, as
+    ViT-B/16), 4 layers, 64 wide, seed 0;
     anything else goes to teacher.build_teacher (imagenet, random, auto or a weights file).
     """
-    found = sorted(glob.glob(os.path.join(DEMO_TEACHER_DIR, '*.pt')), key=os.path.getmtime)
-    if weights == 'demo' and found:
-        weights = found[-1]
-    if weights in ('demo', 'tiny'):
-        return tiny_teacher(image_size=TILE, patch_size=16), ('small RANDOM ViT (2 layers, 32 wide, seed 0): '
-                                                             'no trained teacher in ' + DEMO_TEACHER_DIR)
-    return build_teacher(weights)
+    note = ''
+    if weights == 'demo':
+        found = sorted(glob.glob(os.path.join(DEMO_TEACHER_DIR, '*.pt')), key=os.path.getmtime)
+        weights, note = (found[-1], '') if found else ('tiny', f' (no trained demo teacher in {DEMO_TEACHER_DIR})')
+    if weights != 'tiny':
+        return build_teacher(weights)
+    vit = tiny_teacher(image_size=TILE, patch_size=16, num_layers=4, hidden_dim=64)   # as pretrain.py's demo
+    return vit, (f'small RANDOM ViT ({len(vit.encoder.layers)} layers, {vit.hidden_dim} wide, seed 0), '
+                 f'no pretrained knowledge{note}')
 
 
 # ---------------------------------------------------------------- the grid
@@ -192,11 +195,13 @@ def colour_bar(draw, x, y, width, low, high, marks):
     for i, colour in enumerate(colours):
         draw.line([(x + i, y + 2), (x + i, y + LINE - 3)], fill=tuple(colour))
     draw.rectangle([x, y + 2, x + width - 1, y + LINE - 3], outline=BORDER)
-    for value, text in marks.items():
+    free = x   # labels go left to right, each after the previous one
+    for value, text in sorted(marks.items()):
         at = x + round((value - low) / (high - low) * (width - 1))
         draw.line([(at, y), (at, y + LINE)], fill=TEXT)
-        left = min(max(at - FONT.getlength(text) / 2, x), x + width - FONT.getlength(text))
+        left = max(at - FONT.getlength(text) / 2, free)
         draw.text((left, y + LINE), text, fill=TEXT, font=FONT)
+        free = left + FONT.getlength(text) + 8
 
 
 def titled_grid(tiles, title, col_labels=None, row_labels=None, tile_labels=None, legend=(),
