@@ -405,41 +405,47 @@ def linear_svm_accuracies(train_x, train_y, test_x, test_y):
     return 100 * svm.score(train_x.numpy(), train_y.numpy()), 100 * svm.score(test_x.numpy(), test_y.numpy())
 
 
-def example_images(xyz):
-    """(K, N, 3) y-up clouds -> (K, 1, S, S): project.py's third view (rows from y, columns from z),
-    flipped so that up is up."""
-    from project import project_depth_images
-    images, _ = project_depth_images(xyz)                 # (3K, 3, S, S), views stacked
-    return images[2 * len(xyz):, :1].flip(-2)
+def class_examples_picture(xyz, names, cols=7, view=2):
+    """A picture of clouds (S, N, 3), one per class, the class name under each, in one view (y up)."""
+    from pictures import CLOUD, VIEW_NAMES, Dots, cloud_frame, points_tile, titled_grid
+    tiles = [points_tile(cloud_frame(cloud), view, Dots(cloud, CLOUD)) for cloud in xyz]
+    tiles += [None] * (-len(tiles) % cols)                 # titled_grid leaves None cells empty
+    rows = [tiles[i:i + cols] for i in range(0, len(tiles), cols)]
+    labels = list(names) + [''] * (-len(names) % cols)
+    return titled_grid(rows, f'data.py: one synthetic shape per class ({xyz.shape[1]} points, {VIEW_NAMES[view]})',
+                       tile_labels=[labels[i:i + cols] for i in range(0, len(labels), cols)],
+                       caption='Each shape is rotated about y, scaled per axis, and sampled with noise and uneven '
+                               'density; each fills its own tile.')
 
 
 def main():
     parser = argparse.ArgumentParser(description='Synthetic dataset demo: timing, baselines, a picture.')
     parser.add_argument('--seed', type=int, default=0, help='dataset seed, as load_split takes it (default: 0)')
     parser.add_argument('--out', default='runs/demo', help='folder for synthetic_classes.png (default: runs/demo)')
+    parser.add_argument('--picture_only', action='store_true', help='draw the picture, skip the SVM baselines')
     args = parser.parse_args()
-    from torchvision.utils import make_grid, save_image
+    from pictures import save_picture
 
     start = time.perf_counter()
     points, labels = make_synthetic(1000, 2048, seed=0)
     print(f'make_synthetic(1000, 2048): {time.perf_counter() - start:.2f} s, points {tuple(points.shape)}')
-    print('shapes per class:', dict(zip(SYNTHETIC_CLASSES, labels.bincount().tolist())))
-    assert torch.equal(points, make_synthetic(1000, 2048, seed=0)[0]), 'not deterministic'
-
-    train = load_split('synthetic', 'train', seed=args.seed)        # the splits svm_eval.py sees
-    test = load_split('synthetic', 'test', seed=args.seed)
-    print(f'linear SVMs fit on {len(train.labels)} train shapes, scored on {len(test.labels)} test shapes')
-    for name, features in (('hand-crafted global statistics', global_statistics),
-                           ('random-init PointNet, max-pool', random_encoder_features)):
-        train_acc, test_acc = linear_svm_accuracies(features(train.points), train.labels,
-                                                    features(test.points), test.labels)
-        print(f'linear SVM on {name}: train {train_acc:.1f}%, test {test_acc:.1f}%')
+    if not args.picture_only:
+        print('shapes per class:', dict(zip(SYNTHETIC_CLASSES, labels.bincount().tolist())))
+        assert torch.equal(points, make_synthetic(1000, 2048, seed=0)[0]), 'not deterministic'
+        train = load_split('synthetic', 'train', seed=args.seed)        # the splits svm_eval.py sees
+        test = load_split('synthetic', 'test', seed=args.seed)
+        print(f'linear SVMs fit on {len(train.labels)} train shapes, scored on {len(test.labels)} test shapes')
+        for name, features in (('hand-crafted global statistics', global_statistics),
+                               ('random-init PointNet, max-pool', random_encoder_features)):
+            train_acc, test_acc = linear_svm_accuracies(features(train.points), train.labels,
+                                                        features(test.points), test.labels)
+            print(f'linear SVM on {name}: train {train_acc:.1f}%, test {test_acc:.1f}%')
 
     first_of_class = torch.stack([(labels == k).nonzero()[0, 0] for k in range(len(SYNTHETIC_CLASSES))])
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, 'synthetic_classes.png')
-    save_image(make_grid(example_images(points[first_of_class]), nrow=7, padding=4, pad_value=0.5), path)
-    print(f'one example per class, in the order {SYNTHETIC_CLASSES}: {path}')
+    path = save_picture(class_examples_picture(points[first_of_class], SYNTHETIC_CLASSES),
+                        os.path.join(args.out, 'synthetic_classes.png'))
+    print(f'wrote {path}: one example per class, in the order {SYNTHETIC_CLASSES}, '
+          f'in {time.perf_counter() - start:.1f} s in all')
 
 
 if __name__ == '__main__':

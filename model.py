@@ -16,7 +16,7 @@ Reconstruction" and "Downstream"; SPEC.md sections 2.2-2.3, 6, 7, 8.3).
   classify  mean + max (ModelNet40) or concat[mean, max] (ScanObjectNN), then an MLP head
 Key layout, initialisation and numerics follow the authors' released model; the authors'
 checkpoints load with `load_official_checkpoint`.
-Demo: python model.py      Tests: test_reference_* / test_model_* in test_all.py
+Demo: python model.py [--ckpt none] [--steps 60]      Tests: test_reference_* / test_model_* in test_all.py
 """
 import re
 from dataclasses import dataclass
@@ -476,48 +476,98 @@ def load_official_checkpoint(model, checkpoint):
     return skipped
 
 
-if __name__ == '__main__':
+def main():
+    import argparse
     import glob
     import os
+    import pickle
+    import time
     from dataclasses import asdict
-    from torchvision.utils import save_image
     from data import make_synthetic
-    from project import paint_points
     from mask import random_mask
+    from pictures import (CENTRE, CLOUD, HIDDEN, PREDICTED, VIEW_NAMES, VISIBLE, Dots, cloud_frame,
+                          points_tile, save_picture, titled_grid)
 
-    torch.manual_seed(0)
-    found = sorted(glob.glob('runs/pretrain-*/last.pt'), key=os.path.getmtime)
-    if found:   # the demo checkpoint of `python pretrain.py`, if there is one
-        checkpoint = torch.load(found[-1], map_location='cpu', weights_only=False)
+    parser = argparse.ArgumentParser(description='Reconstruct the masked tokens of one synthetic cloud and draw them.')
+    parser.add_argument('--ckpt', default='auto',
+                        help='a pretrain.py checkpoint; auto: the newest runs/pretrain-*/last.pt, or, if there '
+                             'is none, a small student fitted to this one shape (default: auto); none: always fit')
+    parser.add_argument('--steps', type=int, default=60, help='fitting steps when there is no checkpoint (default: 60)')
+    parser.add_argument('--seed', type=int, default=0, help='seeds the mask and the fitted student (default: 0)')
+    parser.add_argument('--out', default='runs/demo', help='folder for model.png (default: runs/demo)')
+    args = parser.parse_args()
+    start = time.perf_counter()
+    torch.manual_seed(args.seed)
+    found = sorted(glob.glob('runs/pretrain-*/last.pt'), key=os.path.getmtime) if args.ckpt == 'auto' else (
+        [] if args.ckpt == 'none' else [args.ckpt])
+    if found:   # the demo checkpoint of `python pretrain.py`
+        try:
+            checkpoint = torch.load(found[-1], map_location='cpu', weights_only=True)
+        except pickle.UnpicklingError as error:   # never unpickle code from a file
+            raise SystemExit(f'{found[-1]}: torch.load(weights_only=True) refuses it, as it holds more than '
+                             f'tensors and plain types (an older checkpoint format?). Re-run pretrain.py, or pass '
+                             f'--ckpt none to fit a small student instead.') from error
         model = I2PMAE(ModelConfig(**checkpoint['model_config']))
         model.load_state_dict(checkpoint['model'])
         num_points, source = checkpoint['args']['num_points'], f'pre-trained student from {found[-1]}'
-    else:       # no checkpoint: fit a small student to this one shape for a few steps (3D loss only)
+    else:       # no checkpoint: fit a small student to this one shape (3D loss only)
         model = I2PMAE(ModelConfig(**{**asdict(SMALL_CONFIG), 'feat_dim_2d': 0}))
-        num_points, source = 512, 'small student fitted to this shape for 60 steps (run pretrain.py for a real one)'
+        num_points = 512
+        source = f'small student fitted to this one shape for {args.steps} steps, no 2D target'
+        if args.ckpt == 'auto':
+            print('no runs/pretrain-*/last.pt: `python pretrain.py` (about 12 minutes) trains the demo student; '
+                  'until then this demo fits a small student to one shape (about 1 minute).')
+    print(source)
     xyz, _ = make_synthetic(1, num_points=num_points, seed=5)
     groups = build_token_hierarchy(xyz, model.cfg.num_groups, model.cfg.group_sizes)
     masks = hierarchical_masks(random_mask(1, model.cfg.num_groups[-1], 0.8), groups)
     if not found:
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        for step in range(60):
+        for step in range(1, args.steps + 1):
             loss_3d, _ = model.pretrain_losses(groups, masks)
             optimizer.zero_grad()
             loss_3d.backward()
             optimizer.step()
+            if step % 10 == 0 or step == args.steps:
+                elapsed = time.perf_counter() - start
+                print(f'  step {step}/{args.steps}: Chamfer-L2 {loss_3d.item():.4f}, {elapsed:.0f} s, '
+                      f'about {elapsed / step * (args.steps - step):.0f} s to go')
     model.eval()
     with torch.no_grad():
         x = model.decode(groups, masks, model.encode(groups, masks))             # (1, G_h, D)
-        is_masked, group = masks[model.head_scale][0], groups[model.head_scale]
+        h = model.head_scale
+        is_masked, group = masks[h][0], groups[h]
         K = group.idx.shape[-1]
         predicted = model.head_3d(x[0][is_masked]).view(-1, K, 3) + group.centers[0][is_masked][:, None]
         loss_3d, _ = model.pretrain_losses(groups, masks)
-    print(f'{source}\nChamfer-L2 of the masked scale-{model.head_scale} tokens: {loss_3d.item():.4f}')
-    kept = group.neighbors[0][~is_masked].reshape(-1, 3)                          # visible members, as given
-    truth = torch.cat([kept, group.neighbors[0][is_masked].reshape(-1, 3)])
-    guess = torch.cat([kept, predicted.reshape(-1, 3)])
-    shade = torch.cat([torch.full((len(kept),), 0.4), torch.ones(predicted.numel() // 3)])   # bright = hidden part
-    os.makedirs('runs/demo', exist_ok=True)
-    save_image(torch.cat([paint_points(truth, shade), paint_points(guess, shade)]), 'runs/demo/model.png',
-               nrow=3, padding=4, pad_value=1.0)
-    print('wrote runs/demo/model.png (top: input, bottom: reconstruction; bright = the masked tokens)')
+    print(f'Chamfer-L2 of the masked scale-{h} tokens, eval mode: {loss_3d.item():.4f}')
+
+    frame = cloud_frame(xyz[0])
+    visible_points = groups[0].neighbors[0][~masks[0][0]].reshape(-1, 3)      # what the encoder embeds
+    hidden_points = groups[0].neighbors[0][masks[0][0]].reshape(-1, 3)
+    given, truth = group.centers[0][is_masked], group.neighbors[0][is_masked].reshape(-1, 3)
+    tiles = [[points_tile(frame, v, Dots(xyz[0], CLOUD)),
+              points_tile(frame, v, Dots(hidden_points, HIDDEN), Dots(visible_points, VISIBLE)),
+              points_tile(frame, v, Dots(truth, HIDDEN), Dots(visible_points, VISIBLE),
+                          Dots(predicted.reshape(-1, 3), PREDICTED), Dots(given, CENTRE, 3, 'cross'))]
+             for v in range(len(VIEW_NAMES))]
+    L, G = int(is_masked.sum()), is_masked.shape[0]
+    picture = titled_grid(
+        tiles, f'model.py: the student reconstructs its {L} masked scale-{h} tokens (Chamfer-L2 {loss_3d.item():.4f})',
+        col_labels=[f'input: {num_points} points', 'what the encoder sees: visible tokens',
+                    f'decoder output: {K} points for each masked token'],
+        row_labels=list(VIEW_NAMES),
+        legend=[(CLOUD, 'input points'), (VISIBLE, 'visible tokens (given)'), (HIDDEN, 'hidden tokens (true points)'),
+                (CENTRE, 'x centre of a masked token (given)'), (PREDICTED, 'predicted points')],
+        caption=f'Student: {source}. A random mask (ratio 0.8) hides {int(masks[-1].sum())} of '
+                f'{masks[-1].shape[1]} coarse tokens; propagated as in mask.py, {L} of {G} scale-{h} tokens are '
+                f'hidden. The decoder knows only the centres of the masked tokens (x) and predicts {K} points around '
+                f'each (orange); the 3D loss is the Chamfer-L2 distance between them and the true points (light '
+                f'grey). Visible tokens are not reconstructed in 3D.')
+    path = save_picture(picture, os.path.join(args.out, 'model.png'))
+    print(f'wrote {path} (rows: views; columns: input, visible tokens, reconstruction) '
+          f'in {time.perf_counter() - start:.1f} s')
+
+
+if __name__ == '__main__':
+    main()

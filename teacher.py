@@ -12,7 +12,7 @@ For a batch of depth images the teacher gives
 The saliency needs the attention weights, which torchvision's blocks do not return,
 so the forward is written out below and the last block is run by hand.
 The teacher is never part of the student: not in its checkpoint, optimizer or .train().
-Demo: python teacher.py      Tests: test_teacher_* in test_all.py
+Demo: python teacher.py [--weights tiny|random|imagenet|PATH]      Tests: test_teacher_* in test_all.py
 """
 import os
 import socket
@@ -124,23 +124,56 @@ def teacher_features_and_saliency(vit, images):
     return features, saliency
 
 
-if __name__ == '__main__':
-    import sys
-    from torchvision.utils import save_image
+def main():
+    import argparse
+    import time
     from data import make_synthetic
     from project import project_depth_images
+    from PIL import Image
+    from synthetic import SYNTHETIC_CLASSES
+    from pictures import VIEW_NAMES, heat_colours, image_tile, picture_teacher, save_picture, titled_grid
 
-    vit, described = build_teacher(sys.argv[1] if len(sys.argv) > 1 else 'auto')   # python teacher.py [weights]
+    parser = argparse.ArgumentParser(description="Run the frozen teacher on one cloud's depth images and "
+                                                 "draw its class-token attention.")
+    parser.add_argument('--weights', default='demo',
+                        help='demo (the trained demo teacher in runs/teacher-synthetic/ if there is one, '
+                             'else tiny), tiny (a small random ViT), random (ViT-B/16, random), '
+                             'imagenet, auto, or a weights file (default: demo)')
+    parser.add_argument('--seed', type=int, default=0, help='seeds a random teacher (default: 0)')
+    parser.add_argument('--shape_seed', type=int, default=2, help='which synthetic shape (default: 2)')
+    parser.add_argument('--out', default='runs/demo', help='folder for teacher.png (default: runs/demo)')
+    args = parser.parse_args()
+    start = time.perf_counter()
+    torch.manual_seed(args.seed)   # a random teacher is drawn from the global stream: the same on every run
+    vit, described = picture_teacher(args.weights)
     print('teacher:', described)
-    xyz, _ = make_synthetic(1, num_points=2048, seed=2)
+    xyz, labels = make_synthetic(1, num_points=2048, seed=args.shape_seed)
     images, _ = project_depth_images(xyz, img_size=vit.image_size)
     features, saliency = teacher_features_and_saliency(vit, normalize_images(images))
+    V, h, w = saliency.shape
+    low, high, uniform = saliency.min().item(), saliency.max().item(), 1 / (h * w)
     print(f'images {tuple(images.shape)} -> features {tuple(features.shape)}, saliency {tuple(saliency.shape)}')
-    # each view next to its saliency, upsampled to the image size and scaled to [0, 1]
-    S = vit.image_size
-    heat = torch.nn.functional.interpolate(saliency[:, None], size=(S, S), mode='nearest')
-    heat = (heat - heat.amin((2, 3), keepdim=True)) / (heat.amax((2, 3), keepdim=True) - heat.amin((2, 3), keepdim=True) + 1e-12)
-    tiles = torch.stack([images[:, :1], heat], dim=1).flatten(0, 1)    # (2V, 1, S, S)
-    os.makedirs('runs/demo', exist_ok=True)
-    save_image(tiles, 'runs/demo/teacher.png', nrow=2, padding=4, pad_value=1.0)
-    print('wrote runs/demo/teacher.png (rows: views; left depth image, right class-token attention)')
+    print(f'class-token attention per patch: {low:.4f} to {high:.4f} (uniform: 1/{h * w} = {uniform:.4f}, '
+          f'largest/smallest = {high / low:.2f})')
+    # one colour scale for all views, from 0: colours are proportional to the attention
+    heat = heat_colours(saliency / high)                                          # (V, h, w, 3)
+    tiles = []
+    for v in range(V):
+        depth = image_tile(images[v, 0], view=v, resample=Image.BILINEAR)
+        attention = image_tile(heat[v], view=v)                                    # nearest: one block per patch
+        tiles.append([depth, attention, Image.blend(depth, attention, 0.5)])
+    picture = titled_grid(
+        tiles, f'teacher.py: class-token attention of the last block ({h} x {w} patches) on a synthetic '
+               f'{SYNTHETIC_CLASSES[labels[0]]}',
+        col_labels=['depth image (teacher input)', 'attention per patch', 'attention over the depth image'],
+        row_labels=list(VIEW_NAMES),
+        heat_scale=(0, high, {0: '0', uniform: f'uniform 1/{h * w}', high: f'max {high:.4f}'}),
+        caption=f'Teacher: {described}. Attention from {low:.4f} to {high:.4f} per patch (each view sums to 1; '
+                f'largest/smallest = {high / low:.2f}); one scale for every view, from 0 to the largest.')
+    path = save_picture(picture, os.path.join(args.out, 'teacher.png'))
+    print(f'wrote {path} (rows: views; columns: depth image, attention, both) '
+          f'in {time.perf_counter() - start:.1f} s')
+
+
+if __name__ == '__main__':
+    main()

@@ -577,19 +577,135 @@ def test_official_checkpoint_mismatch_fails_loudly():
                                  {'base_model': official_state_dict('official_keys_pretrain.txt')})
 
 
-@pytest.mark.parametrize('stage, extra, picture, rows, cols', [
-    ('tokenizer', [], 'tokenizer.png', 4, 3), ('project', [], 'project.png', 4, 3),
-    ('teacher', ['random'], 'teacher.png', 3, 2), ('mask', [], 'mask.png', 2, 3),
-    ('model', [], 'model.png', 2, 3), ('data', [], 'synthetic_classes.png', 2, 7)])
-def test_stage_demo_writes_its_picture(tmp_path, stage, extra, picture, rows, cols):
-    import subprocess
-    from torchvision.io import read_image
-    done = subprocess.run([sys.executable, os.path.join(HERE, f'{stage}.py')] + extra, cwd=tmp_path,
-                          env={**os.environ, 'PYTHONPATH': HERE}, capture_output=True, text=True, timeout=600)
+# ---------------------------------------------------------------- the stage demos and their pictures
+import re
+import subprocess
+
+from PIL import Image
+
+import pictures
+from model import SMALL_CONFIG
+
+# stage: (flags, picture, (rows, columns, row labels?, column labels?, tile labels?), tiles drawn)
+DEMOS = {
+    'tokenizer': (['--config', 'small'], 'tokenizer.png', (3, 4, True, True, False), 12),
+    'project': (['--samples', '2'], 'project.png', (2, 3, True, True, False), 6),
+    'teacher': (['--weights', 'tiny'], 'teacher.png', (3, 3, True, True, False), 9),
+    'mask': (['--mask_ratio', '0.6', '--config', 'small', '--teacher_weights', 'tiny'], 'mask.png',
+             (2, 5, True, True, False), 10),
+    'model': (['--ckpt', 'none', '--steps', '2'], 'model.png', (3, 3, True, True, False), 9),
+    'data': (['--picture_only'], 'synthetic_classes.png', (2, 7, False, False, True), 13),   # 13 classes
+}
+
+
+def run_demo(stage, folder, flags):
+    """Run `python <stage>.py flags --out folder` in folder (no runs/ there) and return its stdout."""
+    folder.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run([sys.executable, os.path.join(HERE, f'{stage}.py'), *flags, '--out', str(folder)],
+                          cwd=folder, env={**os.environ, 'PYTHONPATH': HERE}, capture_output=True, text=True,
+                          timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    image = read_image(str(tmp_path / 'runs' / 'demo' / picture))
-    assert tuple(image.shape[1:]) == (rows * 228 + 4, cols * 228 + 4)   # 224-pixel tiles, 4-pixel padding
-    assert image.float().std() > 0       # not a blank picture
+    return done.stdout
+
+
+@pytest.fixture(scope='module')
+def demo_output(tmp_path_factory):
+    """stage -> (stdout, picture as an (H, W, 3) uint8 array), each demo run once with its DEMOS flags."""
+    done = {}
+
+    def output(stage):
+        if stage not in done:
+            flags, picture = DEMOS[stage][:2]
+            folder = tmp_path_factory.mktemp(stage)
+            stdout = run_demo(stage, folder, flags)
+            done[stage] = stdout, np.asarray(Image.open(folder / picture).convert('RGB'))
+        return done[stage]
+    return output
+
+
+@pytest.mark.parametrize('stage', DEMOS)
+def test_stage_demo_draws_its_layout_with_no_blank_tile(demo_output, stage):
+    stdout, image = demo_output(stage)
+    (rows, cols, *labelled), tiles_drawn = DEMOS[stage][2:]
+    assert image.shape[1::-1] == pictures.grid_size(rows, cols, *labelled)
+    assert (image[:pictures.TITLE_H] < 100).any(), 'no title'
+    for n in range(rows * cols):
+        x, y = pictures.tile_origin(n // cols, n % cols, *labelled)
+        tile = image[y:y + pictures.TILE, x:x + pictures.TILE].reshape(-1, 3)
+        if n < tiles_drawn:
+            assert tile.std() > 10 and len(np.unique(tile, axis=0)) >= 2, f'tile {n} of {stage} is blank'
+        else:
+            assert (tile == 255).all(), f'cell {n} of {stage} should be empty'
+    assert re.search(r' in \d+\.\d s', stdout), 'the demo says how long it took'
+    assert not re.search(r'\d\.\d{6,}', stdout), 'unrounded numbers'
+
+
+def test_mask_and_model_pictures_share_one_colour_convention(demo_output):
+    def has(image, colour):
+        return bool((image == colour).all(-1).any())
+    mask_png, model_png = demo_output('mask')[1], demo_output('model')[1]
+    assert has(mask_png, pictures.VISIBLE) and has(mask_png, pictures.HIDDEN)
+    assert has(model_png, pictures.VISIBLE) and has(model_png, pictures.HIDDEN) and has(model_png, pictures.PREDICTED)
+
+
+def test_tokenizer_demo_config_flag_picks_the_token_counts(demo_output):
+    counts = re.findall(r'scale \d: (\d+) tokens, each the (\d+) nearest', demo_output('tokenizer')[0])
+    assert [tuple(map(int, c)) for c in counts] == list(zip(SMALL_CONFIG.num_groups, SMALL_CONFIG.group_sizes))
+
+
+def test_mask_demo_prints_the_propagated_counts_at_its_flags(demo_output):
+    """mask.py --mask_ratio 0.6 --config small --teacher_weights tiny, redone here with a brute-force propagation."""
+    xyz, _ = data.make_synthetic(1, num_points=512, seed=4)          # the demo's shape, points and seed
+    groups = build_token_hierarchy(xyz, SMALL_CONFIG.num_groups, SMALL_CONFIG.group_sizes)
+    vit, _ = pictures.picture_teacher('tiny')
+    images, geometry = project_depth_images(xyz, vit.image_size)
+    _, saliency = teacher_features_and_saliency(vit, normalize_images(images))
+    token_saliency = back_project(groups[2].centers, geometry, saliency[:, None], vit.image_size).mean(-1)
+    generator = torch.Generator().manual_seed(0)
+    coarse = {'2D-guided': guided_mask(token_saliency, 0.6, generator),
+              'random': random_mask(1, 16, 0.6, generator=generator)}
+    stdout = demo_output('mask')[0]
+    for name, is_masked in coarse.items():
+        visible = [set((~is_masked[0]).nonzero().flatten().tolist())]
+        assert len(visible[0]) == 16 - int(0.6 * 16) == 7
+        for i in (2, 1):   # a finer token is visible iff a visible coarser token lists it among its K nearest
+            visible.insert(0, {j for token in visible[0] for j in groups[i].idx[0, token].tolist()})
+        line = next(line for line in stdout.splitlines() if line.startswith(f'{name} mask'))
+        assert re.findall(r'(\d+)/(\d+)', line) == [(str(len(v)), str(g)) for v, g in zip(visible, (128, 64, 16))]
+
+
+def test_teacher_demo_is_the_same_on_every_run_and_states_the_real_range(demo_output, tmp_path):
+    stdout, image = demo_output('teacher')
+    run_demo('teacher', tmp_path, DEMOS['teacher'][0])
+    assert np.array_equal(np.asarray(Image.open(tmp_path / 'teacher.png').convert('RGB')), image)
+    xyz, _ = data.make_synthetic(1, num_points=2048, seed=2)
+    vit, _ = pictures.picture_teacher('tiny')
+    _, saliency = teacher_features_and_saliency(vit, normalize_images(project_depth_images(xyz, vit.image_size)[0]))
+    assert f'{saliency.min():.4f} to {saliency.max():.4f}' in stdout
+
+
+def test_pictures_turn_every_view_so_that_y_points_up():
+    # a rod along y with a foot: the top point (red) must be above the rest in views 1 and 3
+    cloud = torch.tensor([[0.0, 1.0, 0.0], [0.0, -1.0, 0.0], [0.4, -1.0, 0.3], [-0.4, -1.0, -0.3]])
+    frame = pictures.cloud_frame(cloud)
+    for view in (0, 2):
+        tile = np.asarray(pictures.points_tile(frame, view, pictures.Dots(cloud[1:], (0, 0, 0)),
+                                               pictures.Dots(cloud[:1], (255, 0, 0))))
+        red_rows = np.nonzero((tile == (255, 0, 0)).all(-1))[0]
+        black_rows = np.nonzero((tile == (0, 0, 0)).all(-1))[0]
+        assert red_rows.max() < black_rows.min(), f'view {view + 1} is not upright'
+    # upright_image moves a pixel exactly where upright_pixels says
+    for view in range(len(VIEWS)):
+        image = torch.zeros(7, 7)
+        image[1, 5] = 1
+        moved = (pictures.upright_image(image, view) == 1).nonzero()
+        assert moved.tolist() == pictures.upright_pixels(torch.tensor([[1, 5]]), view, 7).tolist()
+
+
+def test_a_too_long_caption_is_an_error_not_a_cut():
+    tile = Image.new('RGB', (pictures.TILE, pictures.TILE))
+    with pytest.raises(ValueError, match='FOOTER_LINES'):
+        pictures.titled_grid([[tile]], 'title', caption='word ' * 2000)
 
 
 def test_a_copy_of_the_repository_alone_passes_its_reference_tests(tmp_path):

@@ -14,7 +14,7 @@ so a coarse token is made of finer tokens:
 Each scale is a `Group`: centres (B, G, 3), neighbour indices (B, G, K) into the
 previous scale, and the neighbours in absolute and centre-relative coordinates.
 Everything is plain batched torch: no CUDA extension, no loop over samples.
-Demo: python tokenizer.py      Tests: test_fps_* / test_knn_* / test_group_* in test_all.py
+Demo: python tokenizer.py [--config small]      Tests: test_fps_* / test_knn_* / test_group_* in test_all.py
 """
 from typing import NamedTuple
 
@@ -116,18 +116,61 @@ def build_token_hierarchy(xyz, num_groups=(512, 256, 64), group_sizes=(16, 8, 8)
     return groups
 
 
-if __name__ == '__main__':
+def main():
+    import argparse
     import os
-    from torchvision.utils import save_image
+    import time
     from data import make_synthetic
-    from project import project_depth_images
+    from model import SMALL_CONFIG, ModelConfig
+    from pictures import (CENTRE, CLOUD, GROUP_COLOURS, VIEW_NAMES, Dots, cloud_frame, group_colours,
+                          points_tile, save_picture, titled_grid)
 
-    xyz, _ = make_synthetic(1, num_points=2048, seed=3)
-    groups = build_token_hierarchy(xyz)
+    parser = argparse.ArgumentParser(description='Tokenize one synthetic cloud and draw its tokens.')
+    parser.add_argument('--config', choices=('full', 'small'), default='full',
+                        help='full: 2048 points, 512/256/64 tokens (the paper); small: 512 points, '
+                             'model.SMALL_CONFIG 128/64/16 tokens (the CPU demo)')
+    parser.add_argument('--seed', type=int, default=3, help='which synthetic shape (default: 3)')
+    parser.add_argument('--out', default='runs/demo', help='folder for tokenizer.png (default: runs/demo)')
+    args = parser.parse_args()
+    start = time.perf_counter()
+    shown = 10   # kNN groups coloured per scale: the first tokens FPS picks lie far apart
+    cfg, num_points = (ModelConfig(), 2048) if args.config == 'full' else (SMALL_CONFIG, 512)
+    xyz, _ = make_synthetic(1, num_points=num_points, seed=args.seed)
+    groups = build_token_hierarchy(xyz, cfg.num_groups, cfg.group_sizes)
+    members_of = ['points'] + [f'scale-{i} centres' for i in range(len(groups) - 1)]
     for i, g in enumerate(groups):
-        print(f'scale {i}: centres {tuple(g.centers.shape)}, neighbours {tuple(g.neighbors.shape)}')
-    # one row per scale: the cloud, then the centres of each scale, in the three views
-    rows = [project_depth_images(pts, img_size=224)[0] for pts in [xyz] + [g.centers for g in groups]]
-    os.makedirs('runs/demo', exist_ok=True)
-    save_image(torch.cat(rows), 'runs/demo/tokenizer.png', nrow=3, padding=4, pad_value=1.0)
-    print('wrote runs/demo/tokenizer.png (rows: points, scale-0, scale-1, scale-2 centres; columns: views)')
+        print(f'scale {i}: {g.centers.shape[1]} tokens, each the {g.idx.shape[2]} nearest {members_of[i]}')
+
+    frame = cloud_frame(xyz[0])
+    tiles, labels = [], []
+    for i, g in enumerate(groups):
+        G, K = g.idx.shape[1:]
+        centres = Dots(g.centers[0], CENTRE, radius=1 if G > 200 else 2)
+        cloud = Dots(xyz[0], CLOUD, radius=0)
+        row = [points_tile(frame, view, cloud, centres) for view in range(len(VIEW_NAMES))]
+        members = g.neighbors[0, :shown]                                        # (shown, K, 3)
+        colours = group_colours(shown)
+        row.append(points_tile(frame, 0, cloud,
+                               Dots(members.reshape(-1, 3), colours.repeat_interleave(K, dim=0), radius=2),
+                               Dots(g.centers[0, :shown], CENTRE, radius=3, marker='cross')))
+        tiles.append(row)
+        labels.append(f'scale {i}: {G} tokens, each the K = {K} nearest {members_of[i]}')
+    picture = titled_grid(
+        tiles, f'tokenizer.py: farthest point sampling + kNN at {len(groups)} scales '
+               f'({num_points} points, --config {args.config})',
+        col_labels=list(VIEW_NAMES) + [f'view 1: the first {shown} tokens\' kNN groups'],
+        row_labels=labels,
+        legend=[(CLOUD, f'the {num_points} input points'), (CENTRE, 'token centres (FPS picks)'),
+                (GROUP_COLOURS[0], 'last column: a colour per token for its members, x its centre')],
+        caption='Each scale picks its centres by farthest point sampling among the previous scale\'s centres '
+                '(scale 0: among the points), so coarser tokens cover the shape evenly with fewer centres. '
+                'A token is its centre (a cross in the last column) with its K nearest points of the previous '
+                'scale: the tokens of scale 1 and 2 group centres, not points. Groups may overlap; some points '
+                'belong to no token.')
+    path = save_picture(picture, os.path.join(args.out, 'tokenizer.png'))
+    print(f'wrote {path} (rows: scales; columns: the three views and the kNN groups) '
+          f'in {time.perf_counter() - start:.1f} s')
+
+
+if __name__ == '__main__':
+    main()

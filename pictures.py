@@ -1,0 +1,268 @@
+"""
+pictures.py: the drawing the stage demos share (Pillow only; no plotting library).
+
+Every demo picture is one `titled_grid`: a title, column labels, row labels, square tiles
+(optionally with a label under each), and a footer with a colour legend and a caption:
+
+    title
+              column 1   column 2   column 3
+    row 1     [tile]     [tile]     [tile]
+    row 2     [tile]     [tile]     [tile]
+    legend and caption
+
+A tile is an image (a depth image, an attention map: `image_tile`) or the points of a cloud
+drawn in one view (`points_tile`), one colour per point. The views are project.py's (row,
+column, depth) permutations (x,y,z), (z,x,y), (y,z,x); for DISPLAY only, each is turned so
+that y points up (`upright_image`). View 2 looks from above: there y is the depth.
+Every picture uses one colour convention: VISIBLE, HIDDEN, PREDICTED, CENTRE below.
+"""
+import glob
+import os
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+from project import VIEWS, point_pixels, project_depth_images
+from teacher import build_teacher, tiny_teacher
+
+TILE = 224            # tile side in pixels (the teacher's image size in the paper)
+PAD = 4               # gap between tiles and around the grid
+MARGIN = 8            # blank border inside a points tile, so that dots at the edge stay whole
+LINE = 16             # height of one line of text
+TITLE_H = 28          # the title line
+COL_LABEL_H = 2 * LINE        # column labels wrap to at most two lines
+ROW_LABEL_W = 150             # row labels wrap to this width
+TILE_LABEL_H = LINE + 2       # a label under each tile, when there are tile labels
+FOOTER_LINES = 6              # legend + caption lines; a longer footer is an error
+FOOTER_H = FOOTER_LINES * LINE + PAD
+
+WHITE, TEXT, BORDER = (255, 255, 255), (20, 20, 20), (160, 160, 160)
+# one colour convention in every picture
+VISIBLE = (31, 100, 200)      # blue: tokens the encoder sees
+HIDDEN = (200, 200, 200)      # light grey: tokens hidden from the encoder (masked)
+PREDICTED = (235, 120, 0)     # orange: points the decoder predicts
+CENTRE = (0, 0, 0)            # black: token centres
+CLOUD = (110, 110, 110)       # dark grey: the input points, where nothing is hidden yet
+# telling kNN groups apart (colours carry no meaning beyond "another token")
+GROUP_COLOURS = ((228, 26, 28), (55, 126, 184), (77, 175, 74), (152, 78, 163), (255, 127, 0),
+                 (166, 86, 40), (247, 129, 191), (0, 170, 170), (150, 150, 0), (120, 190, 250))
+# attention colour map, low to high: dark purple, red, orange, light yellow
+HEAT = ((40, 10, 70), (150, 30, 110), (225, 80, 50), (250, 175, 40), (255, 250, 190))
+
+# for display only: (swap rows and columns, flip rows) turns each view so that y points up
+UPRIGHT = ((True, True), (False, False), (False, True))
+VIEW_NAMES = ('view 1 (x,y,z): front, y up', 'view 2 (z,x,y): from above (y = depth)',
+              'view 3 (y,z,x): side, y up')
+assert len(UPRIGHT) == len(VIEW_NAMES) == len(VIEWS)
+
+# where `python teacher.py --train` leaves the trained demo teacher
+DEMO_TEACHER_DIR = os.path.join('runs', 'teacher-synthetic')
+
+FONT = ImageFont.load_default(size=13)
+TITLE_FONT = ImageFont.load_default(size=16)
+
+
+class Dots(NamedTuple):
+    """One layer of a points tile: points (M, 3), one rgb or (M, 3) colours, dot radius, 'dot' or 'cross'."""
+    points: torch.Tensor
+    colour: object
+    radius: int = 1
+    marker: str = 'dot'
+
+
+# ---------------------------------------------------------------- tiles
+
+def upright_image(image, view):
+    """(..., S, S) image of view `view` -> the same pixels, turned so that y points up."""
+    swap, flip = UPRIGHT[view]
+    image = image.transpose(-1, -2) if swap else image
+    return image.flip(-2) if flip else image
+
+
+def upright_pixels(pixels, view, size):
+    """(M, 2) (row, col) pixels of view `view` in a size x size image -> their place after upright_image."""
+    swap, flip = UPRIGHT[view]
+    rows, cols = (pixels[:, 1], pixels[:, 0]) if swap else (pixels[:, 0], pixels[:, 1])
+    return torch.stack([size - 1 - rows if flip else rows, cols], dim=1)
+
+
+def image_tile(image, view=None, resample=Image.NEAREST):
+    """An (S, S) grey image in [0, 1] or an (S, S, 3) uint8 one -> a TILE x TILE tile (upright if view given)."""
+    if view is not None:
+        image = upright_image(image if image.dim() == 2 else image.permute(2, 0, 1), view)
+        image = image if image.dim() == 2 else image.permute(1, 2, 0)
+    if image.dim() == 2:
+        image = (image.clamp(0, 1) * 255).round().to(torch.uint8)[..., None].expand(-1, -1, 3)
+    return Image.fromarray(image.contiguous().numpy()).resize((TILE, TILE), resample)
+
+
+def cloud_frame(xyz):
+    """How one cloud (N, 3) fills a points tile in every view (project.py's geometry, inside the margin)."""
+    return project_depth_images(xyz[None], TILE - 2 * MARGIN)[1]
+
+
+def marker_offsets(radius, marker):
+    """(row, col) offsets of the pixels a marker of this radius covers."""
+    steps = range(-radius, radius + 1)
+    if marker == 'cross':
+        return [(d, d) for d in steps] + [(d, -d) for d in steps]
+    return [(dr, dc) for dr in steps for dc in steps if dr * dr + dc * dc <= radius * radius + radius]
+
+
+def points_tile(frame, view, *layers):
+    """A TILE x TILE tile: each `Dots` layer drawn in turn (later layers on top) in view `view`."""
+    canvas = np.full((TILE, TILE, 3), 255, dtype=np.uint8)
+    inner = TILE - 2 * MARGIN
+    for layer in layers:
+        pixels = point_pixels(layer.points.reshape(1, -1, 3), frame, inner)[view]    # (M, 2)
+        rows, cols = (upright_pixels(pixels, view, inner) + MARGIN).numpy().T
+        colour = np.broadcast_to(np.asarray(layer.colour, dtype=np.uint8), (len(rows), 3))
+        for dr, dc in marker_offsets(layer.radius, layer.marker):
+            canvas[np.clip(rows + dr, 0, TILE - 1), np.clip(cols + dc, 0, TILE - 1)] = colour
+    return Image.fromarray(canvas)
+
+
+def heat_colours(values):
+    """Values (...) in [0, 1] -> (..., 3) uint8 colours of the HEAT map, linearly between its stops."""
+    stops = torch.tensor(HEAT, dtype=torch.float32)
+    position = values.clamp(0, 1) * (len(HEAT) - 1)
+    low = position.floor().long().clamp(max=len(HEAT) - 2)
+    t = (position - low)[..., None]
+    return ((1 - t) * stops[low] + t * stops[low + 1]).round().to(torch.uint8)
+
+
+def group_colours(num_groups):
+    """(G, 3) uint8: a colour per token, repeating GROUP_COLOURS."""
+    return torch.tensor(GROUP_COLOURS, dtype=torch.uint8)[torch.arange(num_groups) % len(GROUP_COLOURS)]
+
+
+def picture_teacher(weights='demo'):
+    """(teacher, description) for the demo pictures of teacher.py and mask.py.
+
+    'demo': the trained demo teacher (the newest .pt in DEMO_TEACHER_DIR) if there is one, else 'tiny';
+    'tiny': the small random ViT of pretrain.py's demo: 224-pixel images, 16-pixel patches (14 x 14, as
+    ViT-B/16), 4 layers, 64 wide, seed 0;
+    anything else goes to teacher.build_teacher (imagenet, random, auto or a weights file).
+    """
+    note = ''
+    if weights == 'demo':
+        found = sorted(glob.glob(os.path.join(DEMO_TEACHER_DIR, '*.pt')), key=os.path.getmtime)
+        weights, note = (found[-1], '') if found else ('tiny', f' (no trained demo teacher in {DEMO_TEACHER_DIR})')
+    if weights != 'tiny':
+        return build_teacher(weights)
+    vit = tiny_teacher(image_size=TILE, patch_size=16, num_layers=4, hidden_dim=64)   # as pretrain.py's demo
+    return vit, (f'small RANDOM ViT ({len(vit.encoder.layers)} layers, {vit.hidden_dim} wide, seed 0), '
+                 f'no pretrained knowledge{note}')
+
+
+# ---------------------------------------------------------------- the grid
+
+def grid_size(rows, cols, row_labels=True, col_labels=True, tile_labels=False):
+    """(width, height) in pixels of a titled_grid with this layout."""
+    width = (ROW_LABEL_W if row_labels else 0) + cols * (TILE + PAD) + PAD
+    return width, tile_origin(rows, 0, row_labels, col_labels, tile_labels)[1] + FOOTER_H
+
+
+def tile_origin(row, col, row_labels=True, col_labels=True, tile_labels=False):
+    """(x, y) in pixels of the top left corner of tile [row][col] in a titled_grid with this layout."""
+    left = ROW_LABEL_W if row_labels else 0
+    top = TITLE_H + (COL_LABEL_H if col_labels else 0)
+    cell_h = TILE + PAD + (TILE_LABEL_H if tile_labels else 0)
+    return left + PAD + col * (TILE + PAD), top + PAD + row * cell_h
+
+
+def wrap(text, width):
+    """Lines of `text` (paragraphs split at newlines) that each fit `width` pixels in FONT."""
+    lines = []
+    for paragraph in text.split('\n'):
+        words, line = paragraph.split(), ''
+        for word in words:
+            candidate = f'{line} {word}'.strip()
+            if line and FONT.getlength(candidate) > width:
+                lines.append(line)
+                candidate = word
+            line = candidate
+        lines.append(line)
+    return lines
+
+
+def colour_bar(draw, x, y, width, low, high, marks):
+    """A HEAT bar from low to high at (x, y), one LINE tall, with labelled marks {value: text} under it."""
+    values = torch.linspace(0, 1, width)
+    colours = heat_colours(values).tolist()
+    for i, colour in enumerate(colours):
+        draw.line([(x + i, y + 2), (x + i, y + LINE - 3)], fill=tuple(colour))
+    draw.rectangle([x, y + 2, x + width - 1, y + LINE - 3], outline=BORDER)
+    free = x   # labels go left to right, each after the previous one
+    for value, text in sorted(marks.items()):
+        at = x + round((value - low) / (high - low) * (width - 1))
+        draw.line([(at, y), (at, y + LINE)], fill=TEXT)
+        left = max(at - FONT.getlength(text) / 2, free)
+        draw.text((left, y + LINE), text, fill=TEXT, font=FONT)
+        free = left + FONT.getlength(text) + 8
+
+
+def titled_grid(tiles, title, col_labels=None, row_labels=None, tile_labels=None, legend=(),
+                caption='', heat_scale=None):
+    """One picture: tiles[r][c] (PIL images, TILE x TILE, or None: empty) under a title, with labels and a footer.
+
+    legend: (rgb, text) swatches; caption: text, wrapped; heat_scale: (low, high, {value: text})
+    draws a HEAT colour bar from low to high with labelled marks. Every size comes from grid_size.
+    """
+    rows, cols = len(tiles), len(tiles[0])
+    layout = (row_labels is not None, col_labels is not None, tile_labels is not None)
+    width, height = grid_size(rows, cols, *layout)
+    picture = Image.new('RGB', (width, height), WHITE)
+    draw = ImageDraw.Draw(picture)
+    draw.text((PAD, 6), title, fill=TEXT, font=TITLE_FONT)
+    for c, label in enumerate(col_labels or []):
+        for i, line in enumerate(wrap(label, TILE)[:2]):
+            draw.text((tile_origin(0, c, *layout)[0], TITLE_H + i * LINE), line, fill=TEXT, font=FONT)
+    for r in range(rows):
+        if row_labels is not None:
+            for i, line in enumerate(wrap(row_labels[r], ROW_LABEL_W - 2 * PAD)[:TILE // LINE]):
+                draw.text((PAD, tile_origin(r, 0, *layout)[1] + i * LINE), line, fill=TEXT, font=FONT)
+        for c in range(cols):
+            if tiles[r][c] is None:   # an empty cell
+                continue
+            x, y = tile_origin(r, c, *layout)
+            picture.paste(tiles[r][c], (x, y))
+            draw.rectangle([x - 1, y - 1, x + TILE, y + TILE], outline=BORDER)
+            if tile_labels is not None:
+                text = tile_labels[r][c]
+                draw.text((x + (TILE - FONT.getlength(text)) / 2, y + TILE + 2), text, fill=TEXT, font=FONT)
+    footer(draw, PAD, height - FOOTER_H + PAD, width - 2 * PAD, legend, caption, heat_scale)
+    return picture
+
+
+def footer(draw, x, y, width, legend, caption, heat_scale):
+    """Legend swatches (flowing), the colour bar, then the wrapped caption, in at most FOOTER_LINES lines."""
+    line, at = 0, x
+    for colour, text in legend:
+        item = LINE + 4 + FONT.getlength(text) + 16
+        if at > x and at + item > x + width:
+            line, at = line + 1, x
+        draw.rectangle([at, y + line * LINE + 2, at + LINE - 4, y + line * LINE + LINE - 2],
+                       fill=colour, outline=BORDER)
+        draw.text((at + LINE, y + line * LINE), text, fill=TEXT, font=FONT)
+        at += item
+    line += 1 if legend else 0
+    if heat_scale is not None:
+        low, high, marks = heat_scale
+        colour_bar(draw, x, y + line * LINE, min(width, 2 * TILE), low, high, marks)
+        line += 2
+    lines = wrap(caption, width) if caption else []
+    if line + len(lines) > FOOTER_LINES:
+        raise ValueError(f'the footer needs {line + len(lines)} lines, more than FOOTER_LINES = {FOOTER_LINES}: '
+                         f'shorten the caption {caption[:60]!r}...')
+    for i, text in enumerate(lines):
+        draw.text((x, y + (line + i) * LINE), text, fill=TEXT, font=FONT)
+
+
+def save_picture(picture, path):
+    """Write a PIL picture as PNG, creating its folder."""
+    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+    picture.save(path)
+    return path
