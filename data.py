@@ -355,7 +355,7 @@ SHAPENETPART_LAYOUT = (
     "(PointNet++'s ShapeNetPart with normals, the copy Point-M2AE reads)")
 # which official lists make each split: the protocol trains on train + val and tests on test
 SHAPENETPART_SPLITS = {'trainval': ('train', 'val'), 'train': ('train',), 'val': ('val',), 'test': ('test',)}
-SHAPENETPART_CACHE_VERSION = 2   # bump when what the parsed-points cache holds changes
+SHAPENETPART_CACHE_VERSION = 1   # bump when what the parsed-points cache holds changes
 
 
 class PartSplit(NamedTuple):

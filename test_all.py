@@ -1369,7 +1369,7 @@ def write_shapenetpart(root, shapes_per_category=(3, 1, 2), seed=0):
     return shapes
 
 
-def test_shapenetpart_reader_reads_the_official_format(tmp_path):
+def test_shapenetpart_reader_reads_the_official_format(tmp_path, monkeypatch, capsys):
     shapes = write_shapenetpart(tmp_path)
     test = data.load_part_split('shapenetpart', 'test', data_root=str(tmp_path))
     trainval = data.load_part_split('shapenetpart', 'trainval', data_root=str(tmp_path))
@@ -1400,6 +1400,14 @@ def test_shapenetpart_reader_reads_the_official_format(tmp_path):
     assert torch.equal(data.load_part_split('shapenetpart', 'trainval', data_root=str(tmp_path)).counts, changed.counts)
     with pytest.raises(ValueError, match='num_points is for synthetic'):
         data.load_part_split('shapenetpart', 'test', data_root=str(tmp_path), num_points=2048)
+
+    def read_only(*args):
+        raise PermissionError('read-only file system')
+    monkeypatch.setattr(os, 'replace', read_only)                   # a dataset folder we may not write to
+    cache.unlink()
+    assert torch.equal(data.load_part_split('shapenetpart', 'trainval', data_root=str(tmp_path)).counts, changed.counts)
+    assert 'could not write the cache' in capsys.readouterr().out and not cache.exists()
+    assert not list(cache.parent.glob('*.tmp'))
 
 
 def test_shapenetpart_bad_files_are_named_with_their_line(tmp_path):
@@ -1522,8 +1530,8 @@ def test_segmenter_parameter_count_from_the_layer_list():
     assert (count(model.encoder), count(model.encoder_norms), count(model.propagation), count(model.label_conv),
             count(model.head)) == (encoder, norms, propagation, label, head)
     assert count(model) == 25_474_354 == encoder + norms + propagation + label + head
-    out = model.eval()(torch.rand(2, 2048, 3), torch.tensor([0, 15]))
-    assert out.shape == (2, 2048, 50) and torch.allclose(out.exp().sum(-1), torch.ones(2, 2048))
+    out = model.eval()(torch.rand(1, 2048, 3), torch.tensor([15]))
+    assert out.shape == (1, 2048, 50) and torch.allclose(out.exp().sum(-1), torch.ones(1, 2048))
 
 
 def test_pretrained_encoder_loads_strictly_ours_and_the_authors(pretrain_checkpoint):
@@ -1542,7 +1550,11 @@ def test_pretrained_encoder_loads_strictly_ours_and_the_authors(pretrain_checkpo
     with pytest.raises(SystemExit, match='missing key encoder_norms.1.bias'):
         segment.load_pretrained_encoder(model, checkpoint, 'last.pt')
     with pytest.raises(SystemExit, match='fine-tuned classifier'):
-        segment.load_pretrained_encoder(model, {**checkpoint, 'num_classes': 40}, 'last.pt')
+        segment.load_pretrained_encoder(model, {**checkpoint, 'num_classes': 40, 'model': Classifier(TINY, 40).state_dict()},
+                                        'last.pt')
+    with pytest.raises(SystemExit, match='fine-tuned classifier'):   # theirs
+        segment.load_pretrained_encoder(model, {'base_model': official_state_dict('official_keys_finetune_modelnet40.txt')},
+                                        'modelnet_1k.pth')
     theirs = official_state_dict('official_keys_pretrain.txt')           # 'module.' prefixes, as saved on one GPU
     full = segment.build_segmenter(ModelConfig(), segment.parse_args(['--data', 'shapenetpart']), 16, 50)
     skipped = segment.load_pretrained_encoder(full, {'base_model': theirs}, 'pre-train.pth')
