@@ -280,7 +280,7 @@ def train_one_epoch(model, optimizer, split, batches, args, device, set_lr=None)
     """One epoch: for each batch of shape indices, a training_batch and a train_step.
 
     set_lr(step) is called before each step (the schedule lives with the caller). Returns sums (3,) on
-    the device: loss x points, correct points, points (no GPU sync inside the loop)."""
+    the device: loss x points, correct points, points (no .item() inside the loop)."""
     model.train()
     sums = torch.zeros(3, device=device)
     for step, idx in enumerate(batches):
@@ -292,7 +292,7 @@ def train_one_epoch(model, optimizer, split, batches, args, device, set_lr=None)
     return sums
 
 
-def test_points(split, num_points, seed=0):
+def fixed_test_points(split, num_points, seed=0):
     """The fixed test input: num_points drawn with replacement from every shape, once, with a seeded
     generator -> (xyz (S, n, 3), parts (S, n)). Every evaluation (each epoch, --test_only) sees these.
 
