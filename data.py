@@ -13,22 +13,32 @@ parts (tables, chairs, lamps, ...), so the whole chain runs with no data at all.
 The entry scripts index batches out of `points` and move them to the device;
 the augmentations below then run batched there, drawing from torch's RNG:
     scale_and_translate, rotate_about_up_axis, random_point_subset, fps_subsample
-Demo: python data.py          Shapes: synthetic.py      Tests: test_all.py, section "data.py"
+Part segmentation (segment.py) reads its own splits, with a part label per point:
+    load_part_split(name, split, data_root='./data', num_points=None, seed=0) -> PartSplit
+      points (S, M, 3), parts (S, M) global part ids, counts (S,) points per shape (the rest of
+      the M rows is padding), categories (S,), category_names, category_parts (the part table)
+    'synthetic' (the same clouds as load_split's, with parts) or 'shapenetpart' (its text files,
+    parsed once and cached); draw_part_points draws the points a step sees, with replacement.
+Demo: python data.py          Shapes: synthetic.py      Tests: test_all.py, sections "data.py", "segment.py"
 """
 import argparse
 import glob
+import hashlib
+import json
 import math
 import os
 import pickle
 import time
+import zipfile
 from typing import List, NamedTuple, Optional
 
 import h5py
 import numpy as np
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 from tokenizer import farthest_point_sample, gather_points
-from synthetic import SYNTHETIC_CLASSES, synthetic_clouds
+from synthetic import SYNTHETIC_CLASSES, SYNTHETIC_PARTS, synthetic_clouds, synthetic_part_clouds
 
 # load_split names: ShapeNet-55 (pre-training), ModelNet40 .dat (fine-tuning), ModelNet40 h5
 # (linear SVM), ScanObjectNN OBJ-BG / OBJ-ONLY / PB-T50-RS (the hardest)
@@ -327,6 +337,242 @@ def load_split(name, split, data_root='./data', num_points=None, seed=0):
         return read_scanobjectnn(data_root, name[len('scan_'):], split, num_points)
     raise ValueError(f'unknown dataset {name!r}; choose one of {DATASET_NAMES}')
 
+
+# ---------------------------------------------------------------- part segmentation (segment.py)
+# ShapeNetPart: 16 categories, in the order of the official synsetoffset2category.txt (alphabetical),
+# and the number of global part ids of each, in that order: Airplane 0-3, Bag 4-5, ..., Table 47-49
+# (the part table of Point-M2AE's segmentation/main.py; 50 parts in all).
+SHAPENETPART_CATEGORIES = ['Airplane', 'Bag', 'Cap', 'Car', 'Chair', 'Earphone', 'Guitar', 'Knife', 'Lamp',
+                           'Laptop', 'Motorbike', 'Mug', 'Pistol', 'Rocket', 'Skateboard', 'Table']
+SHAPENETPART_PART_COUNTS = [4, 2, 2, 4, 4, 3, 3, 2, 4, 2, 6, 2, 3, 3, 3, 3]
+SHAPENETPART_DIR = 'shapenetcore_partanno_segmentation_benchmark_v0_normal'
+SHAPENETPART_LAYOUT = (
+    f'{SHAPENETPART_DIR}/<synset>/<id>.txt            one point per line: "x y z nx ny nz part"\n'
+    f'{SHAPENETPART_DIR}/synsetoffset2category.txt    one "<Category> <synset>" per line, 16 lines\n'
+    f'{SHAPENETPART_DIR}/train_test_split/shuffled_{{train,val,test}}_file_list.json'
+    '   JSON lists of "shape_data/<synset>/<id>"',
+    'https://shapenet.cs.stanford.edu/media/shapenetcore_partanno_segmentation_benchmark_v0_normal.zip '
+    "(PointNet++'s ShapeNetPart with normals, the copy Point-M2AE reads)")
+# which official lists make each split: the protocol trains on train + val and tests on test
+SHAPENETPART_SPLITS = {'trainval': ('train', 'val'), 'train': ('train',), 'val': ('val',), 'test': ('test',)}
+SHAPENETPART_CACHE_VERSION = 1   # bump when what the parsed-points cache holds changes
+
+
+class PartSplit(NamedTuple):
+    """A part-segmentation split. Shapes have different numbers of points (ShapeNetPart): shape s
+    has counts[s] real points, then padding (zeros, part -1) up to the longest; draw_part_points
+    draws from the real ones only. Synthetic shapes all have N points and no padding."""
+    points: torch.Tensor               # (S, M, 3) float32, each shape normalised (centroid, max radius 1)
+    parts: torch.Tensor                # (S, M) int64 global part id of each point, -1 on padding
+    counts: torch.Tensor               # (S,) int64 real points per shape
+    categories: torch.Tensor           # (S,) int64 category of each shape
+    category_names: List[str]          # category id -> name
+    category_parts: List[List[int]]    # category id -> its global part ids
+
+
+def consecutive_part_ids(part_counts):
+    """[4, 2, ...] -> [[0, 1, 2, 3], [4, 5], ...]: each category's global part ids."""
+    ends = np.cumsum(part_counts).tolist()
+    return [list(range(end - n, end)) for n, end in zip(part_counts, ends)]
+
+
+def pad_clouds(xyz, parts, counts):
+    """Concatenated clouds xyz (P, 3), parts (P,) and counts (S,) (P = counts.sum()) -> points (S, M, 3)
+    and parts (S, M), shape s in row s, padded with zeros and part -1 up to the longest (M)."""
+    points = pad_sequence(xyz.split(counts.tolist()), batch_first=True)                       # (S, M, 3)
+    return points, pad_sequence(parts.long().split(counts.tolist()), batch_first=True, padding_value=-1)
+
+
+def first_bad_line(path, part_ids, category):
+    """The first line of a ShapeNetPart file that is not 'x y z nx ny nz part' with a finite point
+    and an integral part id of `category` -> 'line k: what is wrong' (None if every line is fine)."""
+    with open(path) as f:
+        for number, line in enumerate(f, 1):
+            fields = line.split()
+            if not fields:
+                continue
+            try:
+                values = [float(v) for v in fields]
+            except ValueError:
+                return f'line {number}: not a number in {line.strip()[:80]!r}'
+            if len(values) != 7:
+                return f'line {number}: {len(values)} numbers, expected 7 (x y z nx ny nz part)'
+            if not all(math.isfinite(v) for v in values):
+                return f'line {number}: a value is not finite: {line.strip()[:80]!r}'
+            if values[6] not in part_ids:
+                return (f'line {number}: part {values[6]:g} is not a part of {category} '
+                        f'(its parts are {part_ids[0]}..{part_ids[-1]})')
+    return None
+
+
+def read_part_file(path, part_ids, category):
+    """One ShapeNetPart shape file -> xyz (n, 3) float32 normalised, part ids (n,) int8 (normals dropped).
+
+    np.loadtxt parses it in C; only a file that fails a check is read again line by line, to name the line.
+    """
+    if os.path.getsize(require_path(path, SHAPENETPART_LAYOUT)) == 0:
+        raise ValueError(f'{path}: no points')
+    try:
+        rows = np.loadtxt(path, dtype=np.float32, ndmin=2, comments=None)     # (n, 7)
+    except ValueError:
+        rows = None
+    is_fine = (rows is not None and rows.shape[1:] == (7,) and np.isfinite(rows).all()
+               and np.isin(rows[:, 6], part_ids).all())    # part ids must be integers of this category
+    if not is_fine:
+        raise ValueError(f'{path}, {first_bad_line(path, part_ids, category) or "no points"}')
+    return normalize_unit_sphere(torch.from_numpy(rows[:, :3])).numpy(), rows[:, 6].astype(np.int8)
+
+
+def read_categories_file(path, expected):
+    """synsetoffset2category.txt -> {synset: category id}; the names must be `expected`, in order."""
+    with open(require_path(path, SHAPENETPART_LAYOUT)) as f:
+        rows = [(number, line.split()) for number, line in enumerate(f, 1) if line.strip()]
+    for number, fields in rows:
+        if len(fields) != 2:
+            raise ValueError(f'{path}, line {number}: expected "<Category> <synset>", got {" ".join(fields)!r}')
+    names = [fields[0] for _, fields in rows]
+    if names != expected:
+        raise ValueError(f'{path}: categories {names} differ from the official {len(expected)}, in order: {expected}')
+    return {fields[1]: c for c, (_, fields) in enumerate(rows)}
+
+
+def read_shape_list(path, synsets):
+    """One shuffled_*_file_list.json -> [(synset, shape id)], every entry checked."""
+    with open(require_path(path, SHAPENETPART_LAYOUT)) as f:
+        try:
+            entries = json.load(f)
+        except json.JSONDecodeError as err:
+            raise ValueError(f'{path}: not valid JSON ({err})') from None
+    if not isinstance(entries, list):
+        raise ValueError(f'{path}: expected a JSON list of "shape_data/<synset>/<id>", got {type(entries).__name__}')
+    shapes = []
+    for entry in entries:
+        fields = entry.split('/') if isinstance(entry, str) else []
+        if len(fields) != 3 or fields[0] != 'shape_data' or fields[1] not in synsets or not fields[2]:
+            raise ValueError(f'{path}: entry {entry!r} is not "shape_data/<synset>/<id>" with a synset '
+                             f'of synsetoffset2category.txt')
+        shapes.append((fields[1], fields[2]))
+    return shapes
+
+
+def read_part_files(paths, categories, category_parts):
+    """Every shape file of a split -> xyz (P, 3) float32, parts (P,) int8, counts (S,) int64: the
+    shapes' normalised points one after the other (P = counts.sum())."""
+    clouds, parts = zip(*[read_part_file(path, category_parts[c], SHAPENETPART_CATEGORIES[c])
+                          for path, c in zip(paths, categories)])
+    counts = np.array([len(p) for p in parts], dtype=np.int64)
+    return np.concatenate(clouds), np.concatenate(parts), counts
+
+
+def split_fingerprint(root, paths):
+    """A digest of the files' names, sizes and modification times: a cache stays valid while it matches."""
+    digest = hashlib.sha256(f'version {SHAPENETPART_CACHE_VERSION}'.encode())
+    for path in paths:
+        stat = os.stat(require_path(path, SHAPENETPART_LAYOUT))
+        digest.update(f'{os.path.relpath(path, root)} {stat.st_size} {stat.st_mtime_ns}\n'.encode())
+    return digest.hexdigest()
+
+
+def read_cache(path, fingerprint):
+    """The arrays cached at `path` if it exists and matches `fingerprint`, else None."""
+    try:
+        with np.load(path, allow_pickle=False) as cached:
+            if str(cached['fingerprint']) == fingerprint:
+                return cached['xyz'], cached['parts'], cached['counts']
+    except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile):   # none yet, or a broken one
+        pass
+    return None
+
+
+def write_cache(path, fingerprint, xyz, parts, counts):
+    """Write the cache atomically (a private temporary file, then os.replace): a crash, or another
+    process (DDP ranks) writing the same cache at the same time, never leaves a half-written file."""
+    tmp = f'{path}.{os.getpid()}.tmp'
+    try:
+        with open(tmp, 'wb') as f:
+            np.savez(f, fingerprint=np.array(fingerprint), xyz=xyz, parts=parts, counts=counts)
+        os.replace(tmp, path)
+    except OSError as err:                    # a read-only dataset folder: go on without a cache
+        print(f'note: could not write the cache {path} ({err}); the text files will be parsed again next time')
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def read_shapenetpart(data_root, split, cache=True):
+    """ShapeNetPart with normals: every point of every shape of the split, xyz normalised, normals dropped.
+
+    split: 'trainval' (the protocol's training set: the train and val lists), 'test', or 'train' / 'val'.
+    Shapes come category by category, sorted by id within each, as in Point-M2AE's loader. All points
+    are kept: the 2048 the model sees are drawn with replacement by draw_part_points.
+    Parsing ~17k text files takes about half a minute, so the parsed points of a split are cached
+    next to them (i2p_mae_cache_<split>.npz), valid while no file of the split changes size or time.
+    """
+    check_split(split, tuple(SHAPENETPART_SPLITS))
+    root = os.path.join(data_root, SHAPENETPART_DIR)
+    category_of = read_categories_file(os.path.join(root, 'synsetoffset2category.txt'), SHAPENETPART_CATEGORIES)
+    category_parts = consecutive_part_ids(SHAPENETPART_PART_COUNTS)
+    shapes = set()
+    for name in SHAPENETPART_SPLITS[split]:
+        list_path = os.path.join(root, 'train_test_split', f'shuffled_{name}_file_list.json')
+        shapes.update(read_shape_list(list_path, category_of))
+    if not shapes:
+        raise ValueError(f'{root}/train_test_split: the {split!r} split is empty')
+    shapes = sorted(shapes, key=lambda shape: (category_of[shape[0]], shape[1]))
+    categories = [category_of[synset] for synset, _ in shapes]
+    paths = [os.path.join(root, synset, f'{shape_id}.txt') for synset, shape_id in shapes]
+    cache_path, fingerprint = os.path.join(root, f'i2p_mae_cache_{split}.npz'), split_fingerprint(root, paths)
+    cached = read_cache(cache_path, fingerprint) if cache else None
+    if cached is None:
+        print(f'parsing the {len(paths)} ShapeNetPart files of the {split!r} split'
+              + (f' (once: then cached in {cache_path})' if cache else ''), flush=True)
+    xyz, parts, counts = cached or read_part_files(paths, categories, category_parts)
+    if cache and cached is None:
+        write_cache(cache_path, fingerprint, xyz, parts, counts)
+    counts = torch.from_numpy(counts)
+    points, parts = pad_clouds(torch.from_numpy(xyz), torch.from_numpy(parts), counts)
+    return PartSplit(points, parts, counts, torch.tensor(categories), list(SHAPENETPART_CATEGORIES), category_parts)
+
+
+def load_part_split(name, split, data_root='./data', num_points=None, seed=0):
+    """One part-segmentation split as a PartSplit.
+
+    'shapenetpart': split 'trainval' | 'test' (or 'train' | 'val'); every point of every shape is kept.
+    'synthetic': split 'train' | 'test', num_points per shape (default 2048): the very clouds and
+    classes load_split('synthetic', split, num_points=num_points, seed=seed) returns, with part labels.
+    """
+    if name == 'shapenetpart':
+        if num_points is not None:
+            raise ValueError('num_points is for synthetic shapes: ShapeNetPart keeps all points of each shape')
+        return read_shapenetpart(data_root, split)
+    if name != 'synthetic':
+        raise ValueError(f"unknown part-segmentation dataset {name!r}; choose 'synthetic' or 'shapenetpart'")
+    check_split(split)
+    rng = np.random.default_rng([seed, list(SYNTHETIC_SPLIT_SIZES).index(split)])   # load_split's stream
+    clouds, labels, parts = synthetic_part_clouds(SYNTHETIC_SPLIT_SIZES[split], num_points or 2048, rng)
+    points = normalize_unit_sphere(torch.from_numpy(clouds))
+    counts = torch.full((len(points),), points.shape[1], dtype=torch.int64)
+    return PartSplit(points, torch.from_numpy(parts), counts, torch.from_numpy(labels), list(SYNTHETIC_CLASSES),
+                     consecutive_part_ids([len(SYNTHETIC_PARTS[c]) for c in SYNTHETIC_CLASSES]))
+
+
+def draw_part_points(points, parts, counts, n, generator=None):
+    """n points per shape drawn uniformly WITH replacement from its counts[s] real points, as
+    Point-M2AE's loader draws 2048 (np.random.choice(..., replace=True)); batched on the device.
+      points (B, M, 3), parts (B, M), counts (B,) -> points (B, n, 3), parts (B, n)"""
+    B = points.shape[0]
+    u = torch.rand(B, n, generator=generator, device=points.device)
+    idx = torch.minimum((u * counts[:, None]).long(), counts[:, None] - 1)     # float rounding can reach counts
+    return gather_points(points, idx), parts.gather(1, idx)
+
+
+def scale_isotropic_and_shift(xyz, scale_low=0.8, scale_high=1.25, shift=0.1, generator=None):
+    """(B, N, 3) -> (B, N, 3): per sample, ONE scale ~ U(low, high) for all three axes, then a shift
+    ~ U(-shift, shift) per axis (the part-segmentation augmentation of Point-M2AE's provider.py,
+    random_scale_point_cloud and shift_point_cloud, without their loop over the batch)."""
+    B = xyz.shape[0]
+    scale = torch.rand(B, 1, 1, generator=generator, device=xyz.device) * (scale_high - scale_low) + scale_low
+    offset = (torch.rand(B, 1, 3, generator=generator, device=xyz.device) * 2 - 1) * shift
+    return xyz * scale + offset
 
 # ---------------------------------------------------------------- augmentations (batched, on the device)
 # `generator` must live on xyz's device; None uses torch's global RNG (seeded once by --seed).

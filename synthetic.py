@@ -6,6 +6,11 @@ shape with its own proportions and part counts, then sampled by area with uneven
 scaled anisotropically, turned about the up axis and jittered:
   synthetic_clouds(num_shapes, num_points, rng) -> clouds (S, N, 3) float32 (not normalised),
                                                    labels (S,) int64, balanced to within one
+  synthetic_part_clouds(...)                    -> the same clouds and labels, and part labels
+                                                   (S, N) int64: the part each point lies on
+Part ids are global, numbered class after class as ShapeNetPart's 50 are: SYNTHETIC_PARTS
+lists each class's parts, SYNTHETIC_PART_NAMES[id] is 'class/part'. Adding the part labels
+changed no random draw: the clouds are the ones the classification stages have always seen.
 data.py normalises them, splits them into pretrain / train / test and draws the picture.
 Tests: test_synthetic_* in test_all.py
 """
@@ -15,6 +20,26 @@ import numpy as np
 
 SYNTHETIC_CLASSES = ['table', 'chair', 'stool', 'bench', 'bed', 'sofa', 'shelf',
                      'lamp', 'mug', 'bottle', 'vase', 'airplane', 'car']
+# The parts of each class, for segmentation. What each name covers is set in the class functions below:
+# a 'leg' is a leg, a pedestal or a slab end; a lamp's 'pole' includes its arm, its 'shade' may be a
+# globe; a vase's 'base', 'body' and 'neck' are the lowest, middle and top frustums of its stack.
+SYNTHETIC_PARTS = {
+    'table': ['top', 'leg', 'shelf'],
+    'chair': ['seat', 'leg', 'back', 'arm'],
+    'stool': ['seat', 'leg', 'ring', 'back'],
+    'bench': ['seat', 'leg', 'back'],
+    'bed': ['mattress', 'headboard', 'footboard', 'base', 'pillow'],
+    'sofa': ['seat', 'back', 'arm', 'cushion', 'leg'],
+    'shelf': ['upright', 'board', 'back'],
+    'lamp': ['base', 'pole', 'shade'],
+    'mug': ['body', 'handle'],
+    'bottle': ['body', 'neck', 'cap'],
+    'vase': ['base', 'body', 'neck'],
+    'airplane': ['fuselage', 'wing', 'tail', 'engine'],
+    'car': ['body', 'cabin', 'wheel'],
+}
+SYNTHETIC_PART_NAMES = [f'{c}/{p}' for c in SYNTHETIC_CLASSES for p in SYNTHETIC_PARTS[c]]   # global part id -> name
+PART_ID = {tuple(name.split('/')): i for i, name in enumerate(SYNTHETIC_PART_NAMES)}       # (class, part) -> id
 
 
 # ---------------------------------------------------------------- surfaces
@@ -112,92 +137,102 @@ def leg_surfaces(rng, half_x, half_z, top, thickness, splay=1.0):
     return [box_surface((x, top / 2, z), (thickness, top, thickness)) for x, z in corners]
 
 
-# ---------------------------------------------------------------- the classes
-# One function per class: rng -> list of surfaces. Proportions and part counts are drawn
-# per shape; the ranges overlap on purpose (square stools vs small tables, benches vs
+# ---------------------------------------------------------------- the classes and their parts
+# One function per class: rng -> list of (part name, surface). Proportions and part counts are
+# drawn per shape; the ranges overlap on purpose (square stools vs small tables, benches vs
 # tables and beds, sofas vs beds, wide bottles and vases vs mugs without a handle), so that
-# global statistics cannot separate the classes (measured in the demo).
+# global statistics cannot separate the classes (measured in the demo). Every point keeps the
+# name of the part it was sampled on: the labels of the segmentation task (SYNTHETIC_PARTS).
+
+def labelled(name, surfaces):
+    """Tag each surface with the name of the part it belongs to -> list of (name, surface)."""
+    return [(name, surface) for surface in surfaces]
+
 
 def table_parts(rng):
     height, width, top_t = rng.uniform(0.45, 0.8), rng.uniform(0.5, 1.8), rng.uniform(0.03, 0.1)
     depth = width * rng.uniform(0.4, 1.0)
     if rng.random() < 0.3:                              # round top
-        parts, depth = [frustum_surface((0, height - top_t, 0), width / 2, width / 2, top_t)], width
+        parts, depth = labelled('top', [frustum_surface((0, height - top_t, 0), width / 2, width / 2, top_t)]), width
     else:
-        parts = [box_surface((0, height - top_t / 2, 0), (width, top_t, depth))]
+        parts = labelled('top', [box_surface((0, height - top_t / 2, 0), (width, top_t, depth))])
     if rng.random() < 0.7:
         inset = rng.uniform(0.05, 0.15)
-        parts += leg_surfaces(rng, (0.5 - inset) * width, (0.5 - inset) * depth, height - top_t,
-                              rng.uniform(0.03, 0.08), splay=rng.uniform(1.0, 1.1))
+        parts += labelled('leg', leg_surfaces(rng, (0.5 - inset) * width, (0.5 - inset) * depth, height - top_t,
+                                              rng.uniform(0.03, 0.08), splay=rng.uniform(1.0, 1.1)))
     else:                                               # pedestal and foot
-        parts += [rod_surface((0, 0, 0), (0, height - top_t, 0), rng.uniform(0.03, 0.1)),
-                  frustum_surface((0, 0, 0), rng.uniform(0.15, 0.35), rng.uniform(0.05, 0.1),
-                                  rng.uniform(0.02, 0.06))]
+        parts += labelled('leg', [rod_surface((0, 0, 0), (0, height - top_t, 0), rng.uniform(0.03, 0.1)),
+                                  frustum_surface((0, 0, 0), rng.uniform(0.15, 0.35), rng.uniform(0.05, 0.1),
+                                                  rng.uniform(0.02, 0.06))])
     if rng.random() < 0.3:                              # lower shelf
-        parts.append(box_surface((0, rng.uniform(0.1, 0.3) * height, 0), (0.8 * width, top_t / 2, 0.8 * depth)))
+        parts += labelled('shelf', [box_surface((0, rng.uniform(0.1, 0.3) * height, 0),
+                                                (0.8 * width, top_t / 2, 0.8 * depth))])
     return parts
 
 
 def chair_parts(rng):
     width, depth, seat_y = rng.uniform(0.38, 0.6), rng.uniform(0.38, 0.6), rng.uniform(0.38, 0.55)
     seat_t, back_h = rng.uniform(0.03, 0.1), rng.uniform(0.15, 0.7)
-    parts = [box_surface((0, seat_y, 0), (width, seat_t, depth))]
+    parts = labelled('seat', [box_surface((0, seat_y, 0), (width, seat_t, depth))])
     if rng.random() < 0.8:
-        parts += leg_surfaces(rng, width / 2 - 0.03, depth / 2 - 0.03, seat_y, rng.uniform(0.025, 0.06),
-                              splay=rng.uniform(1.0, 1.15))
+        parts += labelled('leg', leg_surfaces(rng, width / 2 - 0.03, depth / 2 - 0.03, seat_y,
+                                              rng.uniform(0.025, 0.06), splay=rng.uniform(1.0, 1.15)))
     else:                                               # swivel chair: a column on a star of 5 feet
-        parts.append(rod_surface((0, 0.08, 0), (0, seat_y, 0), 0.03))
-        parts += [rod_surface((0, 0.08, 0), (0.3 * math.cos(a), 0.02, 0.3 * math.sin(a)), 0.02)
-                  for a in np.arange(5) * 2 * math.pi / 5]
+        parts += labelled('leg', [rod_surface((0, 0.08, 0), (0, seat_y, 0), 0.03)])
+        parts += labelled('leg', [rod_surface((0, 0.08, 0), (0.3 * math.cos(a), 0.02, 0.3 * math.sin(a)), 0.02)
+                                  for a in np.arange(5) * 2 * math.pi / 5])
     lean = rng.uniform(0, 0.3)                          # the backrest leans back (to -z) by this angle
     tilt = np.array([[1, 0, 0], [0, math.cos(lean), math.sin(lean)], [0, -math.sin(lean), math.cos(lean)]])
 
     def on_back(f):                                     # (y, z) of the point a fraction f up the backrest
         return seat_y + math.cos(lean) * f * back_h, -depth / 2 + 0.02 - math.sin(lean) * f * back_h
     if rng.random() < 0.6:
-        parts.append(box_surface((0, *on_back(0.5)), (width, back_h, rng.uniform(0.02, 0.06)), tilt))
+        parts += labelled('back', [box_surface((0, *on_back(0.5)), (width, back_h, rng.uniform(0.02, 0.06)), tilt)])
     else:                                               # two posts and 2..4 slats
-        parts += [box_surface((x, *on_back(0.5)), (0.04, back_h, 0.04), tilt) for x in (-width / 2, width / 2)]
-        parts += [box_surface((0, *on_back(f)), (width, 0.04, 0.02), tilt)
-                  for f in np.linspace(0.3, 1.0, rng.integers(2, 5))]
+        parts += labelled('back', [box_surface((x, *on_back(0.5)), (0.04, back_h, 0.04), tilt)
+                                   for x in (-width / 2, width / 2)])
+        parts += labelled('back', [box_surface((0, *on_back(f)), (width, 0.04, 0.02), tilt)
+                                   for f in np.linspace(0.3, 1.0, rng.integers(2, 5))])
     if rng.random() < 0.3:                              # armrests on front posts
         arm_y = seat_y + rng.uniform(0.15, 0.25)
         for x in (-width / 2, width / 2):
-            parts += [box_surface((x, arm_y, 0), (0.05, 0.04, depth)),
-                      rod_surface((x, seat_y, depth / 2 - 0.03), (x, arm_y, depth / 2 - 0.03), 0.02)]
+            parts += labelled('arm', [box_surface((x, arm_y, 0), (0.05, 0.04, depth)),
+                                      rod_surface((x, seat_y, depth / 2 - 0.03), (x, arm_y, depth / 2 - 0.03), 0.02)])
     return parts
 
 
 def stool_parts(rng):
     seat_y, radius, seat_t = rng.uniform(0.4, 0.8), rng.uniform(0.15, 0.3), rng.uniform(0.03, 0.08)
-    parts = [frustum_surface((0, seat_y - seat_t, 0), radius, radius, seat_t) if rng.random() < 0.6
-             else box_surface((0, seat_y - seat_t / 2, 0), (2 * radius, seat_t, 2 * radius))]
+    parts = labelled('seat', [frustum_surface((0, seat_y - seat_t, 0), radius, radius, seat_t) if rng.random() < 0.6
+                              else box_surface((0, seat_y - seat_t / 2, 0), (2 * radius, seat_t, 2 * radius))])
     n_legs, splay, leg_r = rng.integers(3, 5), rng.uniform(1.0, 1.5), rng.uniform(0.015, 0.035)
     angles = rng.uniform(0, 2 * math.pi) + np.arange(n_legs) * 2 * math.pi / n_legs
     top_r = 0.75 * radius
-    parts += [rod_surface((splay * top_r * math.cos(a), 0, splay * top_r * math.sin(a)),
-                          (top_r * math.cos(a), seat_y - seat_t, top_r * math.sin(a)), leg_r) for a in angles]
+    parts += labelled('leg', [rod_surface((splay * top_r * math.cos(a), 0, splay * top_r * math.sin(a)),
+                                          (top_r * math.cos(a), seat_y - seat_t, top_r * math.sin(a)), leg_r)
+                              for a in angles])
     if rng.random() < 0.4:                              # foot ring, where it meets the splayed legs
         ring_y = rng.uniform(0.2, 0.4) * seat_y
-        parts.append(torus_surface((0, ring_y, 0), top_r * (splay - (splay - 1) * ring_y / seat_y),
-                                   leg_r, 2 * math.pi))
+        parts += labelled('ring', [torus_surface((0, ring_y, 0), top_r * (splay - (splay - 1) * ring_y / seat_y),
+                                                 leg_r, 2 * math.pi)])
     if rng.random() < 0.15:                             # a low back: a bar chair
-        parts.append(box_surface((0, seat_y + 0.1, -radius), (1.6 * radius, 0.12, 0.03)))
+        parts += labelled('back', [box_surface((0, seat_y + 0.1, -radius), (1.6 * radius, 0.12, 0.03))])
     return parts
 
 
 def bench_parts(rng):
     length, depth = rng.uniform(0.9, 2.0), rng.uniform(0.3, 0.55)
     seat_y, seat_t = rng.uniform(0.38, 0.5), rng.uniform(0.03, 0.08)
-    parts = [box_surface((0, seat_y - seat_t / 2, 0), (length, seat_t, depth))]
+    parts = labelled('seat', [box_surface((0, seat_y - seat_t / 2, 0), (length, seat_t, depth))])
     if rng.random() < 0.6:
-        parts += leg_surfaces(rng, length / 2 - 0.08, depth / 2 - 0.04, seat_y - seat_t, rng.uniform(0.03, 0.07))
+        parts += labelled('leg', leg_surfaces(rng, length / 2 - 0.08, depth / 2 - 0.04, seat_y - seat_t,
+                                              rng.uniform(0.03, 0.07)))
     else:                                               # two slab ends
-        parts += [box_surface((x, (seat_y - seat_t) / 2, 0), (0.05, seat_y - seat_t, 0.9 * depth))
-                  for x in (-0.4 * length, 0.4 * length)]
+        parts += labelled('leg', [box_surface((x, (seat_y - seat_t) / 2, 0), (0.05, seat_y - seat_t, 0.9 * depth))
+                                  for x in (-0.4 * length, 0.4 * length)])
     if rng.random() < 0.5:                              # backrest
         back_h = rng.uniform(0.2, 0.45)
-        parts.append(box_surface((0, seat_y + back_h / 2 + 0.05, -depth / 2), (length, back_h, 0.04)))
+        parts += labelled('back', [box_surface((0, seat_y + back_h / 2 + 0.05, -depth / 2), (length, back_h, 0.04))])
     return parts
 
 
@@ -205,75 +240,76 @@ def bed_parts(rng):
     length, width = rng.uniform(1.6, 2.2), rng.uniform(0.8, 1.9)
     bottom, thick, head_h = rng.uniform(0.1, 0.4), rng.uniform(0.12, 0.35), rng.uniform(0.1, 0.9)
     top = bottom + thick
-    parts = [box_surface((0, bottom + thick / 2, 0), (width, thick, length)),       # mattress
-             box_surface((0, (top + head_h) / 2, -length / 2), (width, top + head_h, 0.06))]
+    parts = (labelled('mattress', [box_surface((0, bottom + thick / 2, 0), (width, thick, length))])
+             + labelled('headboard', [box_surface((0, (top + head_h) / 2, -length / 2), (width, top + head_h, 0.06))]))
     if rng.random() < 0.5:                              # footboard
         foot_h = top + rng.uniform(0.0, 0.3)
-        parts.append(box_surface((0, foot_h / 2, length / 2), (width, foot_h, 0.05)))
+        parts += labelled('footboard', [box_surface((0, foot_h / 2, length / 2), (width, foot_h, 0.05))])
     if rng.random() < 0.6:
-        parts += leg_surfaces(rng, width / 2 - 0.05, length / 2 - 0.05, bottom, rng.uniform(0.04, 0.08))
+        parts += labelled('base', leg_surfaces(rng, width / 2 - 0.05, length / 2 - 0.05, bottom, rng.uniform(0.04, 0.08)))
     else:                                               # a closed base
-        parts.append(box_surface((0, bottom / 2, 0), (0.95 * width, bottom, 0.95 * length)))
+        parts += labelled('base', [box_surface((0, bottom / 2, 0), (0.95 * width, bottom, 0.95 * length))])
     n_pillows = rng.integers(0, 3)
     for x in np.linspace(-width / 4, width / 4, n_pillows) if n_pillows == 2 else [0] * n_pillows:
-        parts.append(ellipsoid_surface((x, top + 0.05, -length / 2 + 0.25), (min(0.3, width / 4), 0.07, 0.18)))
+        parts += labelled('pillow', [ellipsoid_surface((x, top + 0.05, -length / 2 + 0.25),
+                                                       (min(0.3, width / 4), 0.07, 0.18))])
     return parts
 
 
 def sofa_parts(rng):
     length, depth, seat_y = rng.uniform(1.2, 2.6), rng.uniform(0.7, 1.0), rng.uniform(0.35, 0.5)
     foot, back_h, back_t = rng.uniform(0.0, 0.15), rng.uniform(0.25, 0.55), rng.uniform(0.12, 0.3)
-    parts = [box_surface((0, (foot + seat_y) / 2, 0), (length, seat_y - foot, depth)),
-             box_surface((0, seat_y + back_h / 2, -depth / 2 + back_t / 2), (length, back_h, back_t))]
+    parts = (labelled('seat', [box_surface((0, (foot + seat_y) / 2, 0), (length, seat_y - foot, depth))])
+             + labelled('back', [box_surface((0, seat_y + back_h / 2, -depth / 2 + back_t / 2), (length, back_h, back_t))]))
     if rng.random() < 0.8:                              # arms
         arm_h, arm_w = rng.uniform(0.1, 0.3), rng.uniform(0.1, 0.25)
-        parts += [box_surface((x, (foot + seat_y + arm_h) / 2, 0), (arm_w, seat_y + arm_h - foot, depth))
-                  for x in (-(length - arm_w) / 2, (length - arm_w) / 2)]
+        parts += labelled('arm', [box_surface((x, (foot + seat_y + arm_h) / 2, 0), (arm_w, seat_y + arm_h - foot, depth))
+                                  for x in (-(length - arm_w) / 2, (length - arm_w) / 2)])
     cushions = rng.integers(0, 4)
-    parts += [box_surface((x, seat_y + 0.04, back_t / 2), (0.9 * length / cushions, 0.08, depth - back_t))
-              for x in (np.arange(cushions) - (cushions - 1) / 2) * length / max(cushions, 1)]
+    parts += labelled('cushion', [box_surface((x, seat_y + 0.04, back_t / 2), (0.9 * length / cushions, 0.08, depth - back_t))
+                                  for x in (np.arange(cushions) - (cushions - 1) / 2) * length / max(cushions, 1)])
     if foot > 0.03:
-        parts += leg_surfaces(rng, length / 2 - 0.05, depth / 2 - 0.05, foot, 0.05)
+        parts += labelled('leg', leg_surfaces(rng, length / 2 - 0.05, depth / 2 - 0.05, foot, 0.05))
     return parts
 
 
 def shelf_parts(rng):
     width, height, depth = rng.uniform(0.5, 1.6), rng.uniform(0.5, 2.0), rng.uniform(0.25, 0.45)
     board = rng.uniform(0.015, 0.04)
-    parts = [box_surface((x, height / 2, 0), (board, height, depth)) for x in (-width / 2, width / 2)]
-    parts += [box_surface((0, y, 0), (width, board, depth))
-              for y in np.linspace(board / 2, height - board / 2, rng.integers(2, 7))]
+    parts = labelled('upright', [box_surface((x, height / 2, 0), (board, height, depth)) for x in (-width / 2, width / 2)])
+    parts += labelled('board', [box_surface((0, y, 0), (width, board, depth))
+                                for y in np.linspace(board / 2, height - board / 2, rng.integers(2, 7))])
     if rng.random() < 0.6:                              # back panel
-        parts.append(box_surface((0, height / 2, -depth / 2), (width, height, board)))
+        parts += labelled('back', [box_surface((0, height / 2, -depth / 2), (width, height, board))])
     if rng.random() < 0.3:                              # divider
-        parts.append(box_surface((0, height / 2, 0), (board, height, depth)))
+        parts += labelled('upright', [box_surface((0, height / 2, 0), (board, height, depth))])
     return parts
 
 
 def lamp_parts(rng):
     pole_h, base_r = rng.uniform(0.3, 1.6), rng.uniform(0.08, 0.22)
-    parts = [frustum_surface((0, 0, 0), base_r, base_r * rng.uniform(0.5, 1.0), rng.uniform(0.02, 0.06))
-             if rng.random() < 0.7 else box_surface((0, 0.02, 0), (2 * base_r, 0.04, 2 * base_r)),
-             rod_surface((0, 0, 0), (0, pole_h, 0), rng.uniform(0.01, 0.025))]
+    parts = (labelled('base', [frustum_surface((0, 0, 0), base_r, base_r * rng.uniform(0.5, 1.0), rng.uniform(0.02, 0.06))
+                               if rng.random() < 0.7 else box_surface((0, 0.02, 0), (2 * base_r, 0.04, 2 * base_r))])
+             + labelled('pole', [rod_surface((0, 0, 0), (0, pole_h, 0), rng.uniform(0.01, 0.025))]))
     head = np.array([0, pole_h, 0])
     if rng.random() < 0.4:                              # an arm
         head = head + [rng.uniform(0.15, 0.5), rng.uniform(-0.2, 0.1), 0]
-        parts.append(rod_surface((0, pole_h, 0), head, 0.012))
+        parts += labelled('pole', [rod_surface((0, pole_h, 0), head, 0.012)])
     if rng.random() < 0.75:                             # an open shade
         shade_h, r_bottom = rng.uniform(0.12, 0.35), rng.uniform(0.1, 0.3)
-        parts.append(frustum_surface(head - [0, shade_h / 2, 0], r_bottom, r_bottom * rng.uniform(0.4, 1.0),
-                                     shade_h, bottom=False, top=False))
+        parts += labelled('shade', [frustum_surface(head - [0, shade_h / 2, 0], r_bottom, r_bottom * rng.uniform(0.4, 1.0),
+                                                    shade_h, bottom=False, top=False)])
     else:                                               # a globe
-        parts.append(ellipsoid_surface(head, np.full(3, rng.uniform(0.08, 0.2))))
+        parts += labelled('shade', [ellipsoid_surface(head, np.full(3, rng.uniform(0.08, 0.2)))])
     return parts
 
 
 def mug_parts(rng):
     radius, height = rng.uniform(0.035, 0.06), rng.uniform(0.06, 0.13)
-    parts = [frustum_surface((0, 0, 0), radius, radius * rng.uniform(1.0, 1.25), height, top=False)]
+    parts = labelled('body', [frustum_surface((0, 0, 0), radius, radius * rng.uniform(1.0, 1.25), height, top=False)])
     if rng.random() < 0.85:                             # handle
-        parts.append(torus_surface((radius, height / 2, 0), rng.uniform(0.2, 0.35) * height,
-                                   rng.uniform(0.004, 0.01), rng.uniform(0.8, 1.0) * math.pi, axis='z'))
+        parts += labelled('handle', [torus_surface((radius, height / 2, 0), rng.uniform(0.2, 0.35) * height,
+                                                   rng.uniform(0.004, 0.01), rng.uniform(0.8, 1.0) * math.pi, axis='z')])
     return parts
 
 
@@ -281,17 +317,19 @@ def bottle_parts(rng):
     radius, body_h, shoulder_h = rng.uniform(0.025, 0.06), rng.uniform(0.08, 0.25), rng.uniform(0.005, 0.05)
     neck_r, neck_h = rng.uniform(0.3, 0.6) * radius, rng.uniform(0.01, 0.08)
     neck_y = body_h + shoulder_h
-    return [frustum_surface((0, 0, 0), radius, radius * rng.uniform(0.85, 1.0), body_h, top=False),
-            frustum_surface((0, body_h, 0), 0.9 * radius, neck_r, shoulder_h, bottom=False, top=False),
-            frustum_surface((0, neck_y, 0), neck_r, neck_r, neck_h, bottom=False, top=False),
-            frustum_surface((0, neck_y + neck_h, 0), 1.15 * neck_r, 1.15 * neck_r, rng.uniform(0.01, 0.025))]
+    return (labelled('body', [frustum_surface((0, 0, 0), radius, radius * rng.uniform(0.85, 1.0), body_h, top=False),
+                              frustum_surface((0, body_h, 0), 0.9 * radius, neck_r, shoulder_h, bottom=False, top=False)])
+            + labelled('neck', [frustum_surface((0, neck_y, 0), neck_r, neck_r, neck_h, bottom=False, top=False)])
+            + labelled('cap', [frustum_surface((0, neck_y + neck_h, 0), 1.15 * neck_r, 1.15 * neck_r,
+                                               rng.uniform(0.01, 0.025))]))
 
 
 def vase_parts(rng):
     heights = rng.uniform(0.03, 0.12, rng.integers(2, 5))          # a stack of 2..4 frustums
     radii = rng.uniform(0.3, 1.0, len(heights) + 1) * rng.uniform(0.03, 0.09)
     bases = np.concatenate([[0], np.cumsum(heights)[:-1]])
-    return [frustum_surface((0, y, 0), r0, r1, h, bottom=(i == 0), top=False)
+    name = lambda i: 'base' if i == 0 else 'neck' if i == len(heights) - 1 else 'body'   # bottom, top, between
+    return [(name(i), frustum_surface((0, y, 0), r0, r1, h, bottom=(i == 0), top=False))
             for i, (y, r0, r1, h) in enumerate(zip(bases, radii[:-1], radii[1:], heights))]
 
 
@@ -301,22 +339,23 @@ def airplane_parts(rng):
                            length * rng.uniform(0.15, 0.3))
     nose, tail = length * rng.uniform(0.05, 0.12), length * rng.uniform(0.15, 0.3)
     tail_x = -length / 2 + 0.1 * length
-    parts = [frustum_surface((-length / 2 + tail, 0, 0), radius, radius, length - tail - nose, axis='x',
-                             bottom=False, top=False),                               # fuselage
-             ellipsoid_surface((length / 2 - nose, 0, 0), (nose, radius, radius)),   # nose
-             frustum_surface((-length / 2, 0.6 * radius, 0), 0.3 * radius, radius, tail, axis='x', top=False),
-             box_surface((tail_x, radius + 0.1 * span, 0), (0.5 * chord, 0.2 * span, 0.02))]  # fin
+    parts = (labelled('fuselage', [frustum_surface((-length / 2 + tail, 0, 0), radius, radius, length - tail - nose,
+                                                   axis='x', bottom=False, top=False),
+                                   ellipsoid_surface((length / 2 - nose, 0, 0), (nose, radius, radius)),    # nose
+                                   frustum_surface((-length / 2, 0.6 * radius, 0), 0.3 * radius, radius, tail,
+                                                   axis='x', top=False)])                                   # tail cone
+             + labelled('tail', [box_surface((tail_x, radius + 0.1 * span, 0), (0.5 * chord, 0.2 * span, 0.02))]))  # fin
     wing_x, wing_y = length * rng.uniform(-0.1, 0.15), radius * rng.uniform(-0.7, 0.7)
     sweep = rng.uniform(0, 0.6)
     for side in (-1, 1):
         turn = yaw_matrix(-side * sweep)                # wing tips swept back (to -x)
         wing_center = (wing_x - math.sin(sweep) * span / 4, wing_y, side * span / 4)
-        parts += [box_surface(wing_center, (chord, 0.03 * chord + 0.01, span / 2), turn),
-                  box_surface((tail_x, radius, side * span / 8), (0.5 * chord, 0.02, span / 4), turn)]
+        parts += (labelled('wing', [box_surface(wing_center, (chord, 0.03 * chord + 0.01, span / 2), turn)])
+                  + labelled('tail', [box_surface((tail_x, radius, side * span / 8), (0.5 * chord, 0.02, span / 4), turn)]))
     n_engines = rng.choice([0, 2, 4], p=[0.3, 0.5, 0.2])
     for z in np.array([-2, -1, 1, 2] if n_engines == 4 else [-1, 1] if n_engines == 2 else []) * span / 6:
-        parts.append(frustum_surface((wing_x - 0.1 * length, wing_y - 0.8 * radius, z), 0.4 * radius,
-                                     0.4 * radius, 0.25 * length, axis='x'))
+        parts += labelled('engine', [frustum_surface((wing_x - 0.1 * length, wing_y - 0.8 * radius, z), 0.4 * radius,
+                                                     0.4 * radius, 0.25 * length, axis='x')])
     return parts
 
 
@@ -326,35 +365,49 @@ def car_parts(rng):
     clearance = wheel_r * rng.uniform(0.5, 0.9)
     cabin_l, cabin_h = length * rng.uniform(0.35, 0.7), rng.uniform(0.35, 0.7)
     cabin_x = length * rng.uniform(-0.2, 0.15)
-    parts = [box_surface((0, clearance + body_h / 2, 0), (length, body_h, width)),
-             box_surface((cabin_x, clearance + body_h + cabin_h / 2, 0),
-                         (cabin_l, cabin_h, width * rng.uniform(0.8, 0.95)))]
+    parts = (labelled('body', [box_surface((0, clearance + body_h / 2, 0), (length, body_h, width))])
+             + labelled('cabin', [box_surface((cabin_x, clearance + body_h + cabin_h / 2, 0),
+                                              (cabin_l, cabin_h, width * rng.uniform(0.8, 0.95)))]))
     axle_x = length / 2 - rng.uniform(0.55, 0.9)
     for x in [-axle_x, axle_x] + ([-axle_x + 2.2 * wheel_r] if rng.random() < 0.1 else []):   # 4 or 6 wheels
-        parts += [frustum_surface((x, wheel_r, z), wheel_r, wheel_r, wheel_w, axis='z')
-                  for z in (-width / 2, width / 2 - wheel_w)]
+        parts += labelled('wheel', [frustum_surface((x, wheel_r, z), wheel_r, wheel_r, wheel_w, axis='z')
+                                    for z in (-width / 2, width / 2 - wheel_w)])
     return parts
 
 
-# same order as SYNTHETIC_CLASSES: PARTS_OF_CLASS[label](rng) -> surfaces
+# same order as SYNTHETIC_CLASSES: PARTS_OF_CLASS[label](rng) -> [(part name, surface), ...]
 PARTS_OF_CLASS = (table_parts, chair_parts, stool_parts, bench_parts, bed_parts, sofa_parts,
                   shelf_parts, lamp_parts, mug_parts, bottle_parts, vase_parts, airplane_parts, car_parts)
 
 
 def sample_shape(parts, num_points, rng):
-    """Parts of one object -> (num_points, 3): sampled by area, unevenly dense, scaled, turned, noisy."""
-    area = np.array([a for a, _ in parts]) * rng.lognormal(0.0, 0.6, len(parts))  # uneven density per part
+    """[(part id, surface), ...] of one object -> points (num_points, 3) and their part ids (num_points,):
+    sampled by area, unevenly dense, scaled, turned, noisy."""
+    part_ids, surfaces = zip(*parts)
+    area = np.array([a for a, _ in surfaces]) * rng.lognormal(0.0, 0.6, len(surfaces))  # uneven density per part
     counts = rng.multinomial(num_points, area / area.sum())
-    xyz = np.concatenate([sample(n, rng) for (_, sample), n in zip(parts, counts)])   # (num_points, 3)
+    xyz = np.concatenate([sample(n, rng) for (_, sample), n in zip(surfaces, counts)])   # (num_points, 3)
+    labels = np.repeat(part_ids, counts)                     # the part of each point, in the same order
     xyz = xyz * rng.uniform(0.75, 1.33, 3)                   # anisotropic scale
     xyz = xyz @ yaw_matrix(rng.uniform(0, 2 * math.pi)).T    # random rotation about the up axis
     extent = np.abs(xyz - xyz.mean(0)).max()
     xyz = xyz + rng.normal(0.0, rng.uniform(0.002, 0.015) * extent, xyz.shape)
-    return xyz[rng.permutation(num_points)]                   # no part order in the point order
+    order = rng.permutation(num_points)                      # no part order in the point order
+    return xyz[order], labels[order]
+
+
+def synthetic_part_clouds(num_shapes, num_points, rng):
+    """-> clouds (S, N, 3) float32 as sampled, labels (S,) int64 balanced to within one, and
+    part labels (S, N) int64: the global id (SYNTHETIC_PART_NAMES) of the part each point lies on."""
+    labels = rng.permutation(np.arange(num_shapes) % len(SYNTHETIC_CLASSES))
+    clouds, parts = zip(*[sample_shape([(PART_ID[SYNTHETIC_CLASSES[label], name], surface)
+                                        for name, surface in PARTS_OF_CLASS[label](rng)], num_points, rng)
+                          for label in labels])
+    return np.stack(clouds).astype(np.float32), labels.astype(np.int64), np.stack(parts).astype(np.int64)
 
 
 def synthetic_clouds(num_shapes, num_points, rng):
-    """-> clouds (S, N, 3) float32 as sampled, labels (S,) int64, classes balanced to within one."""
-    labels = rng.permutation(np.arange(num_shapes) % len(SYNTHETIC_CLASSES))
-    clouds = np.stack([sample_shape(PARTS_OF_CLASS[label](rng), num_points, rng) for label in labels])
-    return clouds.astype(np.float32), labels.astype(np.int64)
+    """-> clouds (S, N, 3) float32 as sampled, labels (S,) int64, classes balanced to within one.
+    The same random draws as synthetic_part_clouds, which also returns the part labels."""
+    clouds, labels, _ = synthetic_part_clouds(num_shapes, num_points, rng)
+    return clouds, labels
