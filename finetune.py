@@ -33,7 +33,7 @@ from model import (SMALL_CONFIG, Classifier, ModelConfig, checkpoint_config, loa
                    smoothed_cross_entropy)
 from data import (fps_subsample, load_fewshot_fold, load_split, random_point_subset, rotate_about_up_axis,
                   scale_and_translate)
-from training import (Run, StopOnSignal, barrier, check_ranks_agree, cosine_lr, end_process, epoch_batches,
+from training import (Run, StopOnSignal, check_ranks_agree, cosine_lr, end_process, epoch_batches,
                       fill_preset, param_groups, seed_process, set_lr, setup_process, sum_over_processes)
 
 # The official settings (the authors' cfgs/fine-tuning/*.yaml). --data picks one preset; flags the user gives override it.
@@ -307,8 +307,7 @@ def finetune(classifier, train, test, args, run, resume=None, extra=None):
     done = history and history[-1]['epoch'] == args.epochs - 1 and 'test_accuracy' in history[-1]
     result = dict(test_accuracy=tested[-1] if done else evaluate(classifier, test_pool, test.labels, args, process),
                   max_test_accuracy_over_epochs=max(tested, default=None), history=history)
-    if len(val_idx):   # the checkpoint chosen on validation, tested once
-        barrier(process)   # rank 0 wrote best.pt
+    if len(val_idx):   # the checkpoint chosen on validation (written by rank 0, seen by all), tested once
         chosen = copy.deepcopy(classifier)
         chosen.load_state_dict(read_checkpoint(run.path('best.pt'), 'best.pt')['model'])
         result.update(best_val_accuracy=best_val,

@@ -521,7 +521,7 @@ def load_weights(model, checkpoint, path='checkpoint', fine_tune=False):
         raise SystemExit(f'{path} is a fine-tuned classifier ({whose}); this needs a pre-training checkpoint '
                          f'(pretrain.py\'s last.pt or the authors\' pre-train.pth)')
     own = model.state_dict()
-    state, skipped, too_narrow, problems = {}, {}, set(), []
+    state, skipped, problems, unfit = {}, {}, [], set()   # unfit: a tensor of the file, of another shape
     for key, value in weights.items():
         name = names[key]
         said = key if key == name else f'{key} (ours: {name})'
@@ -539,10 +539,11 @@ def load_weights(model, checkpoint, path='checkpoint', fine_tune=False):
         elif name.startswith('head_2d.'):
             skipped[key] = (f'2D head width depends on the teacher: file {tuple(value.shape)}, '
                             f'model {tuple(own[name].shape)}')
-            too_narrow.add(name)
+            unfit.add(name)
         else:
             problems.append(f'shape of {said}: file {tuple(value.shape)}, model {tuple(own[name].shape)}')
-    for name in sorted(own.keys() - state.keys() - too_narrow):
+            unfit.add(name)
+    for name in sorted(own.keys() - state.keys() - unfit):
         if is_classifier and not has_head and name.startswith(NEW_IN_CLASSIFIER):
             skipped[name] = 'new in the classifier: trained by fine-tuning'
         else:

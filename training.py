@@ -456,5 +456,6 @@ class Run:
                                log_records=self.records)
             os.makedirs(self.folder, exist_ok=True)
             save_atomically(self.path(name), content)
+        barrier(self.process)   # on return the file is there, for every process
         if resumable:
             self.last_saved = f'{self.path(name)} holds {where}'
