@@ -33,7 +33,7 @@ from model import (SMALL_CONFIG, Classifier, ModelConfig, checkpoint_config, loa
                    smoothed_cross_entropy)
 from data import (fps_subsample, load_fewshot_fold, load_split, random_point_subset, rotate_about_up_axis,
                   scale_and_translate)
-from training import (Run, StopOnSignal, check_ranks_agree, cosine_lr, end_process, epoch_batches,
+from training import (Run, StopOnSignal, add_run_flags, check_ranks_agree, cosine_lr, end_process, epoch_batches,
                       fill_preset, param_groups, seed_process, set_lr, setup_process, sum_over_processes)
 
 # The official settings (the authors' cfgs/fine-tuning/*.yaml). --data picks one preset; flags the user gives override it.
@@ -98,21 +98,11 @@ def parse_args(argv=None):
     o.add_argument('--min_lr', type=float, default=1e-6, help='floor and warm-up start (official: 1e-6)')
     o.add_argument('--weight_decay', type=float, default=0.05, help='AdamW weight decay (official: 0.05)')
     o.add_argument('--grad_clip', type=float, default=10.0, help='clip_grad_norm_ over all parameters (official: 10)')
-    s = p.add_argument_group('evaluation and system')
+    s = add_run_flags(p, 'finetune')
     s.add_argument('--test_only', action='store_true', help='evaluate a fine-tuned --ckpt, no training')
     s.add_argument('--vote', action='store_true', help='also test by voting: 10 augmented views, logits averaged')
     s.add_argument('--vote_runs', type=int, default=10, help='voting test passes; we report mean +- std (paper: max of 49)')
     s.add_argument('--test_every', type=int, default=1, help='epochs between test evaluations (monitoring only)')
-    s.add_argument('--gpu', type=int, default=0 if torch.cuda.is_available() else -1, help='GPU index, -1 = CPU')
-    s.add_argument('--amp', action=argparse.BooleanOptionalAction, help='bf16 autocast (default: on for GPU, off for CPU)')
-    s.add_argument('--seed', type=int, default=0, help='training run (process r: --seed + r), validation split and voting (default: 0)')
-    s.add_argument('--deterministic', action='store_true', help='deterministic algorithms (slower)')
-    s.add_argument('--run_name', help='runs/<run_name>/ (default: finetune-<data>)')
-    s.add_argument('--resume', help='checkpoint to continue from (runs/<run_name>/last.pt)')
-    s.add_argument('--reseed', action='store_true', help='with --resume: allow another number of processes, '
-                                                         'reseeding every one (the run no longer retraces the original)')
-    s.add_argument('--overwrite', action='store_true', help='start over in a run folder that holds another run')
-    s.add_argument('--log_every', type=int, default=20, help='steps between progress lines')
     args = p.parse_args(argv)
     fill_preset(args, PRESETS[args.data])
     if args.vote and args.train_fps <= args.points:

@@ -25,8 +25,8 @@ from teacher import build_teacher, normalize_images, teacher_features_and_salien
 from mask import guided_mask, random_mask, hierarchical_masks
 from model import I2PMAE, ModelConfig, SMALL_CONFIG, pack_visible
 from data import load_split, random_point_subset, scale_and_translate
-from training import (Run, StopOnSignal, check_ranks_agree, cosine_lr, end_process, epoch_batches, file_sha256,
-                      fill_preset, param_groups, set_lr, setup_process)
+from training import (Run, StopOnSignal, add_run_flags, check_ranks_agree, cosine_lr, end_process, epoch_batches,
+                      file_sha256, fill_preset, param_groups, set_lr, setup_process)
 
 # The official settings (cfgs/pre-training/i2p-mae.yaml of the authors); flags the user gives override them.
 # Real data needs a real teacher: `--teacher_weights random` must be asked for (auto is refused there).
@@ -75,17 +75,7 @@ def parse_args(argv=None):
     o.add_argument('--lr', type=float, default=1e-3, help='peak learning rate for the total batch (official: 1e-3)')
     o.add_argument('--min_lr', type=float, default=1e-6, help='floor and warm-up start (official: 1e-6)')
     o.add_argument('--weight_decay', type=float, default=0.05, help='AdamW weight decay (official: 0.05)')
-    s = p.add_argument_group('system')
-    s.add_argument('--gpu', type=int, default=0 if torch.cuda.is_available() else -1, help='GPU index, -1 = CPU')
-    s.add_argument('--amp', action=argparse.BooleanOptionalAction, help='bf16 autocast (default: on for GPU, off for CPU)')
-    s.add_argument('--seed', type=int, default=0, help='random streams: process r uses --seed + r (default: 0)')
-    s.add_argument('--deterministic', action='store_true', help='deterministic algorithms (slower)')
-    s.add_argument('--run_name', help='runs/<run_name>/ (default: pretrain-<data>)')
-    s.add_argument('--resume', help='checkpoint to continue from (runs/<run_name>/last.pt)')
-    s.add_argument('--reseed', action='store_true', help='with --resume: allow another number of processes, '
-                                                         'reseeding every one (the run no longer retraces the original)')
-    s.add_argument('--overwrite', action='store_true', help='start over in a run folder that holds another run')
-    s.add_argument('--log_every', type=int, default=20, help='steps between progress lines')
+    s = add_run_flags(p, 'pretrain')
     s.add_argument('--svm_every', type=int, help='epochs between linear-SVM checks (0 = off; synthetic 4); '
                                                  'monitoring only, never picks a checkpoint')
     s.add_argument('--max_steps_per_epoch', type=int, default=0, help='cut epochs short (tests, quick looks)')

@@ -8,7 +8,8 @@ The scripts keep the recipe -- the model, the data, `train_one_epoch` -- and use
   randomness   seed_process (--seed + rank), rng_state / set_rng_state: one process's own streams
                (torch CPU, its own CUDA device, NumPy, Python) as tensors and plain values
   schedule     cosine_lr, set_lr, param_groups, epoch_batches
-  flags        fill_preset (a preset fills every flag the user did not give), check_resumable
+  flags        add_run_flags (--gpu --seed --resume --overwrite ...), fill_preset (a preset fills
+               every flag the user did not give), check_resumable
   stopping     StopOnSignal: Ctrl-C or SIGTERM lets the current step finish; the script saves, exits 130
   run folder   Run: runs/<name>/ with log.jsonl and the checkpoints; refuses to overwrite another run;
                resumes exactly; saves atomically and never non-finite weights
@@ -18,11 +19,14 @@ A training script reads (pretrain.py is the example):
     run = Run(os.path.join('runs', args.run_name), process)
     run.claim(args.resume, args.overwrite)                       # whose folder this is
     checkpoint = run.resume(args.resume, args, MAY_DIFFER)       # None without --resume
-    epoch, step, sums = run.restore(checkpoint, model, optimizer, args)
+    sums = torch.zeros(3, dtype=torch.float64, device=process.device)   # this process's running sums
+    first_epoch, first_step = run.restore(checkpoint, model, optimizer, args, sums)
     with StopOnSignal(process) as stop:
-        for epoch in ...:
-            stopped_at = train_one_epoch(..., sums, run, stop)   # numbers via run.step_numbers
-            ... run.totals(sums, ...), run.log(...), run.save('last.pt', ...)
+        for epoch in range(first_epoch, args.epochs):
+            stopped_at = train_one_epoch(..., sums, run, stop)   # logs via run.step_numbers, run.log
+            if stopped_at < steps: run.save('last.pt', ..., epoch, stopped_at, ...); exit 130
+            ... run.totals(sums, ...), run.log(...), sums.zero_(), run.save('last.pt', ..., epoch + 1, 0, ...)
+    check_ranks_agree(model, process, run.log) if process.world > 1; end_process(process)
 
 Resume is exact. A checkpoint holds the position (epoch, step in it), the weights and optimizer,
 and for EVERY process its random state and its running sums of the epoch so far; each process
@@ -45,13 +49,13 @@ The two-process tests prove it on a CPU: they declare a collective device that i
 (torch's lazy-tensor device) and wrap torch.distributed's entry points with NCCL's rule, so a
 tensor left on the host, or a barrier without its device, fails there as it would on GPUs.
 """
+import argparse
 import hashlib
 import json
 import math
 import os
 import random
 import signal
-from dataclasses import asdict
 from typing import NamedTuple
 
 import numpy as np
@@ -229,6 +233,22 @@ def epoch_batches(num_items, batch_size, epoch, seed, rank=0, world=1):
 # ---------------------------------------------------------------- flags
 
 
+def add_run_flags(parser, script):
+    """The flags every training script has: device, seed, run folder, resume, logging."""
+    s = parser.add_argument_group('system')
+    s.add_argument('--gpu', type=int, default=0 if torch.cuda.is_available() else -1, help='GPU index, -1 = CPU')
+    s.add_argument('--amp', action=argparse.BooleanOptionalAction, help='bf16 autocast (default: on for GPU, off for CPU)')
+    s.add_argument('--seed', type=int, default=0, help='random streams: process r uses --seed + r (default: 0)')
+    s.add_argument('--deterministic', action='store_true', help='deterministic algorithms (slower)')
+    s.add_argument('--run_name', help=f'runs/<run_name>/ (default: {script}-<data>)')
+    s.add_argument('--resume', help='checkpoint to continue from (runs/<run_name>/last.pt)')
+    s.add_argument('--reseed', action='store_true', help='with --resume: allow another number of processes, '
+                                                         'reseeding every one (the run no longer retraces the original)')
+    s.add_argument('--overwrite', action='store_true', help='start over in a run folder that holds another run')
+    s.add_argument('--log_every', type=int, default=20, help='steps between progress lines')
+    return s
+
+
 def fill_preset(args, preset):
     """Every flag the user did not give (still None) takes the preset's value. argparse has already
     resolved abbreviations (--batch 16 is --batch_size 16), so a given flag is never overridden."""
@@ -399,8 +419,8 @@ class Run:
             set_rng_state(ranks[self.process.rank]['rng'], self.process.device)
             sums.copy_(ranks[self.process.rank]['sums'])
             return epoch, step
-        # --reseed: a stream per process derived from (--seed, position); the epoch's sums so far go to rank 0
-        seed_process(int(np.random.SeedSequence([args.seed, epoch, step]).generate_state(1)[0]), self.process.rank)
+        # --reseed: each process's streams derived from (--seed, position, rank); the epoch's sums so far go to rank 0
+        seed_process(int(np.random.SeedSequence([args.seed, epoch, step, self.process.rank]).generate_state(1)[0]))
         self.log(f'resumed {len(ranks)} process(es) as {self.process.world}: every process reseeded (--reseed)')
         sums.zero_()
         if self.process.rank == 0:
@@ -449,7 +469,7 @@ class Run:
             content = dict(
                 about=f'{name} of runs/{os.path.basename(self.folder)}: weights of {type(model).__name__}'
                       + (f', optimizer, and per process its random state and running sums; --resume continues '
-                         f'at {where}' if resumable else f' after {where} (not a resume point)'),
+                         f'at {where}' if resumable else f' at {where} (weights only: not a resume point)'),
                 model=model.state_dict(), epoch=epoch, step_in_epoch=step, args=vars(args), **extra)
             if resumable:
                 content.update(optimizer=optimizer.state_dict(), world_size=self.process.world, ranks=ranks,
