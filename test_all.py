@@ -1057,7 +1057,7 @@ def small_pool(monkeypatch):
     use_small_pool(monkeypatch)
 
 
-def pretrain_run(name, *flags, epochs=2, steps=3):
+def pretrain_run(name, *flags, epochs=2, steps=2):
     """A pre-training run of `epochs` x `steps` steps in runs/<name>, on the small pool."""
     return pretrain.main(parse_args(PRETRAIN_FLAGS + ['--epochs', str(epochs), '--max_steps_per_epoch', str(steps),
                                                       '--run_name', name, *flags]))
@@ -1112,8 +1112,8 @@ def test_ctrl_c_inside_a_pretraining_step_then_resume_is_bit_identical(straight_
     uninterrupted run: the same final weights and the same log, every record once."""
     monkeypatch.chdir(tmp_path)
     resume, positions = ('--resume', 'runs/cut/last.pt'), []
-    with monkeypatch.context() as patch:   # epoch 0, second step: after the data draw
-        patch.setattr(pretrain, 'scale_and_translate', after(scale_and_translate, signal_at_call(2)))
+    with monkeypatch.context() as patch:   # epoch 0, first step: after the data draw
+        patch.setattr(pretrain, 'scale_and_translate', after(scale_and_translate, signal_at_call(1)))
         interrupted(pretrain_run, 'cut')
     positions.append(position('runs/cut/last.pt'))
     with monkeypatch.context() as patch:   # epoch 0, its last step: inside the student, before the decoder
@@ -1130,7 +1130,7 @@ def test_ctrl_c_inside_a_pretraining_step_then_resume_is_bit_identical(straight_
     pretrain_run('cut', *resume)
     assert_same_weights(saved_weights(straight_pretrain / 'last.pt'), saved_weights('runs/cut/last.pt'))
     assert log_records('runs/cut') == log_records(straight_pretrain)
-    assert positions == [(0, 2), (1, 0), (1, 1)]   # each after the step it interrupted
+    assert positions == [(0, 1), (1, 0), (1, 1)]   # each after the step it interrupted
 
 
 def test_killed_run_resumed_logs_every_record_once(straight_pretrain, tmp_path, monkeypatch, small_pool):
@@ -1150,7 +1150,7 @@ def test_killed_run_resumed_logs_every_record_once(straight_pretrain, tmp_path, 
             return pretrain_step(*args, **kwargs)
         return step
     with monkeypatch.context() as patch:   # epoch 1, second step: one record after the epoch-0 checkpoint
-        patch.setattr(pretrain, 'pretrain_step', killed_at_call(5))
+        patch.setattr(pretrain, 'pretrain_step', killed_at_call(4))
         with pytest.raises(Killed):
             pretrain_run('cut')
     with open('runs/cut/log.jsonl', 'a') as f:
@@ -1171,7 +1171,7 @@ def test_non_finite_loss_or_weights_stop_and_keep_the_last_good_checkpoint(tmp_p
             return (loss_3d * float('nan'), loss_2d) if len(calls) >= n else (loss_3d, loss_2d)
         return step
     with monkeypatch.context() as patch:   # a NaN loss in epoch 1
-        patch.setattr(pretrain, 'pretrain_step', nan_from_call(4))
+        patch.setattr(pretrain, 'pretrain_step', nan_from_call(3))
         with pytest.raises(FloatingPointError, match=r'non-finite loss at epoch 1 step 1 \(loss_3d nan.*nothing saved; '
                                                      r'runs/nan/last.pt holds epoch 1 step 0'):
             pretrain_run('nan')
@@ -1179,7 +1179,7 @@ def test_non_finite_loss_or_weights_stop_and_keep_the_last_good_checkpoint(tmp_p
 
     def explode(optimizer, *args):   # the epoch's last update blows the weights up; its loss was finite
         explode.calls += 1
-        if explode.calls == 6:
+        if explode.calls == 4:
             next(iter(optimizer.param_groups[0]['params'])).data.fill_(float('inf'))
     explode.calls = 0
     handle = register_optimizer_step_post_hook(explode)
@@ -1694,9 +1694,9 @@ def two_process_child(out):
     for probe, call in (('host_tensor', lambda: dist.all_reduce(torch.ones(1))), ('bare_barrier', dist.barrier)):
         scenario(probe, call)   # the rule is in force
     scenario('straight', lambda: pretrain_run('straight') and None)
-    with patch.context() as p:   # Ctrl-C on rank 0 only, inside the student, epoch 0 second step
+    with patch.context() as p:   # Ctrl-C on rank 0 only, inside the student, epoch 0 first step
         if rank == 0:
-            p.setattr(I2PMAE, 'decode', before(I2PMAE.decode, signal_at_call(2)))
+            p.setattr(I2PMAE, 'decode', before(I2PMAE.decode, signal_at_call(1)))
         scenario('cut', lambda: pretrain_run('cut') and None)
     scenario('cut_position', lambda: position('runs/cut/last.pt'))
     scenario('resumed', lambda: pretrain_run('cut', '--resume', 'runs/cut/last.pt') and None)
@@ -1705,7 +1705,7 @@ def two_process_child(out):
             calls = []
             p.setattr(pretrain, 'pretrain_step', lambda *a: calls.append(1) or
                       tuple(l * float('nan') if len(calls) == 3 else l for l in pretrain_step(*a)))
-        scenario('nan', lambda: pretrain_run('nan', epochs=2, steps=2) and None)
+        scenario('nan', lambda: pretrain_run('nan') and None)
     with patch.context() as p:
         accuracies, check = [], svm_eval.svm_check
         p.setattr(svm_eval, 'svm_check', lambda *a: accuracies.append(check(*a)) or accuracies[-1])
@@ -1749,7 +1749,7 @@ def test_two_processes_interrupted_and_resumed_end_bit_identical(two_processes):
     ranks, _, out = two_processes
     for results in ranks:   # Ctrl-C reached rank 0 only; both stopped after the same step
         assert (results['cut']['error'], results['cut']['message']) == ('SystemExit', '130')
-        assert results['cut_position']['value'] == [0, 2]
+        assert results['cut_position']['value'] == [0, 1]
     runs = out / 'runs'
     assert_same_weights(saved_weights(runs / 'straight' / 'last.pt'), saved_weights(runs / 'cut' / 'last.pt'))
     assert log_records(runs / 'cut') == log_records(runs / 'straight')
