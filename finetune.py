@@ -86,7 +86,8 @@ def parse_args(argv=None):
     m.add_argument('--config', choices=['full', 'small'], help='architecture with --from_scratch (preset: full; '
                                                                'synthetic: small = model.SMALL_CONFIG)')
     m.add_argument('--group_sizes', type=int, nargs=3, help='kNN sizes per scale (official: 48 24 24 ModelNet40, 32 16 16 Scan)')
-    m.add_argument('--local_radius', type=float, nargs=3, help='attention radii per scale (official: .24 .48 .96 ModelNet40, .32 .64 1.28 / .48 .96 1.92 Scan)')
+    m.add_argument('--local_radius', type=float, nargs=3, help='attention radii per scale (official: .24 .48 .96 '
+                                                                  'ModelNet40, .32 .64 1.28 Scan, .48 .96 1.92 PB-T50-RS)')
     m.add_argument('--pooling', choices=['mean+max', 'concat'], help='head input (official: mean+max ModelNet40, concat Scan)')
     o = p.add_argument_group('optimisation')
     o.add_argument('--smoothing', type=float, help='label smoothing, eps/(n-1) per wrong class (official: 0.2 ModelNet40, 0 Scan)')

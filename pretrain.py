@@ -170,8 +170,8 @@ def train_one_epoch(model, teacher, optimizer, points, epoch, first_step, steps,
             losses = run.step_numbers(dict(loss_3d=loss_3d, loss_2d=loss_2d), stop, f'epoch {epoch} step {step + 1}')
             rate = args.batch_size * ticked / (time.time() - tick)
             left = (args.epochs - epoch) * steps - step - 1
-            run.log(f'epoch {epoch} step {step + 1}/{steps} loss_3d {losses["loss_3d"]:.4f} loss_2d '
-                    f'{losses["loss_2d"]:.4f} lr {lr:.2e} {rate:.1f} samples/s ETA {left * args.batch_size / rate / 60:.1f} min',
+            run.log(f'epoch {epoch} step {step + 1}/{steps} loss_3d {losses["loss_3d"]:.4f} loss_2d {losses["loss_2d"]:.4f} '
+                    f'lr {lr:.2e} {rate:.1f} samples/s ETA {left * args.batch_size / rate / 60:.1f} min',
                     epoch=epoch, step=step + 1, **losses, lr=lr, samples_per_s=rate)
             tick, ticked = time.time(), 0
         if stop.now(run.process):
@@ -255,9 +255,9 @@ def main(args):
             if args.svm_every and (epoch + 1) % args.svm_every == 0:   # every process takes part
                 from svm_eval import svm_check   # monitoring only: never used to choose a checkpoint
                 summary['svm_accuracy'] = svm_check(student, args, process)
+            svm = f' | linear SVM accuracy {summary["svm_accuracy"]:.2f}% (monitoring only)' if 'svm_accuracy' in summary else ''
             run.log(f'== epoch {epoch} done: mean loss_3d {summary["mean_loss_3d"]:.4f} loss_2d {summary["mean_loss_2d"]:.4f}'
-                    + (f' | linear SVM accuracy {summary["svm_accuracy"]:.2f}% (monitoring only)' if 'svm_accuracy' in summary else '')
-                    + f' | {summary["minutes"]:.1f} min | saving {run.path("last.pt")}', **summary)
+                    f'{svm} | {summary["minutes"]:.1f} min | saving {run.path("last.pt")}', **summary)
             sums.zero_()
             run.save('last.pt', student, epoch + 1, 0, args, optimizer, sums, **extra)
             if stop.now(process):

@@ -372,6 +372,7 @@ class Run:
         if self.process.rank == 0:
             print(line, flush=True)
             if numbers:
+                os.makedirs(self.folder, exist_ok=True)
                 with open(self.path('log.jsonl'), 'a') as f:
                     f.write(json.dumps(numbers) + '\n')
         self.records += bool(numbers)
