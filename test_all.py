@@ -927,7 +927,7 @@ from data import PointSplit, load_split, random_point_subset, scale_and_translat
 from pretrain import parse_args, pretrain_step
 from training import Process, Run, cosine_lr, param_groups
 
-PRETRAIN_FLAGS = ['--config', 'small', '--num_points', '256', '--batch_size', '8', '--teacher_weights', 'random',
+PRETRAIN_FLAGS = ['--config', 'small', '--num_points', '128', '--batch_size', '4', '--teacher_weights', 'random',
                   '--small_random_teacher', '--log_every', '1', '--gpu', '-1']
 TIMING = {'samples_per_s', 'minutes'}   # log fields that measure the machine, not the run
 
@@ -1281,7 +1281,7 @@ def test_load_points_draws_a_new_subset_every_step(tmp_path, monkeypatch, small_
     monkeypatch.setattr(pretrain, 'random_point_subset',
                         lambda xyz, n: subsets.append((xyz.shape, n)) or random_point_subset(xyz, n))
     pretrain_run('subsets', '--load_points', '512', epochs=1, steps=2)
-    assert subsets == [(torch.Size([8, 512, 3]), 256)] * 2
+    assert subsets == [(torch.Size([4, 512, 3]), 128)] * 2
 
 
 def test_benchmark_prints_a_stage_table(capsys):
@@ -1666,9 +1666,9 @@ def nccl_device_rule(device):
 
 @lru_cache(maxsize=None)
 def svm_subset(split, num_points):
-    """64 shapes of a synthetic SVM split: an SVM check in seconds."""
-    full = load_split('synthetic', split, num_points=num_points)
-    return PointSplit(full.points[:64], full.labels[:64], full.class_names)
+    """64 synthetic shapes per split: an SVM check in seconds."""
+    points, labels = data.make_synthetic(64, num_points, seed=['train', 'test'].index(split) + 1)
+    return PointSplit(points, labels, [])
 
 
 def two_process_child(out):
@@ -1742,7 +1742,7 @@ def test_collectives_keep_nccl_device_rules_in_two_processes(two_processes):
             assert 'value' in results[name], (name, results[name])
     assert ranks[0]['finetune'] == ranks[1]['finetune'] and 'vote_mean' in ranks[0]['finetune']['value']
     assert stdout.count('weights identical on all 2 processes') == 4   # straight, resumed, svm, finetune
-    assert 'total batch 8 (4 per process)' in stdout
+    assert 'total batch 4 (2 per process)' in stdout
 
 
 def test_two_processes_interrupted_and_resumed_end_bit_identical(two_processes):
