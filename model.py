@@ -15,9 +15,11 @@ Reconstruction" and "Downstream"; SPEC.md sections 2.2-2.3, 6, 7, 8.3).
   svm       max over the coarsest tokens of the frozen encoder, nothing masked   (B, C_2)
   classify  mean + max (ModelNet40) or concat[mean, max] (ScanObjectNN), then an MLP head
 Key layout, initialisation and numerics follow the authors' released model; the authors'
-checkpoints load with `load_official_checkpoint`.
+checkpoints, and ours, load with `load_weights` (files read by `read_checkpoint`: weights_only).
 Demo: python model.py [--ckpt none] [--steps 60]      Tests: test_reference_* / test_model_* in test_all.py
 """
+import os
+import pickle
 import re
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -403,7 +405,37 @@ def smoothed_cross_entropy(logits, labels, smoothing=0.2):
     return -(target * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
 
 
-# ------------------------------------------------------------------ the authors' checkpoints
+# ------------------------------------------------------------------ checkpoints: ours and the authors'
+
+
+def read_checkpoint(path, flag='--ckpt'):
+    """The dict saved at `path`, read with torch.load(weights_only=True): tensors and plain Python
+    values only, so a file can never run code. Our checkpoints and the authors' .pth files both read
+    this way. Anything else (a planted object, an old checkpoint of ours holding NumPy state, a file
+    cut short) stops with a message naming `flag` and the file."""
+    if not os.path.isfile(path):
+        raise SystemExit(f'{flag} {path}: no such file')
+    try:
+        checkpoint = torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as error:
+        found = re.search(r'GLOBAL ([\w.]+)', str(error))
+        if found and found.group(1).startswith('numpy'):
+            raise SystemExit(
+                f'{flag} {path}: refused: it holds NumPy objects ({found.group(1)}), as checkpoints of older versions '
+                f'of pretrain.py and finetune.py did (their random state). Reading them needs weights_only=False, '
+                f'which would also run any code planted in the file, so they are not read. If you trust the file, '
+                f'keep its weights: c = torch.load(PATH, weights_only=False); del c["rng"]; torch.save(c, NEW) '
+                f'(NEW then works as --ckpt, not as --resume).') from None
+        if found:
+            raise SystemExit(f'{flag} {path}: refused: it holds a Python object ({found.group(1)}), not only tensors '
+                             f'and plain values; reading it could run code from the file, so it is not read') from None
+        raise SystemExit(f'{flag} {path}: not a checkpoint (not a file torch.save wrote)') from None
+    except (RuntimeError, EOFError, OSError, KeyError, ValueError) as error:
+        raise SystemExit(f'{flag} {path}: not a readable checkpoint, perhaps cut short by a crash or a full disk '
+                         f'({type(error).__name__}: {str(error).splitlines()[0] if str(error) else "empty"})') from None
+    if not isinstance(checkpoint, dict):
+        raise SystemExit(f'{flag} {path}: holds a {type(checkpoint).__name__}, not a checkpoint (a dict)')
+    return checkpoint
 
 
 OFFICIAL_NAMES = [   # (their key pattern, ours), applied in order to keys without 'module.'
@@ -423,6 +455,7 @@ NEW_IN_CLASSIFIER = ('norm.', 'cls_head.')
 
 
 def official_to_ours(name):
+    """Their key name -> ours ('module.' stripped); our own names pass unchanged."""
     name = name[len('module.'):] if name.startswith('module.') else name
     for pattern, ours in OFFICIAL_NAMES:
         name, hits = re.subn(pattern, ours, name)
@@ -431,47 +464,93 @@ def official_to_ours(name):
     return name
 
 
-def load_official_checkpoint(model, checkpoint):
-    """Load the authors' weights (a path, or their dict with 'base_model') into I2PMAE or Classifier.
+def checkpoint_weights(checkpoint, path='checkpoint'):
+    """{key: tensor}: ours under 'model'; the authors' under 'base_model', or a bare state_dict."""
+    weights = checkpoint['model'] if 'model_config' in checkpoint else checkpoint.get('base_model', checkpoint)
+    if not isinstance(weights, dict) or not weights or not all(torch.is_tensor(v) for v in weights.values()):
+        raise SystemExit(f'{path} is neither our checkpoint (model, model_config) nor the authors\' (base_model, '
+                         f'or a state_dict): it has keys {sorted(checkpoint)[:8]}')
+    return weights
 
-    Every encoder, decoder and head tensor must load; skipped are only their CLIP teacher, a 2D
-    head whose width depends on the teacher, pre-training parts a Classifier has no place for,
-    and a Classifier's new norm and head when the file is a pre-training checkpoint.
-    Returns {skipped key: reason}; raises ValueError listing every other mismatch.
+
+def checkpoint_config(checkpoint, path='checkpoint'):
+    """The architecture of a checkpoint: ours stores it; the authors' is the official one, with the
+    2D head as wide as their file's (their CLIP teacher: 512), or none."""
+    if 'model_config' in checkpoint:
+        return ModelConfig(**checkpoint['model_config'])
+    head = [v for k, v in checkpoint_weights(checkpoint, path).items() if k.endswith('rec_head_2d.weight')]
+    default = ModelConfig()
+    return ModelConfig(feat_dim_2d=head[0].shape[0] // (default.num_views * default.group_sizes[1]) if head else 0)
+
+
+def check_head(state, classifier, path):
+    """Explain, and stop, when a fine-tuned head in `state` (our key names) does not fit this classifier."""
+    theirs = (state['cls_head.8.weight'].shape[0], state['cls_head.0.weight'].shape[1])
+    ours = (classifier.cls_head[8].out_features, classifier.cls_head[0].in_features)
+    if theirs != ours:
+        raise SystemExit(
+            f'{path} is a classifier fine-tuned for {theirs[0]} classes on {theirs[1]}-wide pooled features, but '
+            f'this dataset has {ours[0]} classes and pooling {classifier.pooling!r} gives {ours[1]}-wide features. '
+            f'A fine-tuned head fits only the dataset it was trained on: to fine-tune, start from a pre-training '
+            f'checkpoint (pretrain.py\'s last.pt, the authors\' pre-train.pth); to test, use its own --data.')
+
+
+def load_weights(model, checkpoint, path='checkpoint', fine_tune=False):
+    """Load a checkpoint, ours (pretrain.py's, finetune.py's) or the authors', into an I2PMAE or a Classifier.
+
+    checkpoint: the dict read_checkpoint returns, or a path to read. Their key names are translated
+    (official_to_ours); ours pass unchanged. An I2PMAE takes a pre-training file; a Classifier takes a
+    fine-tuned file whose head fits (check_head), or, with fine_tune=True, also the encoder of a
+    pre-training file (its norm and head are then new).
+    Skipped, and reported: their CLIP teacher, a 2D head whose width depends on the teacher, the
+    pre-training parts a classifier has no place for, a classifier's new norm and head. Every other
+    tensor must load: SystemExit naming the file and every missing or unexpected key and every shape
+    difference. Returns {skipped key: reason}.
     """
     if isinstance(checkpoint, str):
-        checkpoint = torch.load(checkpoint, map_location='cpu', weights_only=False)
-    theirs = checkpoint.get('base_model', checkpoint)
+        path, checkpoint = checkpoint, read_checkpoint(checkpoint)
+    weights = checkpoint_weights(checkpoint, path)
+    names = {key: official_to_ours(key) for key in weights}
+    is_classifier, has_head = isinstance(model, Classifier), 'cls_head.8.weight' in names.values()
+    whose = 'ours' if 'model_config' in checkpoint else 'the authors\''
+    if is_classifier and has_head:
+        check_head({names[k]: v for k, v in weights.items()}, model, path)
+    elif is_classifier and not fine_tune:
+        raise SystemExit(f'{path} is a pre-training checkpoint ({whose}): it has no classifier head; fine-tune it first')
+    elif has_head:
+        raise SystemExit(f'{path} is a fine-tuned classifier ({whose}); this needs a pre-training checkpoint '
+                         f'(pretrain.py\'s last.pt or the authors\' pre-train.pth)')
     own = model.state_dict()
-    is_classifier = isinstance(model, Classifier)
-    is_pretrain_file = not any(official_to_ours(k).startswith('cls_head.') for k in theirs)
-    state, skipped, too_narrow, problems = {}, {}, set(), []
-    for key, value in theirs.items():
-        name = official_to_ours(key)
+    state, skipped, problems, unfit = {}, {}, [], set()   # unfit: a tensor of the file, of another shape
+    for key, value in weights.items():
+        name = names[key]
+        said = key if key == name else f'{key} (ours: {name})'
         if name.startswith('clip_model.'):
             skipped[key] = 'their CLIP teacher: ours lives outside the student'
         elif name not in own:
             if is_classifier and name.startswith(PRETRAIN_ONLY):
                 skipped[key] = 'pre-training only: a classifier has no decoder or reconstruction heads'
             else:
-                problems.append(f'unexpected key {key} (ours would be {name})')
+                problems.append(f'unexpected key {said}')
         elif value.shape == own[name].shape:
             state[name] = value
         elif value.shape == own[name].shape + (1,):    # their heads are kernel-1 Conv1d, ours Linear
             state[name] = value[..., 0]
         elif name.startswith('head_2d.'):
-            skipped[key] = (f'2D head width depends on the teacher: theirs {tuple(value.shape)}, '
-                            f'ours {tuple(own[name].shape)}')
-            too_narrow.add(name)
+            skipped[key] = (f'2D head width depends on the teacher: file {tuple(value.shape)}, '
+                            f'model {tuple(own[name].shape)}')
+            unfit.add(name)
         else:
-            problems.append(f'shape of {key}: theirs {tuple(value.shape)}, ours {tuple(own[name].shape)}')
-    for name in sorted(own.keys() - state.keys() - too_narrow):
-        if is_classifier and is_pretrain_file and name.startswith(NEW_IN_CLASSIFIER):
+            problems.append(f'shape of {said}: file {tuple(value.shape)}, model {tuple(own[name].shape)}')
+            unfit.add(name)
+    for name in sorted(own.keys() - state.keys() - unfit):
+        if is_classifier and not has_head and name.startswith(NEW_IN_CLASSIFIER):
             skipped[name] = 'new in the classifier: trained by fine-tuning'
         else:
             problems.append(f'missing key {name}')
     if problems:
-        raise ValueError('the checkpoint does not fit this model:\n  ' + '\n  '.join(problems))
+        raise SystemExit(f'{path} does not fit this {type(model).__name__} (a different architecture?):\n  '
+                         + '\n  '.join(problems))
     model.load_state_dict({**own, **{k: v.to(own[k].dtype) for k, v in state.items()}}, strict=True)
     return skipped
 
@@ -479,8 +558,6 @@ def load_official_checkpoint(model, checkpoint):
 def main():
     import argparse
     import glob
-    import os
-    import pickle
     import time
     from dataclasses import asdict
     from data import make_synthetic
@@ -501,14 +578,9 @@ def main():
     found = sorted(glob.glob('runs/pretrain-*/last.pt'), key=os.path.getmtime) if args.ckpt == 'auto' else (
         [] if args.ckpt == 'none' else [args.ckpt])
     if found:   # the demo checkpoint of `python pretrain.py`
-        try:
-            checkpoint = torch.load(found[-1], map_location='cpu', weights_only=True)
-        except pickle.UnpicklingError as error:   # never unpickle code from a file
-            raise SystemExit(f'{found[-1]}: torch.load(weights_only=True) refuses it, as it holds more than '
-                             f'tensors and plain types (an older checkpoint format?). Re-run pretrain.py, or pass '
-                             f'--ckpt none to fit a small student instead.') from error
-        model = I2PMAE(ModelConfig(**checkpoint['model_config']))
-        model.load_state_dict(checkpoint['model'])
+        checkpoint = read_checkpoint(found[-1], 'python model.py reads')
+        model = I2PMAE(checkpoint_config(checkpoint))
+        load_weights(model, checkpoint, found[-1])
         num_points, source = checkpoint['args']['num_points'], f'pre-trained student from {found[-1]}'
     else:       # no checkpoint: fit a small student to this one shape (3D loss only)
         model = I2PMAE(ModelConfig(**{**asdict(SMALL_CONFIG), 'feat_dim_2d': 0}))

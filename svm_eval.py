@@ -1,6 +1,6 @@
 """
 svm_eval.py: linear-SVM evaluation of a frozen pre-trained encoder (paper section
-"Linear SVM"; SPEC.md section 8.2).
+"Linear SVM"; the authors' tools/runner_test_svm.py).
 
 The encoder runs in eval mode with nothing masked at the coarsest scale; a cloud's feature
 is the max over its coarsest tokens (B, 384). A linear SVM (scikit-learn SVC) is fitted on
@@ -20,10 +20,11 @@ import torch
 from sklearn.model_selection import GridSearchCV
 from sklearn.svm import SVC
 
-from model import I2PMAE, ModelConfig, load_official_checkpoint
+from model import I2PMAE, checkpoint_config, load_weights, read_checkpoint
 from data import load_split
+from training import gather_rows
 
-# the authors' test-script values; their per-epoch monitor used 0.01 (SPEC B8). They were tuned for
+# the authors' test-script values; their per-epoch monitor used 0.01 (README: deviations, B8). They were tuned for
 # their features on real data; on synthetic data (None) C is chosen by cross-validation on train.
 SVM_C = {'modelnet40': 0.0093, 'scanobjectnn': 0.018, 'synthetic': None}
 # (dataset name in data.py, points per cloud): ModelNet40 uses the first 1024 h5 points, OBJ-BG all 2048
@@ -51,62 +52,57 @@ def parse_args(argv=None):
 
 
 def newest_checkpoint(root='runs'):
-    """The newest pre-training checkpoint runs/*/last.pt (fine-tuned classifiers, with num_classes, are skipped)."""
+    """The newest pre-training checkpoint runs/*/last.pt (fine-tuned classifiers, with num_classes, are skipped).
+    Each is read safely (read_checkpoint): a file that is not a clean checkpoint stops the search, named."""
     found = [path for path in sorted(glob.glob(os.path.join(root, '*', 'last.pt')), key=os.path.getmtime)
-             if 'num_classes' not in torch.load(path, map_location='cpu', weights_only=False)]
+             if 'num_classes' not in read_checkpoint(path, f'searching {root}/*/last.pt:')]
     if not found:
         raise SystemExit(f'no checkpoint under {root}/*/last.pt: run `python pretrain.py` first, or pass --ckpt PATH')
     return found[-1]
 
 
 def load_student(path, random_init=False):
-    """The pre-trained I2PMAE from our checkpoint or the authors' (their 2D head width read from the file)."""
-    if not os.path.isfile(path):
-        raise SystemExit(f'--ckpt {path}: no such file')
-    checkpoint = torch.load(path, map_location='cpu', weights_only=False)
-    if 'model_config' in checkpoint:                       # ours: rebuild from the stored config
-        cfg = ModelConfig(**checkpoint['model_config'])
-        student = I2PMAE(cfg)
-        if not random_init:
-            student.load_state_dict(checkpoint['model'], strict=True)
-        return student, checkpoint.get('args', {})
-    if 'base_model' not in checkpoint:
-        raise SystemExit(f'{path} is neither a pretrain.py checkpoint (model, model_config) nor the authors\' (base_model)')
-    head = [v for k, v in checkpoint['base_model'].items() if k.endswith('rec_head_2d.weight')]
-    default = ModelConfig()
-    cfg = ModelConfig(feat_dim_2d=head[0].shape[0] // (3 * default.group_sizes[1]) if head else 0)
-    student = I2PMAE(cfg)
-    if not random_init:
-        for key, why in load_official_checkpoint(student, checkpoint).items():
-            print(f'  skipped {key}: {why}')
-    return student, {}
+    """The pre-trained I2PMAE from our checkpoint or the authors' (model.load_weights), and the flags it was trained with."""
+    checkpoint = read_checkpoint(path, '--ckpt')
+    student = I2PMAE(checkpoint_config(checkpoint, path))
+    skipped = {} if random_init else load_weights(student, checkpoint, path)
+    for key, why in skipped.items():
+        print(f'  skipped {key}: {why}')
+    return student, checkpoint.get('args', {})
 
 
 @torch.no_grad()
-def extract_features(student, points, batch_size, device):
-    """(S, N, 3) clouds -> (S, C) numpy features of the frozen encoder, in batches, with progress."""
+def extract_features(student, points, batch_size, device, process=None):
+    """(S, N, 3) clouds -> (S, C) numpy features of the frozen encoder, in batches, with progress.
+    With a `process` of a multi-process run, each process encodes every world-th cloud (all take part)."""
     student.eval()
-    features = []
-    for start in range(0, len(points), batch_size):
-        features.append(student.svm_features(points[start:start + batch_size].to(device)).float().cpu())
-        print(f'\r  features {min(start + batch_size, len(points))}/{len(points)}', end='', flush=True)
-    print()
-    return torch.cat(features).numpy()
+    rank, world = (process.rank, process.world) if process else (0, 1)
+    mine, features = points[rank::world], []
+    for start in range(0, len(mine), batch_size):
+        features.append(student.svm_features(mine[start:start + batch_size].to(device)).float())
+        if rank == 0:
+            print(f'\r  features {min(start + batch_size, len(mine)) * world}/{len(points)}', end='', flush=True)
+    if rank == 0:
+        print()
+    features = torch.cat(features)
+    return (gather_rows(features, len(points), process) if world > 1 else features).cpu().numpy()
 
 
 @torch.no_grad()
 def calibrate_batchnorm(student, points, batch_size, device):
-    """Estimate BatchNorm running statistics on these clouds (train-mode forwards, no gradients).
+    """Estimate BatchNorm running statistics on these clouds (forwards with only the BatchNorms in
+    training mode: stochastic depth stays off; no gradients).
 
     Freshly initialised BatchNorm layers hold mean 0 / variance 1, while the authors' init gives
     their inputs a variance near 1e-5: an untrained encoder in eval mode then outputs nearly the
     same feature for every cloud. Calibrating makes the random-init baseline a fair one.
     """
+    student.eval()
     for m in student.modules():
         if isinstance(m, torch.nn.BatchNorm1d):
             m.reset_running_stats()
             m.momentum = None            # a plain average over all batches
-    student.train()
+            m.train()
     for start in range(0, len(points), batch_size):
         student.svm_features(points[start:start + batch_size].to(device))
     student.eval()
@@ -124,29 +120,32 @@ def choose_C(train_x, train_y, grid=(0.001, 0.0093, 0.018, 0.03, 0.1, 0.3, 1.0, 
     return search.best_params_['C']
 
 
-def evaluate(student, data, data_root, num_points, C, batch_size, device, cv=False, calibrate=False):
+def evaluate(student, data, data_root, num_points, C, batch_size, device, cv=False, calibrate=False, process=None):
     """Linear-SVM accuracy of the student's frozen features; returns (accuracy, C, n_train, n_test).
 
     calibrate=True first estimates BatchNorm statistics on the training clouds (random-init baseline).
+    process: in a multi-process run every process extracts its share of the features, then fits the
+    same SVM on all of them (no process waits in a collective while another fits).
     """
     name, default_points = SVM_DATA[data]
     train = load_split(name, 'train', data_root=data_root, num_points=num_points or default_points)
     test = load_split(name, 'test', data_root=data_root, num_points=num_points or default_points)
     if calibrate:
         calibrate_batchnorm(student, train.points, batch_size, device)
-    train_x = extract_features(student, train.points, batch_size, device)
-    test_x = extract_features(student, test.points, batch_size, device)
+    train_x = extract_features(student, train.points, batch_size, device, process)
+    test_x = extract_features(student, test.points, batch_size, device, process)
     if cv or C is None:
         C = choose_C(train_x, train.labels.numpy())
     accuracy = linear_svm_accuracy(train_x, train.labels.numpy(), test_x, test.labels.numpy(), C)
     return accuracy, C, len(train_x), len(test_x)
 
 
-def svm_check(student, args, device):
-    """pretrain.py's periodic monitor: accuracy on synthetic data or ModelNet40, never used to pick checkpoints."""
+def svm_check(student, args, process):
+    """pretrain.py's periodic monitor: accuracy on synthetic data or ModelNet40, never used to pick checkpoints.
+    Every process of the run takes part and gets the same accuracy."""
     data = 'synthetic' if args.data == 'synthetic' else 'modelnet40'
     points = args.num_points if data == 'synthetic' else None
-    accuracy, *_ = evaluate(student, data, args.data_root, points, SVM_C[data], 128, device)
+    accuracy, *_ = evaluate(student, data, args.data_root, points, SVM_C[data], 128, process.device, process=process)
     student.train()
     return accuracy
 

@@ -32,8 +32,8 @@ from project import (VIEWS, back_project, bicubic_matrix, project_depth_images,
                      sample_upsampled)
 from teacher import normalize_images, teacher_features_and_saliency, tiny_teacher
 from mask import guided_mask, hierarchical_masks, propagate_mask, random_mask
-from model import (Classifier, I2PMAE, ModelConfig, chamfer_l2, load_official_checkpoint,
-                   official_to_ours)
+from model import (Classifier, I2PMAE, ModelConfig, chamfer_l2, checkpoint_config, load_weights,
+                   official_to_ours, read_checkpoint)
 
 
 def load_reference(name):
@@ -110,7 +110,7 @@ def pretrain_reference():
 
 def reference_student(ref):
     model = I2PMAE(ref['cfg'])
-    assert load_official_checkpoint(model, {'base_model': ref['weights']}) == {}
+    assert load_weights(model, {'base_model': ref['weights']}) == {}
     return model
 
 
@@ -501,7 +501,7 @@ def test_reference_classifier(dataset):
     cfg = reference_config(c)
     model = Classifier(cfg, c['num_classes'], 'concat' if 'concat' in c['pooling'] else 'mean+max')
     state = load_reference(f'finetune_{dataset}_weights.pt')['state_dict']
-    assert load_official_checkpoint(model, {'base_model': state}) == {}
+    assert load_weights(model, {'base_model': state}) == {}
     model.eval()
     rec = Recorder()
     for i in range(len(cfg.num_groups)):
@@ -543,7 +543,7 @@ def test_official_pretrain_checkpoint_loads_with_report():
     state = official_state_dict('official_keys_pretrain.txt')
     state['module.clip_model.visual.proj'] = torch.zeros(768, 512, dtype=torch.float16)
     model = I2PMAE(ModelConfig())                            # 768-wide 2D head: theirs is 512-wide
-    skipped = load_official_checkpoint(model, {'base_model': state, 'epoch': 300})
+    skipped = load_weights(model, {'base_model': state, 'epoch': 300})
     assert set(skipped) == {'module.clip_model.visual.proj', 'module.rec_head_2d.weight', 'module.rec_head_2d.bias'}
     assert 'depends on the teacher' in skipped['module.rec_head_2d.weight']
     ours = model.state_dict()
@@ -557,10 +557,10 @@ def test_official_checkpoints_load_into_classifiers():
     for listing, classes, pooling in (('official_keys_finetune_modelnet40.txt', 40, 'mean+max'),
                                       ('official_keys_finetune_scanobjectnn.txt', 15, 'concat')):
         cfg = ModelConfig(group_sizes=(32, 16, 16))
-        assert load_official_checkpoint(Classifier(cfg, classes, pooling), official_state_dict(listing, '')) == {}
+        assert load_weights(Classifier(cfg, classes, pooling), official_state_dict(listing, '')) == {}
     # a pre-training file fine-tunes: encoder loads, their decoder is skipped, our head is new
     model = Classifier(ModelConfig(), 40)
-    skipped = load_official_checkpoint(model, {'base_model': official_state_dict('official_keys_pretrain.txt')})
+    skipped = load_weights(model, {'base_model': official_state_dict('official_keys_pretrain.txt')}, fine_tune=True)
     assert any(k.startswith('module.h_decoder') for k in skipped) and 'cls_head.0.weight' in skipped
     assert not any('h_encoder.token_embed' in k or 'encoder_blocks' in k for k in skipped)
 
@@ -569,12 +569,41 @@ def test_official_checkpoint_mismatch_fails_loudly():
     state = official_state_dict('official_keys_pretrain.txt')
     del state['module.h_encoder.encoder_blocks.0.blocks.0.attn.qkv.weight']
     state['module.h_encoder.extra.weight'] = torch.zeros(1)
-    with pytest.raises(ValueError, match=r'(?s)unexpected key module.h_encoder.extra.weight.*'
-                                         r'missing key encoder.blocks.0.0.attn.qkv.weight'):
-        load_official_checkpoint(I2PMAE(ModelConfig()), {'base_model': state})
-    with pytest.raises(ValueError, match='shape of'):
-        load_official_checkpoint(I2PMAE(ModelConfig(encoder_dims=(96, 192, 256))),
-                                 {'base_model': official_state_dict('official_keys_pretrain.txt')})
+    with pytest.raises(SystemExit, match=r'(?s)pre-train.pth does not fit this I2PMAE.*unexpected key '
+                                         r'module.h_encoder.extra.weight.*missing key encoder.blocks.0.0.attn.qkv.weight'):
+        load_weights(I2PMAE(ModelConfig()), {'base_model': state}, 'pre-train.pth')
+    with pytest.raises(SystemExit, match='shape of'):
+        load_weights(I2PMAE(ModelConfig(encoder_dims=(96, 192, 256))),
+                     {'base_model': official_state_dict('official_keys_pretrain.txt')})
+
+
+def test_authors_checkpoint_files_read_with_weights_only(tmp_path):
+    """A file in their layout (runner's save_checkpoint: base_model with 'module.', optimizer, epoch,
+    metrics; fine-tuning metrics hold a tensor) reads with weights_only=True and builds its model."""
+    state = official_state_dict('official_keys_pretrain.txt')
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(3))])
+    optimizer.step()
+    path = str(tmp_path / 'pre-train.pth')
+    torch.save({'base_model': state, 'optimizer': optimizer.state_dict(), 'epoch': 300, 'metrics': {'acc': 0.0},
+                'best_metrics': {'acc': torch.tensor(93.4)}}, path)
+    checkpoint = read_checkpoint(path)
+    model = I2PMAE(checkpoint_config(checkpoint))
+    assert model.cfg.feat_dim_2d == 512                       # their CLIP head, read from the file
+    assert load_weights(model, path) == {}
+
+
+def test_old_checkpoint_with_numpy_state_is_refused_saying_why(tmp_path):
+    path = str(tmp_path / 'last.pt')
+    torch.save({'model': {}, 'model_config': {}, 'rng': {'numpy': np.random.get_state()}}, path)
+    with pytest.raises(SystemExit, match=r'(?s)--resume .*last.pt: refused: it holds NumPy objects.*older versions.*'
+                                         r'weights_only=False, which would also run any code'):
+        read_checkpoint(path, '--resume')
+    (tmp_path / 'cut.pt').write_bytes(open(path, 'rb').read()[:300])
+    with pytest.raises(SystemExit, match='cut.pt: not a readable checkpoint, perhaps cut short'):
+        read_checkpoint(str(tmp_path / 'cut.pt'))
+    (tmp_path / 'notes.txt').write_text('not a checkpoint\n')
+    with pytest.raises(SystemExit, match='notes.txt: not a'):
+        read_checkpoint(str(tmp_path / 'notes.txt'))
 
 
 # ---------------------------------------------------------------- the stage demos and their pictures
@@ -997,13 +1026,26 @@ def test_fps_subsample_gathers_farthest_point_sample():
 
 # ---------------------------------------------------------------- pretrain.py
 import json
+import random
+import runpy
+import shutil
+import signal
 import subprocess
+from dataclasses import replace
+from functools import lru_cache
+
+import torch.distributed as dist
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 import pretrain
-from pretrain import cosine_lr, param_groups, parse_args, pretrain_step
+import training
+from data import PointSplit, load_split, random_point_subset, scale_and_translate
+from pretrain import parse_args, pretrain_step
+from training import Process, Run, cosine_lr, param_groups
 
-PRETRAIN_FLAGS = ['--config', 'small', '--num_points', '256', '--batch_size', '8', '--teacher_weights', 'random',
-        '--small_random_teacher', '--log_every', '1', '--gpu', '-1']
+PRETRAIN_FLAGS = ['--config', 'small', '--num_points', '128', '--batch_size', '4', '--teacher_weights', 'random',
+                  '--small_random_teacher', '--log_every', '1', '--gpu', '-1']
+TIMING = {'samples_per_s', 'minutes'}   # log fields that measure the machine, not the run
 
 
 def tiny_student_and_teacher(feat_dim=32):
@@ -1065,110 +1107,297 @@ def test_visible_targets_equal_reading_every_token_then_selecting(pretrain_refer
     assert torch.allclose(targets, ref['target_2d'][~ref['masks'][1]], atol=1e-6)
 
 
-def test_synthetic_demo_presets_fill_only_unset_flags():
+def test_presets_fill_only_unset_flags_and_abbreviations_are_honoured():
     demo, paper = parse_args([]), parse_args(['--data', 'shapenet'])
-    assert demo.config == 'small' and demo.epochs == pretrain.SYNTHETIC_DEMO['epochs']
+    assert demo.config == 'small' and demo.epochs == pretrain.PRESETS['synthetic']['epochs']
     assert parse_args(['--epochs', '3']).epochs == 3
+    assert parse_args(['--epoch', '3']).epochs == 3 and parse_args(['--batch', '16']).batch_size == 16
     assert parse_args(['--no-small_random_teacher']).small_random_teacher is False
     assert (paper.config, paper.epochs, paper.batch_size, paper.lr, paper.mask_ratio, paper.num_points) == \
         ('full', 300, 64, 1e-3, 0.8, 2048)
 
 
-def test_cosine_lr_warms_up_then_decays():
-    args = parse_args(['--data', 'shapenet'])
-    assert cosine_lr(0, args) == args.min_lr
-    official = lambda t: 1e-6 + 0.5 * (1e-3 - 1e-6) * (1 + np.cos(np.pi * t / 400))
-    assert cosine_lr(args.warmup_epochs / 2, args) == pytest.approx((1e-6 + 1e-3) / 2)
-    assert cosine_lr(args.warmup_epochs, args) == pytest.approx(official(10))   # timm: cosine counts from 0
-    assert cosine_lr(args.cosine_epochs, args) == pytest.approx(args.min_lr)
-    # the official schedule: cosine over 400 epochs, so epoch 300 is still at about 1.5e-4
-    assert cosine_lr(300, args) == pytest.approx(official(300))
+def test_real_data_needs_a_teacher_named_explicitly(capsys):
+    assert parse_args(['--data', 'shapenet']).teacher_weights == 'imagenet'   # fails offline, never turns random
+    assert parse_args(['--data', 'shapenet', '--teacher_weights', 'random']).teacher_weights == 'random'
+    with pytest.raises(SystemExit):
+        parse_args(['--data', 'shapenet', '--teacher_weights', 'auto'])
+    assert 'random (explicitly)' in capsys.readouterr().err
 
 
-def test_no_weight_decay_on_biases_norms_and_token_parameters():
-    student, _ = tiny_student_and_teacher()
-    decay, no_decay = param_groups(student, 0.05)
-    names = {id(p): n for n, p in student.named_parameters()}
-    no_decay_names = {names[id(p)] for p in no_decay['params']}
-    assert 'mask_token' in no_decay_names and 'encoder.token_embed.0.first_conv.0.weight' in no_decay_names
-    assert 'token_propagation.0.fuse.0.weight' in no_decay_names          # 'token' in the name, as theirs
-    assert 'encoder.blocks.0.0.attn.qkv.weight' in {names[id(p)] for p in decay['params']}
-    assert not any(n.endswith('.bias') for n in {names[id(p)] for p in decay['params']})
+def test_mask_ratio_that_hides_nothing_is_refused_at_the_flag(capsys, tmp_path, monkeypatch):
+    for ratio in ('0', '1', '-0.2'):
+        with pytest.raises(SystemExit):
+            parse_args(['--mask_ratio', ratio])
+        assert 'must be in (0, 1). At 0 no token is hidden' in capsys.readouterr().err
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match=r'hides int\(0.05 x 16\) = 0 of the 16 coarsest tokens: nothing to reconstruct'):
+        pretrain.main(parse_args(PRETRAIN_FLAGS + ['--mask_ratio', '0.05']))
 
 
 def read_log(folder):
     return [json.loads(line) for line in open(os.path.join(folder, 'log.jsonl'))]
 
 
-def test_resume_reproduces_the_uninterrupted_run(tmp_path, monkeypatch):
+def log_records(folder):
+    """log.jsonl without the timing fields: what two runs of the same computation must share."""
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in read_log(folder)]
+
+
+def saved_weights(path):
+    return torch.load(path, weights_only=True)['model']
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys() and not [k for k in a if not torch.equal(a[k], b[k])], \
+        [k for k in a if not torch.equal(a[k], b[k])][:5]
+
+
+def position(path):
+    saved = torch.load(path, weights_only=True)
+    return saved['epoch'], saved['step_in_epoch']
+
+
+@lru_cache(maxsize=None)
+def pretrain_pool(num_points):
+    """40 shapes of the synthetic pre-training pool: enough for runs of a few steps, quick to reuse."""
+    return load_split('synthetic', 'pretrain', num_points=num_points).points[:40]
+
+
+def use_small_pool(patch):
+    patch.setattr(pretrain, 'load_split', lambda name, split, data_root, num_points: PointSplit(pretrain_pool(num_points), None, []))
+
+
+@pytest.fixture
+def small_pool(monkeypatch):
+    use_small_pool(monkeypatch)
+
+
+def pretrain_run(name, *flags, epochs=2, steps=2):
+    """A pre-training run of `epochs` x `steps` steps in runs/<name>, on the small pool."""
+    return pretrain.main(parse_args(PRETRAIN_FLAGS + ['--epochs', str(epochs), '--max_steps_per_epoch', str(steps),
+                                                      '--run_name', name, *flags]))
+
+
+@pytest.fixture(scope='module')
+def straight_pretrain(tmp_path_factory):
+    """runs/straight of the default pretrain_run, never interrupted: what interrupted runs must retrace."""
+    folder = tmp_path_factory.mktemp('straight')
+    with pytest.MonkeyPatch.context() as patch:
+        use_small_pool(patch)
+        patch.chdir(folder)
+        pretrain_run('straight')
+    return folder / 'runs' / 'straight'
+
+
+def signal_at_call(n, signum=signal.SIGINT):
+    """A hook that sends this process Ctrl-C (SIGINT) at its n-th call, as a key press would."""
+    calls = []
+
+    def hook(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == n:
+            signal.raise_signal(signum)
+    return hook
+
+
+def before(function, hook):
+    def wrapped(*args, **kwargs):
+        hook()
+        return function(*args, **kwargs)
+    return wrapped
+
+
+def after(function, hook):
+    def wrapped(*args, **kwargs):
+        result = function(*args, **kwargs)
+        hook()
+        return result
+    return wrapped
+
+
+def interrupted(run, *flags):
+    with pytest.raises(SystemExit) as stopped:
+        run(*flags)
+    assert stopped.value.code == 130
+
+
+def test_ctrl_c_inside_a_pretraining_step_then_resume_is_bit_identical(straight_pretrain, tmp_path, monkeypatch, small_pool):
+    """Ctrl-C after the step's random draws, inside the student (BatchNorm statistics already moved),
+    and after optimizer.step(): each time the step finishes, is saved, and --resume retraces the
+    uninterrupted run: the same final weights and the same log, every record once."""
     monkeypatch.chdir(tmp_path)
-    common = PRETRAIN_FLAGS + ['--epochs', '2', '--max_steps_per_epoch', '2']
-    pretrain.main(parse_args(common + ['--run_name', 'straight']))
-    pretrain.main(parse_args(common + ['--run_name', 'cut', '--epochs', '1']))
+    resume, positions = ('--resume', 'runs/cut/last.pt'), []
+    with monkeypatch.context() as patch:   # epoch 0, first step: after the data draw
+        patch.setattr(pretrain, 'scale_and_translate', after(scale_and_translate, signal_at_call(1)))
+        interrupted(pretrain_run, 'cut')
+    positions.append(position('runs/cut/last.pt'))
+    with monkeypatch.context() as patch:   # epoch 0, its last step: inside the student, before the decoder
+        patch.setattr(I2PMAE, 'decode', before(I2PMAE.decode, signal_at_call(1)))
+        interrupted(pretrain_run, 'cut', *resume)
+    positions.append(position('runs/cut/last.pt'))
+    hook = signal_at_call(1)               # epoch 1, first step: after optimizer.step()
+    handle = register_optimizer_step_post_hook(lambda *a: hook())
+    try:
+        interrupted(pretrain_run, 'cut', *resume)
+    finally:
+        handle.remove()
+    positions.append(position('runs/cut/last.pt'))
+    pretrain_run('cut', *resume)
+    assert_same_weights(saved_weights(straight_pretrain / 'last.pt'), saved_weights('runs/cut/last.pt'))
+    assert log_records('runs/cut') == log_records(straight_pretrain)
+    assert positions == [(0, 1), (1, 0), (1, 1)]   # each after the step it interrupted
+
+
+def test_killed_run_resumed_logs_every_record_once(straight_pretrain, tmp_path, monkeypatch, small_pool):
+    """kill -9 leaves records after the last checkpoint, one of them cut short; --resume drops them."""
+    monkeypatch.chdir(tmp_path)
+
+    class Killed(BaseException):   # like kill -9: nothing of ours runs after it
+        pass
+
+    def killed_at_call(n):
+        calls = []
+
+        def step(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == n:
+                raise Killed
+            return pretrain_step(*args, **kwargs)
+        return step
+    with monkeypatch.context() as patch:   # epoch 1, second step: one record after the epoch-0 checkpoint
+        patch.setattr(pretrain, 'pretrain_step', killed_at_call(4))
+        with pytest.raises(Killed):
+            pretrain_run('cut')
+    with open('runs/cut/log.jsonl', 'a') as f:
+        f.write('{"epoch": 1, "step": 2, "lo')
+    pretrain_run('cut', '--resume', 'runs/cut/last.pt')
+    assert log_records('runs/cut') == log_records(straight_pretrain)
+
+
+def test_non_finite_loss_or_weights_stop_and_keep_the_last_good_checkpoint(tmp_path, monkeypatch, small_pool):
+    monkeypatch.chdir(tmp_path)
+
+    def nan_from_call(n):
+        calls = []
+
+        def step(*args, **kwargs):
+            calls.append(1)
+            loss_3d, loss_2d = pretrain_step(*args, **kwargs)
+            return (loss_3d * float('nan'), loss_2d) if len(calls) >= n else (loss_3d, loss_2d)
+        return step
+    with monkeypatch.context() as patch:   # a NaN loss in epoch 1
+        patch.setattr(pretrain, 'pretrain_step', nan_from_call(3))
+        with pytest.raises(FloatingPointError, match=r'non-finite loss at epoch 1 step 1 \(loss_3d nan.*nothing saved; '
+                                                     r'runs/nan/last.pt holds epoch 1 step 0'):
+            pretrain_run('nan')
+    assert position('runs/nan/last.pt') == (1, 0)
+
+    def explode(optimizer, *args):   # the epoch's last update blows the weights up; its loss was finite
+        explode.calls += 1
+        if explode.calls == 4:
+            next(iter(optimizer.param_groups[0]['params'])).data.fill_(float('inf'))
+    explode.calls = 0
+    handle = register_optimizer_step_post_hook(explode)
+    try:
+        with pytest.raises(FloatingPointError, match=r'non-finite weights before saving last.pt at epoch 2 step 0: not '
+                                                     r'saved.*runs/blown/last.pt holds epoch 1 step 0'):
+            pretrain_run('blown')
+    finally:
+        handle.remove()
+    kept = torch.load('runs/blown/last.pt', weights_only=True)
+    assert (kept['epoch'], kept['step_in_epoch']) == (1, 0)
+    assert all(v.isfinite().all() for v in kept['model'].values() if v.is_floating_point())
+
+
+def test_resume_at_an_epoch_end_reproduces_the_uninterrupted_run(straight_pretrain, tmp_path, monkeypatch, small_pool):
+    monkeypatch.chdir(tmp_path)
+    pretrain_run('cut', epochs=1)
     # the cut run stopped after epoch 0; resuming it with --epochs 2 must retrace the straight run
-    pretrain.main(parse_args(common + ['--run_name', 'cut', '--resume', 'runs/cut/last.pt']))
-    straight = [r for r in read_log('runs/straight') if 'step' in r]
-    cut = [r for r in read_log('runs/cut') if 'step' in r]
-    assert [(r['epoch'], r['step'], r['loss_3d'], r['loss_2d']) for r in straight] == \
-           [(r['epoch'], r['step'], r['loss_3d'], r['loss_2d']) for r in cut]
-    summaries = [r for r in read_log('runs/straight') if 'mean_loss_3d' in r]
+    pretrain_run('cut', '--resume', 'runs/cut/last.pt')
+    assert log_records('runs/cut') == log_records(straight_pretrain)
+    summaries = [r for r in read_log('runs/cut') if 'mean_loss_3d' in r]
     assert summaries[-1]['mean_loss_3d'] < summaries[0]['mean_loss_3d']    # a few steps already help
     # the checkpoint: student only, loads strictly into the SVM and fine-tuning encoders
-    checkpoint = torch.load('runs/straight/last.pt', weights_only=False)
+    checkpoint = torch.load('runs/cut/last.pt', weights_only=True)
     assert not any(k.startswith(('teacher', 'vit', 'clip')) for k in checkpoint['model'])
     assert checkpoint['epoch'] == 2 and checkpoint['model_config']['feat_dim_2d'] == 64
+    assert 'small random ViT' in checkpoint['teacher'] and 'resume' in checkpoint['about']
     cfg = ModelConfig(**checkpoint['model_config'])
     I2PMAE(cfg).load_state_dict(checkpoint['model'], strict=True)
-    encoder = {k[len('encoder.'):]: v for k, v in checkpoint['model'].items() if k.startswith('encoder.')}
-    Classifier(cfg, 13).encoder.load_state_dict(encoder, strict=True)
-    # an incompatible configuration is refused, naming what differs
+    skipped = load_weights(Classifier(cfg, 13), checkpoint, fine_tune=True)
+    assert skipped and not any(k.startswith('encoder.') for k in skipped)      # every encoder tensor loaded
+    # a run started differently is refused, naming what differs: architecture, seed (batch order), lr
     with pytest.raises(SystemExit, match='encoder_dims'):
         pretrain.main(parse_args(PRETRAIN_FLAGS + ['--config', 'full', '--run_name', 'cut', '--resume', 'runs/cut/last.pt']))
+    with pytest.raises(SystemExit, match=r'(?s)--lr: checkpoint 0.001, now 0.002.*--seed: checkpoint 0, now 1'):
+        pretrain_run('cut', '--resume', 'runs/cut/last.pt', '--seed', '1', '--lr', '2e-3', epochs=3)
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+def test_a_second_run_into_a_folder_is_refused_unless_overwrite_or_resume(tmp_path, monkeypatch, small_pool):
     monkeypatch.chdir(tmp_path)
-    args = parse_args(PRETRAIN_FLAGS + ['--epochs', '1', '--max_steps_per_epoch', '1', '--run_name', 'nan'])
-    pretrain.main(args)
-    good = torch.load('runs/nan/last.pt', weights_only=False)
-
-    def exploding_step(*a, **k):
-        loss = torch.tensor(float('nan'), requires_grad=True)
-        return loss, loss
-    monkeypatch.setattr(pretrain, 'pretrain_step', exploding_step)
-    with pytest.raises(FloatingPointError, match='non-finite loss'):
-        pretrain.main(parse_args(PRETRAIN_FLAGS + ['--epochs', '2', '--max_steps_per_epoch', '1', '--run_name', 'nan',
-                                         '--resume', 'runs/nan/last.pt']))
-    kept = torch.load('runs/nan/last.pt', weights_only=False)
-    assert kept['epoch'] == good['epoch'] and all(torch.equal(kept['model'][k], v) for k, v in good['model'].items())
+    pretrain_run('same', epochs=1, steps=1)
+    with pytest.raises(SystemExit, match=r'runs/same holds another run \(last.pt, log.jsonl\): continue it with '
+                                         r'--resume runs/same/last.pt, start over with --overwrite'):
+        pretrain_run('same', epochs=1, steps=1)
+    pretrain_run('same', '--overwrite', epochs=1, steps=1)
+    assert [r['epoch'] for r in read_log('runs/same')] == [0, 0]         # replaced, not appended to
+    pretrain_run('same', '--resume', 'runs/same/last.pt', epochs=2, steps=1)
+    assert [r['epoch'] for r in read_log('runs/same')] == [0, 0, 1, 1]
 
 
-def test_ctrl_c_saves_where_to_continue(tmp_path, monkeypatch):
+def test_resume_refuses_another_teacher(tmp_path, monkeypatch, small_pool):
+    """The checkpoint records its teacher (a description; for a weights file its SHA-256); a resume must match."""
     monkeypatch.chdir(tmp_path)
-    real_step, calls = pretrain.pretrain_step, []
+    teacher = tiny_teacher(image_size=224, patch_size=16, num_layers=4, hidden_dim=64)
+    offline = {'auto': 'vit_b_16 ImageNet (torchvision IMAGENET1K_V1)'}
+    monkeypatch.setattr(pretrain, 'build_teacher', lambda weights, arch: (teacher, offline.get(weights, f'{arch} from {weights}')))
+    flags = ('--no-small_random_teacher', '--teacher_weights')
+    pretrain_run('auto', *flags, 'auto', epochs=1, steps=1)
+    offline['auto'] = 'vit_b_16 random init (no pretrained knowledge)'     # the same flag, offline this time
+    with pytest.raises(SystemExit, match=r"teacher_identity: checkpoint 'vit_b_16 ImageNet.*now 'vit_b_16 random init"):
+        pretrain_run('auto', *flags, 'auto', '--resume', 'runs/auto/last.pt', epochs=2, steps=1)
+    for name, content in (('a.pth', b'weights A'), ('b.pth', b'weights B'), ('copy_of_a.pth', b'weights A')):
+        (tmp_path / name).write_bytes(content)
+    pretrain_run('file', *flags, 'a.pth', epochs=1, steps=1)
+    with pytest.raises(SystemExit, match='teacher_identity: checkpoint .sha256 '):
+        pretrain_run('file', *flags, 'b.pth', '--resume', 'runs/file/last.pt', epochs=2, steps=1)
+    pretrain_run('file', *flags, 'copy_of_a.pth', '--resume', 'runs/file/last.pt', epochs=2, steps=1)   # moved: fine
 
-    def interrupted_second_step(*a, **k):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real_step(*a, **k)
-    monkeypatch.setattr(pretrain, 'pretrain_step', interrupted_second_step)
-    with pytest.raises(SystemExit):
-        pretrain.main(parse_args(PRETRAIN_FLAGS + ['--epochs', '1', '--max_steps_per_epoch', '3', '--run_name', 'cc']))
-    saved = torch.load('runs/cc/last.pt', weights_only=False)
-    assert (saved['epoch'], saved['step_in_epoch']) == (0, 1)        # one step done, the second to redo
+
+def test_resume_with_another_number_of_processes_is_refused_unless_reseed(tmp_path, monkeypatch, small_pool, capsys):
+    monkeypatch.chdir(tmp_path)
+    pretrain_run('w', epochs=1, steps=1)
+    checkpoint = torch.load('runs/w/last.pt', weights_only=True)
+    checkpoint.update(world_size=2, ranks=checkpoint['ranks'] * 2)    # as if two processes had written it
+    torch.save(checkpoint, 'runs/w/last.pt')
+    with pytest.raises(SystemExit, match=r'written by 2 process\(es\), this run has 1.*pass --reseed'):
+        pretrain_run('w', '--resume', 'runs/w/last.pt', epochs=2, steps=1)
+    pretrain_run('w', '--resume', 'runs/w/last.pt', '--reseed', epochs=2, steps=1)
+    assert 'resumed 2 process(es) as 1: every process reseeded (--reseed)' in capsys.readouterr().out
 
 
-def test_ddp_two_cpu_processes_agree_on_the_weights(tmp_path):
-    command = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', '--master_port=29533',
-               os.path.join(HERE, 'pretrain.py')] + PRETRAIN_FLAGS + ['--epochs', '1', '--max_steps_per_epoch', '2',
-                                                            '--run_name', 'ddp']
-    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONPATH': HERE}
-    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-    assert 'weights identical on all 2 ranks' in done.stdout
-    assert 'total batch 8 (4 per process)' in done.stdout
-    assert os.path.exists(tmp_path / 'runs' / 'ddp' / 'last.pt')
+def test_seed_changes_the_demo_initial_weights_and_losses():
+    def first_step(seed):
+        args = parse_args(['--seed', str(seed), '--teacher_weights', 'random', '--gpu', '-1'])   # the demo preset
+        process = training.setup_process(args)
+        teacher, _, _, student = pretrain.build(args, process.device)
+        xyz = pretrain_pool(args.num_points)[:2]
+        return student.state_dict(), [l.item() for l in pretrain_step(student, teacher, xyz, args)]
+    (init0, losses0), (init1, losses1), (again0, losses_again0) = first_step(0), first_step(1), first_step(0)
+    assert not torch.equal(init0['encoder.pos_embed.0.0.weight'], init1['encoder.pos_embed.0.0.weight'])
+    assert losses0 != losses1
+    assert_same_weights(init0, again0)
+    assert losses0 == losses_again0
+
+
+def test_load_points_draws_a_new_subset_every_step(tmp_path, monkeypatch, small_pool):
+    monkeypatch.chdir(tmp_path)
+    subsets = []
+    monkeypatch.setattr(pretrain, 'random_point_subset',
+                        lambda xyz, n: subsets.append((xyz.shape, n)) or random_point_subset(xyz, n))
+    pretrain_run('subsets', '--load_points', '512', epochs=1, steps=2)
+    assert subsets == [(torch.Size([4, 512, 3]), 128)] * 2
 
 
 def test_benchmark_prints_a_stage_table(capsys):
@@ -1179,41 +1408,52 @@ def test_benchmark_prints_a_stage_table(capsys):
 
 
 # ---------------------------------------------------------------- svm_eval.py and finetune.py
-import signal
-from dataclasses import replace
-
 from sklearn.svm import SVC
 
 import finetune
 import svm_eval
-from data import PointSplit, load_split, random_point_subset, scale_and_translate
 
 # tiny enough for a CPU test; the same architecture as the paper's, fewer and narrower tokens
 TINY = ModelConfig(num_groups=(32, 16, 8), group_sizes=(8, 4, 4), encoder_dims=(16, 32, 64), encoder_depths=(1, 1, 1),
                    num_heads=2, decoder_dims=(64, 32), feat_dim_2d=0, point_embed_dims=(8, 16, 32))
 TINY_FLAGS = ['--points', '48', '--train_fps', '56', '--group_sizes', '8', '4', '4', '--gpu', '-1']
+CPU = Process(torch.device('cpu'))   # a run of one process
 
 
-@pytest.fixture(scope='module')
-def pretrain_checkpoint(tmp_path_factory):
+def write_tiny_pretrain_checkpoint(path):
     """A pretrain.py-format checkpoint of a TINY I2PMAE whose every tensor differs from a fresh init."""
-    torch.manual_seed(0)
+    generator = torch.Generator().manual_seed(0)
     student = I2PMAE(TINY)
-    state = {k: v + 0.01 * torch.randn_like(v) if v.is_floating_point() else v + 3 for k, v in student.state_dict().items()}
+    state = {k: v + 0.01 * torch.randn(v.shape, generator=generator) if v.is_floating_point() else v + 3
+             for k, v in student.state_dict().items()}
     state = {k: v.abs() if k.endswith('running_var') else v for k, v in state.items()}
-    path = str(tmp_path_factory.mktemp('pretrain') / 'last.pt')
-    torch.save(dict(model=state, model_config=asdict(TINY), args={'data': 'synthetic'}, optimizer={}, epoch=1,
-                    step_in_epoch=0, rng=None, teacher='none'), path)
+    torch.save(dict(model=state, model_config=asdict(TINY), args={'data': 'synthetic'}, epoch=1, step_in_epoch=0,
+                    teacher='none'), path)
     return path
 
 
 @pytest.fixture(scope='module')
-def small_synthetic():
+def pretrain_checkpoint(tmp_path_factory):
+    return write_tiny_pretrain_checkpoint(str(tmp_path_factory.mktemp('pretrain') / 'last.pt'))
+
+
+@lru_cache(maxsize=None)
+def small_synthetic_splits():
     """Four synthetic classes, 64 points per cloud: 96 training and 32 test shapes."""
     data = load_split('synthetic', 'test', num_points=64)
     keep = (data.labels < 4).nonzero()[:, 0]
     return (PointSplit(data.points[keep[:96]], data.labels[keep[:96]], data.class_names[:4]),
             PointSplit(data.points[keep[96:128]], data.labels[keep[96:128]], data.class_names[:4]))
+
+
+@pytest.fixture(scope='module')
+def small_synthetic():
+    return small_synthetic_splits()
+
+
+def use_small_splits(patch):
+    train, test = small_synthetic_splits()
+    patch.setattr(finetune, 'load_split', lambda name, split, *a, **k: train if split == 'train' else test)
 
 
 def test_finetune_loads_every_pretrained_encoder_tensor_and_learns(pretrain_checkpoint, small_synthetic, tmp_path):
@@ -1223,7 +1463,7 @@ def test_finetune_loads_every_pretrained_encoder_tensor_and_learns(pretrain_chec
     args.amp = False
     torch.manual_seed(0)
     classifier, described = finetune.build_classifier(args, num_classes=4)
-    saved = torch.load(pretrain_checkpoint, weights_only=False)['model']
+    saved = torch.load(pretrain_checkpoint, weights_only=True)['model']
     encoder_keys = [k for k in saved if k.startswith('encoder.')]
     loaded = classifier.encoder.state_dict()
     assert len(loaded) == len(encoder_keys) > 0
@@ -1231,69 +1471,70 @@ def test_finetune_loads_every_pretrained_encoder_tensor_and_learns(pretrain_chec
         assert torch.equal(loaded[key[len('encoder.'):]], saved[key]), key
     assert classifier.cfg.group_sizes == (8, 4, 4) and classifier.cfg.encoder_dims == TINY.encoder_dims
     train, test = small_synthetic
-    result = finetune.finetune(classifier, train, test, args, torch.device('cpu'), 0, 1, lambda *a, **k: None,
-                               str(tmp_path))
+    result = finetune.finetune(classifier, train, test, args, Run(str(tmp_path), CPU))
     accuracy = [h['train_accuracy'] for h in result['history']]
     assert np.mean(accuracy[-2:]) > accuracy[0] + 15, accuracy
     assert result['test_accuracy'] == result['history'][-1]['test_accuracy']   # the final epoch, not the best
     assert os.path.exists(tmp_path / 'last.pt')
 
 
-def test_ctrl_c_saves_and_resume_continues_exactly(small_synthetic, tmp_path, monkeypatch):
-    train, test = small_synthetic
-    args = finetune.parse_args([*TINY_FLAGS, '--epochs', '2', '--batch_size', '16', '--val_fraction', '0.25'])
-    args.amp, silent = False, lambda *a, **k: None
+def finetune_run(name, ckpt, *flags):
+    """A fine-tuning run in runs/<name> of a TINY encoder on the small splits: 2 epochs of 4 steps."""
+    return finetune.main(finetune.parse_args(['--ckpt', ckpt, *TINY_FLAGS, '--epochs', '2', '--batch_size', '16',
+                                              '--val_fraction', '0.25', '--log_every', '1', '--run_name', name, *flags]))
 
-    def run(folder, resume=None):
-        torch.manual_seed(0)
-        classifier = (finetune.build_classifier(args, 4, resume)[0] if resume
-                      else Classifier(replace(TINY, local_radius=args.local_radius), 4))   # as build_classifier
-        result = finetune.finetune(classifier, train, test, args, torch.device('cpu'), 0, 1, silent, str(folder), resume)
-        return classifier.state_dict(), result
-    straight, _ = run(tmp_path / 'straight')
-    views, training_view = [], finetune.training_view
 
-    def ctrl_c_in_step_3(xyz, args):   # the signal arrives in the middle of a step
-        views.append(xyz)
-        if len(views) == 3:
-            signal.raise_signal(signal.SIGINT)
-        return training_view(xyz, args)
-    monkeypatch.setattr(finetune, 'training_view', ctrl_c_in_step_3)
-    with pytest.raises(SystemExit) as stopped:
-        run(tmp_path / 'cut')
-    assert stopped.value.code == 130 and len(views) == 3   # the step finished, nothing after it ran
-    monkeypatch.setattr(finetune, 'training_view', training_view)
-    args.resume = str(tmp_path / 'cut' / 'last.pt')
-    checkpoint = torch.load(args.resume, weights_only=False)
-    assert (checkpoint['epoch'], checkpoint['step_in_epoch']) == (0, 3)
-    resumed, result = run(tmp_path / 'cut', checkpoint)
-    for key in straight:
-        assert torch.equal(straight[key], resumed[key]), key
-    assert [h['epoch'] for h in result['history']] == [0, 1] and 'test_accuracy_of_best_val' in result
+def test_ctrl_c_inside_a_finetuning_step_then_resume_is_bit_identical(pretrain_checkpoint, tmp_path, monkeypatch):
+    """As for pre-training: after the data draw, inside the classifier, after optimizer.step();
+    the same final weights (last.pt and best.pt) and the same log, every record once."""
+    monkeypatch.chdir(tmp_path)
+    use_small_splits(monkeypatch)
+    finetune_run('straight', pretrain_checkpoint)
+    resume, positions = ('--resume', 'runs/cut/last.pt'), []
+    with monkeypatch.context() as patch:   # epoch 0, second step: after the data draw
+        patch.setattr(finetune, 'training_view', after(finetune.training_view, signal_at_call(2)))
+        interrupted(finetune_run, 'cut', pretrain_checkpoint)
+    positions.append(position('runs/cut/last.pt'))
+    with monkeypatch.context() as patch:   # epoch 0, its last step: inside the classifier
+        patch.setattr(Classifier, 'pool', before(Classifier.pool, signal_at_call(2)))
+        interrupted(finetune_run, 'cut', pretrain_checkpoint, *resume)
+    positions.append(position('runs/cut/last.pt'))
+    hook = signal_at_call(1)               # epoch 1, first step: after optimizer.step()
+    handle = register_optimizer_step_post_hook(lambda *a: hook())
+    try:
+        interrupted(finetune_run, 'cut', pretrain_checkpoint, *resume)
+    finally:
+        handle.remove()
+    positions.append(position('runs/cut/last.pt'))
+    finetune_run('cut', pretrain_checkpoint, *resume)
+    for name in ('last.pt', 'best.pt'):
+        assert_same_weights(saved_weights(f'runs/straight/{name}'), saved_weights(f'runs/cut/{name}'))
+    assert log_records('runs/cut') == log_records('runs/straight')
+    assert positions == [(0, 2), (1, 0), (1, 1)]
 
 
 def test_finetune_loads_the_authors_checkpoints():
     theirs = official_state_dict('official_keys_finetune_modelnet40.txt')   # 'module.' prefix, as saved on one GPU
     mn40 = ModelConfig(group_sizes=(48, 24, 24), local_radius=(0.24, 0.48, 0.96))
     classifier = Classifier(mn40, 40, 'mean+max')
-    assert finetune.load_encoder(classifier, {'base_model': theirs}, 'modelnet_1k.pth', whole=True) == {}
+    assert load_weights(classifier, {'base_model': theirs}, 'modelnet_1k.pth') == {}
     ours = classifier.state_dict()
     for key, value in theirs.items():   # every tensor arrived, by value
         name = official_to_ours(key)
         assert torch.equal(ours[name], value.reshape(ours[name].shape).to(ours[name].dtype)), key
     with pytest.raises(SystemExit, match=r'(?s)40 classes.*15 classes'):   # their ModelNet40 head on ScanObjectNN
-        finetune.load_encoder(Classifier(mn40, 15, 'concat'), {'base_model': theirs}, 'modelnet_1k.pth')
+        load_weights(Classifier(mn40, 15, 'concat'), {'base_model': theirs}, 'modelnet_1k.pth', fine_tune=True)
     pretrained = official_state_dict('official_keys_pretrain.txt')
     classifier = Classifier(mn40, 15, 'concat')
-    skipped = finetune.load_encoder(classifier, {'base_model': pretrained}, 'pre-train.pth')
+    skipped = load_weights(classifier, {'base_model': pretrained}, 'pre-train.pth', fine_tune=True)
     encoder = classifier.state_dict()
     loaded = [k for k in pretrained if k.startswith('module.h_encoder.') and 'encoder_norms' not in k]
     assert loaded and not set(loaded) & set(skipped)
     for key in loaded:
         name = official_to_ours(key)
         assert torch.equal(encoder[name], pretrained[key].to(encoder[name].dtype)), key
-    with pytest.raises(SystemExit, match='no classifier head'):
-        finetune.load_encoder(classifier, {'base_model': pretrained}, 'pre-train.pth', whole=True)
+    with pytest.raises(SystemExit, match="pre-train.pth is a pre-training checkpoint .the authors'.: it has no classifier head"):
+        load_weights(classifier, {'base_model': pretrained}, 'pre-train.pth')
 
 
 def test_voting_averages_the_logits_of_ten_augmented_views():
@@ -1302,15 +1543,14 @@ def test_voting_averages_the_logits_of_ten_augmented_views():
     torch.manual_seed(0)
     classifier = Classifier(TINY, 5).eval()
     pool = torch.rand(6, 56, 3)
-    torch.manual_seed(1)
-    voted = finetune.vote_logits(classifier, pool, args)
+    voted = finetune.vote_logits(classifier, pool, args, torch.Generator().manual_seed(1))
     torch.manual_seed(1)
     with torch.no_grad():
         views = torch.stack([classifier(scale_and_translate(random_point_subset(pool, 48), 2 / 3, 3 / 2, 0.2))
                              for _ in range(10)])
     assert not torch.allclose(views[0], views[1])   # ten different views...
     assert torch.allclose(voted, views.mean(dim=0), atol=1e-6)   # ...whose logits are averaged
-    result = finetune.voting(classifier, pool, torch.arange(6) % 5, args, 0, 1)
+    result = finetune.voting(classifier, pool, torch.arange(6) % 5, args, CPU)
     assert len(result['vote_runs']) == 3 and result['vote_mean'] == pytest.approx(np.mean(result['vote_runs']))
 
 
@@ -1351,18 +1591,22 @@ def test_finetune_bad_inputs_are_explained(pretrain_checkpoint, tmp_path, monkey
     with pytest.raises(SystemExit):
         finetune.parse_args(['--data', 'scan_hardest', '--vote'])
     assert 'ModelNet40 only' in capsys.readouterr().err
-    checkpoint = torch.load(pretrain_checkpoint, weights_only=False)
+    checkpoint = read_checkpoint(pretrain_checkpoint)
     wider = Classifier(replace(TINY, encoder_dims=(16, 32, 48)), 4)
-    with pytest.raises(SystemExit, match=r'shape of pos_embed.2.0.weight: checkpoint \(64, 3\), model \(48, 3\)'):
-        finetune.load_encoder(wider, checkpoint, 'last.pt')
+    with pytest.raises(SystemExit, match=r'(?s)last.pt does not fit this Classifier .a different architecture.*'
+                                         r'shape of encoder.pos_embed.2.0.weight: file \(64, 3\), model \(48, 3\)'):
+        load_weights(wider, checkpoint, 'last.pt', fine_tune=True)
     deeper = Classifier(replace(TINY, encoder_depths=(2, 1, 1)), 4)
-    with pytest.raises(SystemExit, match=r'missing key blocks.0.1.attn.qkv.weight'):
-        finetune.load_encoder(deeper, checkpoint, 'last.pt')
+    with pytest.raises(SystemExit, match=r'missing key encoder.blocks.0.1.attn.qkv.weight'):
+        load_weights(deeper, checkpoint, 'last.pt', fine_tune=True)
+    with pytest.raises(SystemExit, match=r'last.pt is a pre-training checkpoint \(ours\): it has no classifier head'):
+        load_weights(Classifier(TINY, 4), checkpoint, 'last.pt')
     del checkpoint['model']['encoder.pos_embed.0.0.weight']
-    with pytest.raises(SystemExit, match=r'missing key pos_embed.0.0.weight'):
-        finetune.load_encoder(Classifier(TINY, 4), checkpoint, 'last.pt')
-    with pytest.raises(SystemExit, match='no classifier head'):
-        finetune.load_encoder(Classifier(TINY, 4), checkpoint, 'last.pt', whole=True)
+    with pytest.raises(SystemExit, match=r'missing key encoder.pos_embed.0.0.weight'):
+        load_weights(Classifier(TINY, 4), checkpoint, 'last.pt', fine_tune=True)
+    fine_tuned = dict(model=Classifier(TINY, 4).state_dict(), model_config=asdict(TINY), num_classes=4)
+    with pytest.raises(SystemExit, match=r'ft.pt is a fine-tuned classifier \(ours\); this needs a pre-training checkpoint'):
+        load_weights(I2PMAE(TINY), fine_tuned, 'ft.pt')       # e.g. svm_eval --ckpt of a fine-tuned run
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit, match='python pretrain.py'):   # no checkpoint at the default path
         finetune.build_classifier(finetune.parse_args([]), 13)
@@ -1382,17 +1626,18 @@ def test_svm_eval_scores_encoder_width_features_with_sklearn():
     assert svm_eval.linear_svm_accuracy(train_x, train.labels.numpy(), test_x, test.labels.numpy(), C) == pytest.approx(expected)
 
 
-def test_random_init_baseline_gets_batchnorm_statistics_of_the_data():
-    import svm_eval
+def test_random_init_baseline_gets_batchnorm_statistics_of_the_data_without_stochastic_depth():
     student, _ = tiny_student_and_teacher()
     clouds = torch.rand(6, 128, 3)
-    seen = []
+    seen, block_modes = [], []
     bn = student.encoder.token_embed[0].first_conv[1]
     bn.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach()))
+    student.encoder.blocks[0][0].register_forward_pre_hook(lambda m, args: block_modes.append(m.training))
     svm_eval.calibrate_batchnorm(student, clouds, batch_size=6, device=torch.device('cpu'))
     x = seen[0].transpose(0, 1).flatten(1)                      # (C, every position)
     assert torch.allclose(bn.running_mean, x.mean(1), atol=1e-6)
     assert torch.allclose(bn.running_var, x.var(1), rtol=1e-4)   # unbiased, as BatchNorm keeps it
+    assert block_modes == [False]                                # drop-path off while calibrating
     assert not student.training
 
 
@@ -1400,6 +1645,255 @@ def test_svm_eval_without_a_checkpoint_says_to_pretrain(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit, match='pretrain.py'):
         svm_eval.main(svm_eval.parse_args([]))
+
+
+class PlantedCode:
+    """What an attacker pickles into a checkpoint: unpickling it runs code (here: it writes a file)."""
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return exec, (f'open({self.marker!r}, "w").write("ran")',)
+
+
+def test_every_checkpoint_load_refuses_a_planted_pickle_without_running_it(pretrain_checkpoint, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    use_small_pool(monkeypatch)
+    use_small_splits(monkeypatch)
+    marker = tmp_path / 'the-planted-code-ran'
+    planted = str(tmp_path / 'planted.pt')
+    torch.save({**torch.load(pretrain_checkpoint, weights_only=True), 'note': PlantedCode(str(marker))}, planted)
+    os.makedirs('runs/pretrain-copied')
+    shutil.copy(planted, 'runs/pretrain-copied/last.pt')          # a runs/ folder copied from elsewhere
+    loads = {
+        'pretrain.py --resume': lambda: pretrain.main(parse_args(PRETRAIN_FLAGS + ['--resume', planted, '--run_name', 'p'])),
+        'finetune.py --ckpt': lambda: finetune.main(finetune.parse_args(['--ckpt', planted, *TINY_FLAGS])),
+        'finetune.py --resume': lambda: finetune.main(finetune.parse_args(['--resume', planted, *TINY_FLAGS, '--run_name', 'f'])),
+        'svm_eval.py --ckpt': lambda: svm_eval.main(svm_eval.parse_args(['--ckpt', planted])),
+        'svm_eval.py, searching runs/*/last.pt': lambda: svm_eval.main(svm_eval.parse_args([])),
+        'model.load_weights(model, path)': lambda: load_weights(I2PMAE(TINY), planted),
+        'python model.py': lambda: (monkeypatch.setattr(sys, 'argv', ['model.py']),
+                                    runpy.run_path(os.path.join(HERE, 'model.py'), run_name='__main__')),
+    }
+    for where, load in loads.items():
+        with pytest.raises(SystemExit, match=r'(planted.pt|runs/pretrain-copied/last.pt): refused: it holds a Python '
+                                             r'object \(exec\).*could run code') as refused:
+            load()
+        assert not marker.exists(), f'{where} ran the planted code'
+
+
+# ---------------------------------------------------------------- training.py (the plumbing pretrain.py and finetune.py share)
+
+
+def test_rng_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
+    cpu = torch.device('cpu')
+    training.seed_process(5, rank=1)
+    np.random.randn()                     # NumPy now holds a cached Gaussian: part of its state
+    torch.save({'ranks': [training.rng_state(cpu)]}, tmp_path / 'state.pt')
+    draws = lambda: (torch.rand(3).tolist(), np.random.randn(3).tolist(), random.random())
+    first = draws()
+    training.set_rng_state(torch.load(tmp_path / 'state.pt', weights_only=True)['ranks'][0], cpu)
+    assert draws() == first
+
+
+def test_seed_process_gives_every_rank_its_own_stream():
+    training.seed_process(0, rank=0)
+    rank0 = torch.rand(4)
+    training.seed_process(0, rank=1)
+    assert not torch.equal(rank0, torch.rand(4))
+
+
+def test_cosine_lr_warms_up_then_decays():
+    args = pretrain.parse_args(['--data', 'shapenet'])
+    assert cosine_lr(0, args) == args.min_lr
+    official = lambda t: 1e-6 + 0.5 * (1e-3 - 1e-6) * (1 + np.cos(np.pi * t / 400))
+    assert cosine_lr(args.warmup_epochs / 2, args) == pytest.approx((1e-6 + 1e-3) / 2)
+    assert cosine_lr(args.warmup_epochs, args) == pytest.approx(official(10))   # timm: cosine counts from 0
+    assert cosine_lr(args.cosine_epochs, args) == pytest.approx(args.min_lr)
+    # the official schedule: cosine over 400 epochs, so epoch 300 is still at about 1.5e-4
+    assert cosine_lr(300, args) == pytest.approx(official(300))
+
+
+def test_no_weight_decay_on_biases_norms_and_token_parameters():
+    student, _ = tiny_student_and_teacher()
+    decay, no_decay = param_groups(student, 0.05)
+    names = {id(p): n for n, p in student.named_parameters()}
+    no_decay_names = {names[id(p)] for p in no_decay['params']}
+    assert 'mask_token' in no_decay_names and 'encoder.token_embed.0.first_conv.0.weight' in no_decay_names
+    assert 'token_propagation.0.fuse.0.weight' in no_decay_names          # 'token' in the name, as theirs
+    assert 'encoder.blocks.0.0.attn.qkv.weight' in {names[id(p)] for p in decay['params']}
+    assert not any(n.endswith('.bias') for n in {names[id(p)] for p in decay['params']})
+
+
+def test_run_log_is_cut_back_to_what_a_checkpoint_had_seen(tmp_path):
+    run = Run(str(tmp_path), Process(torch.device('cpu')))
+    for step in range(3):
+        run.log('', step=step)
+    with open(tmp_path / 'log.jsonl', 'a') as f:
+        f.write('{"step": 3, "lo')                  # a record cut short by kill -9
+    run.cut_log(2)
+    assert read_log(tmp_path) == [{'step': 0}, {'step': 1}] and run.records == 2
+
+
+# ---------------------------------------------------------------- two processes (torchrun) under NCCL's device rule
+# The scripts run under torchrun in two CPU processes (gloo). Every collective of ours must also be
+# valid under NCCL, which carries only tensors on the process's GPU and must be told a barrier's
+# device. On a CPU-only machine a group that carries only CUDA tensors cannot run a CPU model at all,
+# so the child processes declare a collective device that is not the host, torch's lazy-tensor
+# device (it computes on the CPU but is not the CPU), and wrap torch.distributed's entry points with
+# NCCL's rule; the data then travel through gloo as host copies. A tensor left on (or moved to) the
+# host before a collective, or a barrier without its device, fails there as it would on GPUs.
+ACCELERATOR = torch.device('lazy', 0)
+
+
+def nccl_device_rule(device):
+    """torch.distributed entry points that refuse what NCCL refuses, then run the collective on host copies."""
+    real = {name: getattr(dist, name) for name in ('all_reduce', 'all_gather', 'broadcast', 'barrier')}
+
+    def check(*tensors):
+        for t in tensors:
+            if t.device != device:   # NCCL's own words
+                raise RuntimeError(f'No backend type associated with device type {t.device.type}')
+
+    def all_reduce(tensor, op=dist.ReduceOp.SUM, group=None, async_op=False):
+        check(tensor)
+        host = tensor.cpu()
+        real['all_reduce'](host, op, group)
+        tensor.copy_(host.to(device))
+
+    def all_gather(tensor_list, tensor, group=None, async_op=False):
+        check(tensor, *tensor_list)
+        hosts = [t.cpu() for t in tensor_list]
+        real['all_gather'](hosts, tensor.cpu(), group)
+        for t, host in zip(tensor_list, hosts):
+            t.copy_(host.to(device))
+
+    def broadcast(tensor, src, group=None, async_op=False):
+        check(tensor)
+        host = tensor.cpu()
+        real['broadcast'](host, src, group)
+        tensor.copy_(host.to(device))
+
+    def barrier(group=None, async_op=False, device_ids=None):
+        if device_ids != [device.index]:
+            raise RuntimeError(f'barrier(device_ids={device_ids}): NCCL must be told the device ([{device.index}])')
+        real['barrier'](group)
+    return dict(all_reduce=all_reduce, all_gather=all_gather, broadcast=broadcast, barrier=barrier)
+
+
+@lru_cache(maxsize=None)
+def svm_subset(split, num_points):
+    """64 synthetic shapes per split: an SVM check in seconds."""
+    points, labels = data.make_synthetic(64, num_points, seed=['train', 'test'].index(split) + 1)
+    return PointSplit(points, labels, [])
+
+
+def two_process_child(out):
+    """What each of two torchrun processes runs (`test_all.py --two-process-child OUT`): the scenarios
+    below, each process writing what happened to OUT/rank<r>.json."""
+    import torch._lazy.ts_backend
+    torch._lazy.ts_backend.init()
+    dist.init_process_group('gloo')   # the scripts find it started (setup_process) and keep it
+    rank, results, patch = dist.get_rank(), {}, pytest.MonkeyPatch()
+    patch.setattr(training, 'collective_device', lambda backend, device: ACCELERATOR)
+    for name, rule in nccl_device_rule(ACCELERATOR).items():
+        patch.setattr(dist, name, rule)
+    use_small_pool(patch)
+    use_small_splits(patch)
+    patch.setattr(svm_eval, 'load_split', lambda name, split, data_root, num_points: svm_subset(split, num_points))
+    os.chdir(out)
+
+    def scenario(name, run):
+        try:
+            results[name] = {'value': run()}
+        except BaseException as error:   # SystemExit and FloatingPointError are outcomes to check
+            results[name] = {'error': type(error).__name__, 'message': str(error)}
+    for probe, call in (('host_tensor', lambda: dist.all_reduce(torch.ones(1))), ('bare_barrier', dist.barrier)):
+        scenario(probe, call)   # the rule is in force
+    scenario('straight', lambda: pretrain_run('straight') and None)
+    with patch.context() as p:   # Ctrl-C on rank 0 only, inside the student, epoch 0 first step
+        if rank == 0:
+            p.setattr(I2PMAE, 'decode', before(I2PMAE.decode, signal_at_call(1)))
+        scenario('cut', lambda: pretrain_run('cut') and None)
+    scenario('cut_position', lambda: position('runs/cut/last.pt'))
+    scenario('resumed', lambda: pretrain_run('cut', '--resume', 'runs/cut/last.pt') and None)
+    with patch.context() as p:   # a NaN loss on rank 1 only, epoch 1 first step
+        if rank == 1:
+            calls = []
+            p.setattr(pretrain, 'pretrain_step', lambda *a: calls.append(1) or
+                      tuple(l * float('nan') if len(calls) == 3 else l for l in pretrain_step(*a)))
+        scenario('nan', lambda: pretrain_run('nan') and None)
+    with patch.context() as p:
+        accuracies, check = [], svm_eval.svm_check
+        p.setattr(svm_eval, 'svm_check', lambda *a: accuracies.append(check(*a)) or accuracies[-1])
+        scenario('svm', lambda: pretrain_run('svm', '--svm_every', '1', epochs=1, steps=1) and accuracies)
+    ckpt = write_tiny_pretrain_checkpoint(os.path.join(out, 'tiny.pt'))
+    scenario('finetune', lambda: {k: v for k, v in finetune_run('ft', ckpt, '--vote', '--vote_runs', '2').items()
+                                  if k in ('test_accuracy', 'test_accuracy_of_best_val', 'vote_mean')})
+    with open(os.path.join(out, f'rank{rank}.json'), 'w') as f:
+        json.dump(results, f)
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope='module')
+def two_processes(tmp_path_factory):
+    """Both processes' results of two_process_child, its stdout, and its folder."""
+    out = tmp_path_factory.mktemp('two')
+    command = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+               os.path.join(HERE, 'test_all.py'), '--two-process-child', str(out)]
+    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONPATH': HERE}
+    done = subprocess.run(command, cwd=out, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    ranks = [json.load(open(out / f'rank{r}.json')) for r in range(2)]
+    return ranks, done.stdout, out
+
+
+def test_collectives_keep_nccl_device_rules_in_two_processes(two_processes):
+    """Pre-training (with its SVM check) and fine-tuning (validation, best.pt, voting, the final
+    weight check) reach every collective they reach under NCCL, and each one keeps its rule."""
+    ranks, stdout, _ = two_processes
+    for results in ranks:
+        assert 'device type cpu' in results['host_tensor']['message']              # the rule is in force
+        assert 'must be told the device' in results['bare_barrier']['message']
+        for name in ('straight', 'resumed', 'svm', 'finetune'):
+            assert 'value' in results[name], (name, results[name])
+    assert ranks[0]['finetune'] == ranks[1]['finetune'] and 'vote_mean' in ranks[0]['finetune']['value']
+    assert stdout.count('weights identical on all 2 processes') == 4   # straight, resumed, svm, finetune
+    assert 'total batch 4 (2 per process)' in stdout
+
+
+def test_two_processes_interrupted_and_resumed_end_bit_identical(two_processes):
+    ranks, _, out = two_processes
+    for results in ranks:   # Ctrl-C reached rank 0 only; both stopped after the same step
+        assert (results['cut']['error'], results['cut']['message']) == ('SystemExit', '130')
+        assert results['cut_position']['value'] == [0, 1]
+    runs = out / 'runs'
+    assert_same_weights(saved_weights(runs / 'straight' / 'last.pt'), saved_weights(runs / 'cut' / 'last.pt'))
+    assert log_records(runs / 'cut') == log_records(runs / 'straight')
+
+
+def test_two_processes_draw_different_random_streams(two_processes):
+    _, _, out = two_processes
+    first, second = torch.load(out / 'runs' / 'straight' / 'last.pt', weights_only=True)['ranks']
+    assert not torch.equal(first['rng']['torch'], second['rng']['torch'])
+    assert first['rng']['python'] != second['rng']['python']
+    assert not torch.equal(first['rng']['numpy'][0], second['rng']['numpy'][0])
+
+
+def test_two_processes_stop_together_on_a_non_finite_loss(two_processes):
+    ranks, _, out = two_processes
+    for results in ranks:   # the NaN was on rank 1 only: both stop at the same step, each with the message
+        assert results['nan']['error'] == 'FloatingPointError'
+        assert 'non-finite loss at epoch 1 step 1' in results['nan']['message']
+        assert 'runs/nan/last.pt holds epoch 1 step 0' in results['nan']['message']
+    assert position(out / 'runs' / 'nan' / 'last.pt') == (1, 0)
+
+
+def test_two_processes_both_take_part_in_the_svm_check(two_processes):
+    ranks, _, out = two_processes
+    (first,), (second,) = ranks[0]['svm']['value'], ranks[1]['svm']['value']
+    assert first == second and 0 < first <= 100
+    assert [r['svm_accuracy'] for r in read_log(out / 'runs' / 'svm') if 'svm_accuracy' in r] == [first]
 
 
 # ---------------------------------------------------------------- segment.py
@@ -1718,4 +2212,7 @@ def test_tiny_segmenter_learns_the_synthetic_parts():
     assert metrics['miou_i'] > baseline + 15, (metrics, baseline)   # measured: 72.5% vs 40.7%
 
 if __name__ == '__main__':
-    sys.exit(pytest.main([__file__, '-q']))
+    if sys.argv[1:2] == ['--two-process-child']:
+        two_process_child(sys.argv[2])
+    else:
+        sys.exit(pytest.main([__file__, '-q']))
