@@ -52,6 +52,9 @@ def parse_args(argv=None):
     m.add_argument('--views', type=int, default=3, choices=[1, 2, 3],
                    help='depth views shown to the teacher: the first 1, 2 or 3 of (x,y,z), (z,x,y), (y,z,x) (official: 3)')
     m.add_argument('--no_2d_target', action='store_true', help='drop the 2D target: 3D-only reconstruction (Point-M2AE)')
+    m.add_argument('--saliency_temperature', type=float, default=0.0,
+                   help='demo option: softmax(standardised saliency / T) for the guided mask (0 = the paper: softmax of the raw attention)')
+    m.add_argument('--loss_2d_weight', type=float, default=1.0, help='demo option: weight of the 2D loss (the paper: 1)')
     m.add_argument('--teacher_weights', default='auto',
                    help='auto (ImageNet if available, else random), imagenet, random, or a state_dict path')
     m.add_argument('--teacher_arch', default='vit_b_16', help='torchvision ViT constructor (official: ViT-B/16)')
@@ -112,6 +115,9 @@ def pretrain_step(model, teacher, xyz, args, clock=lambda stage: None):
         clock('teacher')
     if args.mask == 'guided':
         token_saliency = back_project(groups[-1].centers, geometry, saliency[:, None], S).mean(-1)  # (B, G_top)
+        if args.saliency_temperature:   # deviation (demo option): the raw attention's softmax is nearly uniform
+            mean, std = token_saliency.mean(1, keepdim=True), token_saliency.std(1, keepdim=True)
+            token_saliency = (token_saliency - mean) / (std + 1e-12) / args.saliency_temperature
         is_masked = guided_mask(token_saliency, args.mask_ratio)
     else:
         is_masked = random_mask(xyz.shape[0], cfg.num_groups[-1], args.mask_ratio, xyz.device)
@@ -316,7 +322,7 @@ def main(args):
                 xyz = scale_and_translate(points[order[step]].to(device, non_blocking=True))
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
                     loss_3d, loss_2d = pretrain_step(model, teacher, xyz, args)
-                loss = loss_3d + loss_2d
+                loss = loss_3d + args.loss_2d_weight * loss_2d
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
