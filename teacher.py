@@ -1,6 +1,5 @@
 """
-teacher.py: the frozen 2D teacher (I2P-MAE paper, section "2D Pre-trained Models";
-SPEC.md section 4.2).
+teacher.py: the frozen 2D teacher (I2P-MAE paper, section "2D Pre-trained Models").
 
 The authors use CLIP's ViT-B/16; we use torchvision's `VisionTransformer` (default
 vit_b_16, ImageNet weights when available), which needs nothing but torchvision.
@@ -12,7 +11,11 @@ For a batch of depth images the teacher gives
 The saliency needs the attention weights, which torchvision's blocks do not return,
 so the forward is written out below and the last block is run by hand.
 The teacher is never part of the student: not in its checkpoint, optimizer or .train().
-Demo: python teacher.py      Tests: test_teacher_* in test_all.py
+With no pretrained weights at hand (no download, or a CPU), the synthetic demo makes its own
+"2D pre-trained model": `python teacher.py --train` trains a small ViT WITH LABELS on depth
+images of a separate pool of synthetic shapes and writes it, with its configuration, to
+runs/teacher-synthetic/teacher.pt (`demo_teacher` loads it, or trains it first).
+Demo: python teacher.py [weights] / --train      Tests: test_teacher_* in test_all.py
 """
 import math
 import os
@@ -26,6 +29,7 @@ import torch.nn.functional as F
 import torchvision
 from torchvision.models.vision_transformer import ConvStemConfig, VisionTransformer
 
+from tokenizer import gather_points
 from project import VIEWS, project_depth_images
 from data import SYNTHETIC_CLASSES, scale_and_translate, synthetic_shapes
 
@@ -189,7 +193,7 @@ def augment_clouds(xyz, num_points, generator):
     B, N, _ = xyz.shape
     device = xyz.device
     keep = torch.rand(B, N, generator=generator, device=device).argsort(dim=1)[:, :num_points]
-    xyz = torch.gather(xyz, 1, keep[..., None].expand(-1, -1, 3))                       # (B, n, 3)
+    xyz = gather_points(xyz, keep)                                                      # (B, n, 3)
     mirror = torch.where(torch.rand(B, generator=generator, device=device) < 0.5, -1.0, 1.0)
     xyz = xyz * torch.stack([mirror, torch.ones_like(mirror), torch.ones_like(mirror)], 1)[:, None]
     angle = torch.rand(B, generator=generator, device=device) * 2 * math.pi
@@ -269,6 +273,7 @@ def save_teacher(path, vit, record):
 
 
 def describe_trained_teacher(state, path):
+    """One line for the logs: what the file written by save_teacher holds."""
     config = state['config']
     return (f'small ViT ({config["num_layers"]} layers, width {config["hidden_dim"]}, {config["image_size"]}-pixel '
             f'images, {config["patch_size"]}-pixel patches) trained on synthetic depth images, held-out accuracy '

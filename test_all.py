@@ -336,7 +336,7 @@ def test_teacher_auto_falls_back_to_random_with_a_loud_warning(monkeypatch):
 
 
 
-def test_demo_teacher_learns_from_labeled_depth_images_in_seconds():
+def test_teacher_trainer_learns_from_labeled_depth_images_in_seconds():
     from teacher import train_demo_teacher
     vit, record = train_demo_teacher(log=lambda line: None, image_size=32, patch_size=8, num_layers=2, num_heads=2,
                                      hidden_dim=32, stem_channels=(), num_points=128, train_shapes=390,
@@ -346,7 +346,7 @@ def test_demo_teacher_learns_from_labeled_depth_images_in_seconds():
     assert not vit.training and not any(p.requires_grad for p in vit.parameters())
 
 
-def test_saved_teacher_rebuilds_itself_and_gives_the_same_outputs(tmp_path):
+def test_teacher_file_rebuilds_itself_and_gives_the_same_outputs(tmp_path):
     from teacher import build_teacher, save_teacher, vit_from_config
     config = dict(image_size=32, patch_size=8, num_layers=1, num_heads=2, hidden_dim=16, mlp_dim=64,
                   num_classes=13, stem_channels=[8, 16, 16])
@@ -362,6 +362,20 @@ def test_saved_teacher_rebuilds_itself_and_gives_the_same_outputs(tmp_path):
     for ours, theirs in zip(teacher_features_and_saliency(vit, images), teacher_features_and_saliency(loaded, images)):
         assert torch.equal(ours, theirs)
     assert 'trained on synthetic depth images' in described and '42.0%' in described
+
+
+def test_demo_teacher_trains_once_says_so_then_loads(tmp_path, monkeypatch):
+    import teacher
+    monkeypatch.setattr(teacher, 'DEMO_TEACHER', dict(teacher.DEMO_TEACHER, image_size=32, num_layers=1, hidden_dim=16,
+                                                      num_points=64, train_shapes=32, test_shapes=13, epochs=1,
+                                                      batch_size=16))
+    path, lines = str(tmp_path / 'teacher.pt'), []
+    vit, described = teacher.demo_teacher('cpu', lines.append, path)
+    assert 'training it first' in lines[0] and os.path.isfile(path) and vit.image_size == 32
+    lines.clear()
+    again, described_again = teacher.demo_teacher('cpu', lines.append, path)
+    assert lines == [] and described_again == described and 'held-out accuracy' in described
+    assert all(torch.equal(a, b) for a, b in zip(vit.state_dict().values(), again.state_dict().values()))
 
 
 def test_teacher_shapes_come_from_their_own_stream():
