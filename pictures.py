@@ -16,7 +16,6 @@ column, depth) permutations (x,y,z), (z,x,y), (y,z,x); for DISPLAY only, each is
 that y points up (`upright_image`). View 2 looks from above: there y is the depth.
 Every picture uses one colour convention: VISIBLE, HIDDEN, PREDICTED, CENTRE below.
 """
-import glob
 import os
 from typing import NamedTuple
 
@@ -25,7 +24,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from project import VIEWS, point_pixels, project_depth_images
-from teacher import build_teacher, tiny_teacher
+from teacher import DEMO_TEACHER_PATH, build_teacher, tiny_teacher
 
 TILE = 224            # tile side in pixels (the teacher's image size in the paper)
 PAD = 4               # gap between tiles and around the grid
@@ -58,7 +57,6 @@ VIEW_NAMES = ('view 1 (x,y,z): front, y up', 'view 2 (z,x,y): from above (y = de
 assert len(UPRIGHT) == len(VIEW_NAMES) == len(VIEWS)
 
 # where `python teacher.py --train` leaves the trained demo teacher
-DEMO_TEACHER_DIR = os.path.join('runs', 'teacher-synthetic')
 
 FONT = ImageFont.load_default(size=13)
 TITLE_FONT = ImageFont.load_default(size=16)
@@ -141,15 +139,15 @@ def group_colours(num_groups):
 def picture_teacher(weights='demo'):
     """(teacher, description) for the demo pictures of teacher.py and mask.py.
 
-    'demo': the trained demo teacher (the newest .pt in DEMO_TEACHER_DIR) if there is one, else 'tiny';
+    'demo': the trained demo teacher (DEMO_TEACHER_PATH, python teacher.py --train) if there is one, else 'tiny';
     'tiny': the small random ViT of pretrain.py's demo: 224-pixel images, 16-pixel patches (14 x 14, as
     ViT-B/16), 4 layers, 64 wide, seed 0;
     anything else goes to teacher.build_teacher (imagenet, random, auto or a weights file).
     """
     note = ''
     if weights == 'demo':
-        found = sorted(glob.glob(os.path.join(DEMO_TEACHER_DIR, '*.pt')), key=os.path.getmtime)
-        weights, note = (found[-1], '') if found else ('tiny', f' (no trained demo teacher in {DEMO_TEACHER_DIR})')
+        found = os.path.isfile(DEMO_TEACHER_PATH)
+        weights, note = (DEMO_TEACHER_PATH, '') if found else ('tiny', f' (no trained demo teacher at {DEMO_TEACHER_PATH})')
     if weights != 'tiny':
         return build_teacher(weights)
     vit = tiny_teacher(image_size=TILE, patch_size=16, num_layers=4, hidden_dim=64)   # as pretrain.py's demo

@@ -45,6 +45,8 @@ def parse_args(argv=None):
     p.add_argument('--random_init', action='store_true',
                    help='evaluate a randomly initialised encoder of the same shape (BatchNorm statistics '
                         'estimated on the training clouds first, see calibrate_batchnorm)')
+    p.add_argument('--calibrate_batchnorm', action='store_true',
+                   help='re-estimate BatchNorm statistics on the training clouds, nothing masked, before extracting features')
     p.add_argument('--batch_size', type=int, default=128, help='feature extraction batch (official: 128)')
     p.add_argument('--gpu', type=int, default=0 if torch.cuda.is_available() else -1, help='GPU index, -1 = CPU')
     p.add_argument('--seed', type=int, default=0)
@@ -162,7 +164,7 @@ def main(args):
     start = time.time()
     accuracy, C, n_train, n_test = evaluate(student, args.data, args.data_root, num_points,
                                             args.C or SVM_C[args.data], args.batch_size, device, args.cv,
-                                            calibrate=args.random_init)
+                                            calibrate=args.random_init or args.calibrate_batchnorm)
     chosen = args.cv or (args.C or SVM_C[args.data]) is None
     print(f'accuracy {accuracy:.2f}%  (C {C}{" by cross-validation on the training features" if chosen else ""}, '
           f'{n_train} train / {n_test} test shapes, {time.time() - start:.1f} s)')

@@ -335,6 +335,62 @@ def test_teacher_auto_falls_back_to_random_with_a_loud_warning(monkeypatch):
         teacher.build_teacher('imagenet')
 
 
+
+def test_teacher_trainer_learns_from_labeled_depth_images_in_seconds():
+    from teacher import train_demo_teacher
+    vit, record = train_demo_teacher(log=lambda line: None, image_size=32, patch_size=8, num_layers=2, num_heads=2,
+                                     hidden_dim=32, stem_channels=(), num_points=128, train_shapes=390,
+                                     test_shapes=130, epochs=10, batch_size=32)   # about 4 s of one CPU core
+    chance = 100 / 13
+    assert record['accuracy'] > 2 * chance, record['view_accuracy']   # 23% measured
+    assert not vit.training and not any(p.requires_grad for p in vit.parameters())
+
+
+def test_teacher_file_rebuilds_itself_and_gives_the_same_outputs(tmp_path):
+    from teacher import build_teacher, save_teacher, vit_from_config
+    config = dict(image_size=32, patch_size=8, num_layers=1, num_heads=2, hidden_dim=16, mlp_dim=64,
+                  num_classes=13, stem_channels=[8, 16, 16])
+    with torch.random.fork_rng():
+        torch.manual_seed(3)
+        vit = vit_from_config(config).eval()
+    path = str(tmp_path / 'teacher.pt')
+    save_teacher(path, vit, dict(config=config, training={'epochs': 1}, accuracy=42.0, view_accuracy=[40.0, 42.0, 44.0],
+                                 seconds=1.0))
+    torch.load(path, weights_only=True)                       # tensors and plain types only
+    loaded, described = build_teacher(path, arch='not used: the file carries its architecture')
+    images = normalize_images(torch.rand(2, 3, 32, 32))
+    for ours, theirs in zip(teacher_features_and_saliency(vit, images), teacher_features_and_saliency(loaded, images)):
+        assert torch.equal(ours, theirs)
+    assert 'trained on synthetic depth images' in described and '42.0%' in described
+
+
+def test_demo_teacher_trains_once_says_so_then_loads(tmp_path, monkeypatch):
+    import teacher
+    monkeypatch.setattr(teacher, 'DEMO_TEACHER', dict(teacher.DEMO_TEACHER, image_size=32, num_layers=1, hidden_dim=16,
+                                                      num_points=64, train_shapes=32, test_shapes=13, epochs=1,
+                                                      batch_size=16))
+    path, lines = str(tmp_path / 'teacher.pt'), []
+    vit, described = teacher.demo_teacher('cpu', lines.append, path)
+    assert 'training it first' in lines[0] and os.path.isfile(path) and vit.image_size == 32
+    lines.clear()
+    again, described_again = teacher.demo_teacher('cpu', lines.append, path)
+    assert lines == [] and described_again == described and 'held-out accuracy' in described
+    assert all(torch.equal(a, b) for a, b in zip(vit.state_dict().values(), again.state_dict().values()))
+
+
+def test_teacher_shapes_come_from_their_own_stream():
+    from teacher import TEACHER_STREAM, teacher_shapes
+    # data.py's splits draw from default_rng([seed, split index]); ours from [seed, part, TEACHER_STREAM]
+    splits = [data.load_split('synthetic', split, num_points=16).points for split in ('pretrain', 'train', 'test')]
+    ours = [teacher_shapes(100, 16, part)[0] for part in (0, 1)]
+    seen = {cloud.numpy().tobytes() for points in splits for cloud in points}
+    assert not any(cloud.numpy().tobytes() in seen for points in ours for cloud in points)
+    assert not torch.equal(ours[0][:10], ours[1][:10])
+    streams = [np.random.SeedSequence([0, part, TEACHER_STREAM]).generate_state(4) for part in (0, 1)]
+    for entropy in ([0, 0], [0, 1], [0, 2], 0, 1, 2):   # the three splits, and make_synthetic's seeds
+        assert not any((np.random.SeedSequence(entropy).generate_state(4) == s).all() for s in streams)
+
+
 # --- mask.py
 
 def test_guided_mask_hides_exact_ratio():
