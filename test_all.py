@@ -573,7 +573,7 @@ def test_official_checkpoint_mismatch_fails_loudly():
                                          r'module.h_encoder.extra.weight.*missing key encoder.blocks.0.0.attn.qkv.weight'):
         load_weights(I2PMAE(ModelConfig()), {'base_model': state}, 'pre-train.pth')
     with pytest.raises(SystemExit, match='shape of'):
-        load_weights(I2PMAE(ModelConfig(encoder_dims=(96, 192, 256))),
+        load_weights(I2PMAE(ModelConfig(encoder_dims=(96, 192, 288), decoder_dims=(288, 192))),
                      {'base_model': official_state_dict('official_keys_pretrain.txt')})
 
 
@@ -855,13 +855,14 @@ def test_scanobjectnn_three_splits(tmp_path):
              ('scan_objonly', 'test'): 'main_split_nobg/test_objectdataset.h5',
              ('scan_hardest', 'train'): 'main_split/training_objectdataset_augmentedrot_scale75.h5',
              ('scan_hardest', 'test'): 'main_split/test_objectdataset_augmentedrot_scale75.h5'}
-    for i, ((name, split), file) in enumerate(files.items()):      # each file holds i + 1 clouds of value i
-        points = np.full((i + 1, 2048, 3), float(i), np.float32)
+    for i, ((name, split), file) in enumerate(files.items()):      # each file holds i + 1 clouds at x = i
+        points = np.random.default_rng(i).random((i + 1, 2048, 3), dtype=np.float32)
+        points[..., 0] = i
         _write_h5(str(tmp_path / 'ScanObjectNN' / file), points, np.arange(i + 1) % 15, mask=np.zeros((i + 1, 2048)))
     for i, (name, split) in enumerate(files):
         loaded = data.load_split(name, split, data_root=str(tmp_path))
         assert loaded.points.shape == (i + 1, 2048, 3) and loaded.points.dtype == torch.float32
-        assert torch.all(loaded.points == i), f'{name}/{split} read the wrong file'
+        assert torch.all(loaded.points[..., 0] == i), f'{name}/{split} read the wrong file'
         assert loaded.labels.tolist() == list(np.arange(i + 1) % 15)
         assert loaded.class_names == data.SCANOBJECTNN_CLASSES and len(loaded.class_names) == 15
     assert data.load_split('scan_objbg', 'train', data_root=str(tmp_path), num_points=1000).points.shape == (1, 1000, 3)
@@ -928,10 +929,11 @@ def test_wrong_shape_file_names_file(tmp_path):
 
 def test_label_out_of_range_is_an_error(tmp_path):
     path = tmp_path / 'ScanObjectNN' / 'main_split_nobg' / 'test_objectdataset.h5'
-    _write_h5(str(path), np.zeros((3, 2048, 3), np.float32), np.array([0, 15, 3]))
+    clouds = np.random.default_rng(0).random((3, 2048, 3), dtype=np.float32)
+    _write_h5(str(path), clouds, np.array([0, 15, 3]))
     with pytest.raises(ValueError, match=r'test_objectdataset\.h5: label 15 is outside 0..14'):
         data.load_split('scan_objonly', 'test', data_root=str(tmp_path))
-    _write_h5(str(path), np.zeros((3, 2048, 3), np.float32), np.array([0.0, 1.0, 3.0]))
+    _write_h5(str(path), clouds, np.array([0.0, 1.0, 3.0]))
     with pytest.raises(ValueError, match='integer labels'):
         data.load_split('scan_objonly', 'test', data_root=str(tmp_path))
     _write_h5(str(path), np.zeros((0, 2048, 3), np.float32), np.zeros(0, np.int64))
@@ -1136,7 +1138,8 @@ def test_mask_ratio_that_hides_nothing_is_refused_at_the_flag(capsys, tmp_path, 
 
 
 def read_log(folder):
-    return [json.loads(line) for line in open(os.path.join(folder, 'log.jsonl'))]
+    """log.jsonl's records without the header records (one per session, training.run_header)."""
+    return [r for r in map(json.loads, open(os.path.join(folder, 'log.jsonl'))) if not r.get('header')]
 
 
 def log_records(folder):
@@ -1329,7 +1332,8 @@ def test_resume_at_an_epoch_end_reproduces_the_uninterrupted_run(straight_pretra
     assert skipped and not any(k.startswith('encoder.') for k in skipped)      # every encoder tensor loaded
     # a run started differently is refused, naming what differs: architecture, seed (batch order), lr
     with pytest.raises(SystemExit, match='encoder_dims'):
-        pretrain.main(parse_args(PRETRAIN_FLAGS + ['--config', 'full', '--run_name', 'cut', '--resume', 'runs/cut/last.pt']))
+        pretrain.main(parse_args(PRETRAIN_FLAGS + ['--config', 'full', '--num_points', '512', '--run_name', 'cut',
+                                                   '--resume', 'runs/cut/last.pt']))
     with pytest.raises(SystemExit, match=r'(?s)--lr: checkpoint 0.001, now 0.002.*--seed: checkpoint 0, now 1'):
         pretrain_run('cut', '--resume', 'runs/cut/last.pt', '--seed', '1', '--lr', '2e-3', epochs=3)
 
@@ -1337,7 +1341,8 @@ def test_resume_at_an_epoch_end_reproduces_the_uninterrupted_run(straight_pretra
 def test_a_second_run_into_a_folder_is_refused_unless_overwrite_or_resume(tmp_path, monkeypatch, small_pool):
     monkeypatch.chdir(tmp_path)
     pretrain_run('same', epochs=1, steps=1)
-    with pytest.raises(SystemExit, match=r'runs/same holds another run \(last.pt, log.jsonl\): continue it with '
+    with pytest.raises(SystemExit, match=r'runs/same holds another run \(last.pt, log.jsonl, args.json, curves.png\): '
+                                         r'continue it with '
                                          r'--resume runs/same/last.pt, start over with --overwrite'):
         pretrain_run('same', epochs=1, steps=1)
     pretrain_run('same', '--overwrite', epochs=1, steps=1)
@@ -1592,7 +1597,7 @@ def test_finetune_bad_inputs_are_explained(pretrain_checkpoint, tmp_path, monkey
         finetune.parse_args(['--data', 'scan_hardest', '--vote'])
     assert 'ModelNet40 only' in capsys.readouterr().err
     checkpoint = read_checkpoint(pretrain_checkpoint)
-    wider = Classifier(replace(TINY, encoder_dims=(16, 32, 48)), 4)
+    wider = Classifier(replace(TINY, encoder_dims=(16, 32, 48), decoder_dims=(48, 32)), 4)
     with pytest.raises(SystemExit, match=r'(?s)last.pt does not fit this Classifier .a different architecture.*'
                                          r'shape of encoder.pos_embed.2.0.weight: file \(64, 3\), model \(48, 3\)'):
         load_weights(wider, checkpoint, 'last.pt', fine_tune=True)
