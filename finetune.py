@@ -32,7 +32,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from model import (SMALL_CONFIG, Classifier, ModelConfig, checkpoint_config, load_weights, read_checkpoint,
                    smoothed_cross_entropy)
-from data import (DataError, fewshot_fold_path, fps_subsample, load_fewshot_fold, load_split, random_point_subset,
+from data import (fewshot_fold_path, fps_subsample, load_fewshot_fold, load_split, random_point_subset,
                   rotate_about_up_axis, scale_and_translate)
 from training import (ArgumentParser, Run, StopOnSignal, add_run_flags, check_ranks_agree, cosine_lr, end_process,
                       epoch_batches, fill_preset, fraction, non_negative_float, non_negative_int, param_groups,
@@ -465,8 +465,8 @@ def load_classification_split(args, split):
     means Point-BERT's .dat files here, the h5 files in svm_eval.py."""
     try:   # data seed 0: the shapes pretrain.py and svm_eval.py see by default
         return load_split(args.data, split, args.data_root, args.load_points or None, seed=0)
-    except (DataError, FileNotFoundError) as error:
-        raise DataError(f'finetune.py --data {args.data} reads {DATA_FILES[args.data]}:\n{error}') from None
+    except FileNotFoundError as error:   # say which files this script needs (a bad file's own message is clear)
+        raise FileNotFoundError(f'finetune.py --data {args.data} reads {DATA_FILES[args.data]}:\n{error}') from None
 
 
 if __name__ == '__main__':

@@ -523,7 +523,7 @@ def read_checkpoint(path, flag='--ckpt'):
             raise SystemExit(f'{flag} {path}: refused: it holds a Python object ({found.group(1)}), not only tensors '
                              f'and plain values; reading it could run code from the file, so it is not read') from None
         raise SystemExit(f'{flag} {path}: not a checkpoint (not a file torch.save wrote)') from None
-    except (RuntimeError, EOFError, OSError, KeyError, ValueError) as error:
+    except Exception as error:   # whatever torch.load meets in a file it did not write (IndexError, KeyError, ...)
         raise SystemExit(f'{flag} {path}: not a readable checkpoint, perhaps cut short by a crash or a full disk '
                          f'({type(error).__name__}: {str(error).splitlines()[0] if str(error) else "empty"})') from None
     if not isinstance(checkpoint, dict):

@@ -28,7 +28,7 @@ from sklearn.model_selection import GridSearchCV
 from sklearn.svm import SVC
 
 from model import I2PMAE, checkpoint_config, load_weights, read_checkpoint
-from data import DataError, load_split
+from data import load_split
 from training import (ArgumentParser, Process, Run, file_sha256, gather_rows, gpu_index, positive_float, positive_int,
                       run_script, seed_value)
 
@@ -158,8 +158,8 @@ def load_svm_split(data, split, data_root, num_points):
     name, default_points = SVM_DATA[data]
     try:
         return load_split(name, split, data_root=data_root, num_points=num_points or default_points)
-    except (DataError, FileNotFoundError) as error:
-        raise DataError(f'svm_eval.py --data {data} reads {DATA_FILES[data]}:\n{error}') from None
+    except FileNotFoundError as error:   # say which files this script needs (a bad file's own message is clear)
+        raise FileNotFoundError(f'svm_eval.py --data {data} reads {DATA_FILES[data]}:\n{error}') from None
 
 
 def evaluate(student, data, data_root, num_points, C, batch_size, device, cv=False, calibrate=False, process=None,

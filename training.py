@@ -68,6 +68,7 @@ import argparse
 import datetime
 import glob
 import hashlib
+import importlib.metadata
 import json
 import math
 import os
@@ -82,12 +83,10 @@ from typing import NamedTuple
 import numpy as np
 import torch
 import torch.distributed as dist
-import torchvision
 from torch.utils.data import BatchSampler, DistributedSampler
 
 from model import read_checkpoint
 from data import DataError
-from pictures import curves_picture
 
 # the files a run writes into runs/<name>/ (besides epoch-<N>.pt snapshots and the tensorboard/ folder);
 # a new run refuses a folder holding any of them
@@ -456,13 +455,20 @@ def git_state(folder):
     return commit.stdout.strip() + (' (uncommitted changes)' if changed else '')
 
 
+def package_version(name):
+    try:   # asked of the installed package's metadata: importing torchvision costs seconds
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return 'not installed'
+
+
 def run_header(process, **about):
     """Where and how this session runs: a log.jsonl record researchers can compare weeks later."""
     device = process.device
     return dict(header=True, time=datetime.datetime.now().astimezone().isoformat(timespec='seconds'),
                 command=' '.join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
                 git=git_state(os.path.dirname(os.path.abspath(__file__))),
-                python=platform.python_version(), torch=torch.__version__, torchvision=torchvision.__version__,
+                python=platform.python_version(), torch=torch.__version__, torchvision=package_version('torchvision'),
                 cuda=torch.version.cuda if torch.cuda.is_available() else f'not available (build {torch.version.cuda})',
                 device=str(device), device_name=torch.cuda.get_device_name(device) if device.type == 'cuda' else
                 f'CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores',
@@ -542,6 +548,7 @@ class Run:
 
     def draw_curves(self):
         """Redraw curves.png from log.jsonl (atomically: a viewer never sees half a picture)."""
+        from pictures import curves_picture   # here, not at the top: pictures.py imports torchvision (seconds)
         with open(self.path('log.jsonl')) as f:
             records = [json.loads(line) for line in f if line.endswith('\n')]
         picture = curves_picture(records, f'runs/{os.path.basename(self.folder)}')
