@@ -61,7 +61,11 @@ SHAPENET_LAYOUT = ('ShapeNet55-34/ShapeNet-55/{train,test}.txt   one file name p
                    'ShapeNet55-34/shapenet_pc/<synset>-<id>.npy  float array (8192, 3)', POINT_BERT)
 MODELNET_DAT_LAYOUT = ('ModelNet/modelnet40_normal_resampled/modelnet40_{train,test}_8192pts_fps.dat'
                        '   pickle [points list of (8192, 6), labels list of (1,)]\n'
-                       'ModelNet/modelnet40_normal_resampled/modelnet40_shape_names.txt', POINT_BERT)
+                       'ModelNet/modelnet40_normal_resampled/modelnet40_shape_names.txt\n'
+                       '(or, to build the .dat from: modelnet40_{train,test}.txt (ids <class>_<NNNN>, one per line) and '
+                       '<class>/<class>_<NNNN>.txt (rows x,y,z,nx,ny,nz))', POINT_BERT)
+# points per cloud in Point-BERT's ModelNet40 .dat files (farthest point sampling of the raw 10,000)
+MODELNET_DAT_POINTS = 8192
 MODELNET_H5_LAYOUT = ('modelnet40_ply_hdf5_2048/ply_data_train{0..4}.h5, ply_data_test{0,1}.h5'
                       '   keys data (S, 2048, 3), label (S, 1)\n'
                       'modelnet40_ply_hdf5_2048/shape_names.txt',
@@ -76,6 +80,11 @@ FEWSHOT_LAYOUT = ('ModelNetFewshot/{5way10shot,5way20shot,10way10shot,10way20sho
                   "   (or 5way_10shot, ...)\n"
                   "   pickle {'train': [(points (8192, 6), label, class id), ...], 'test': [...]}",
                   POINT_BERT)
+
+
+class DataError(ValueError):
+    """A dataset file that is unreadable or malformed, or holds bad clouds: the message names the file (and
+    the cloud). The entry scripts print it alone, without a traceback (training.run_script)."""
 
 
 class PointSplit(NamedTuple):
@@ -105,30 +114,50 @@ def require_path(path, layout):
 
 
 def check_point_array(points, path, num_points):
-    """points array (S, N, C>=3) float -> (S, num_points, 3) float32 tensor; errors name the file."""
+    """points array (S, N, C>=3) float -> (S, num_points, 3) float32 tensor, every cloud checked
+    (check_clouds); errors name the file (and the cloud)."""
     points = np.asarray(points)
     if points.ndim != 3 or points.shape[2] < 3:
-        raise ValueError(f'{path}: expected point clouds of shape (S, N, 3), got shape {points.shape}')
+        raise DataError(f'{path}: expected point clouds of shape (S, N, 3), got shape {points.shape}')
     if not np.issubdtype(points.dtype, np.floating):
-        raise ValueError(f'{path}: expected float points, got dtype {points.dtype}')
+        raise DataError(f'{path}: expected float points, got dtype {points.dtype}')
     if points.shape[0] == 0:
-        raise ValueError(f'{path}: the split is empty')
+        raise DataError(f'{path}: the split is empty')
     if points.shape[1] < num_points:
-        raise ValueError(f'{path}: clouds have {points.shape[1]} points, fewer than the {num_points} requested')
-    return torch.from_numpy(np.ascontiguousarray(points[:, :num_points, :3], dtype=np.float32))
+        raise DataError(f'{path}: clouds have {points.shape[1]} points, fewer than the {num_points} requested')
+    points = np.ascontiguousarray(points[:, :num_points, :3], dtype=np.float32)
+    check_clouds(points, path)
+    return torch.from_numpy(points)
+
+
+def check_clouds(points, path, files=None):
+    """points (S, N, 3) float32: every cloud finite and not degenerate (all its points at one place, e.g. all
+    zero), else a DataError naming `path` and the cloud's index there (or files[index]). Checked once, when
+    the split is loaded, with two reductions per cloud: a bad cloud stops the run before its first step,
+    not at the first batch that holds it."""
+    low, high = points.min(axis=1), points.max(axis=1)                  # (S, 3) each; NaN propagates
+    is_not_finite = ~(np.isfinite(low) & np.isfinite(high)).all(axis=1)
+    is_degenerate = ~is_not_finite & ((high - low).max(axis=1) <= 0)
+    for is_bad, what in ((is_not_finite, 'holds NaN or infinite coordinates'),
+                         (is_degenerate, 'is degenerate: all its points lie at one place (zero extent)')):
+        if is_bad.any():
+            first = int(is_bad.argmax())
+            where = files[first] if files is not None else f'{path}: cloud {first} (counting from 0)'
+            raise DataError(f'{where} {what} ({int(is_bad.sum())} of the {len(points)} clouds there do); '
+                            f'fix or remove it')
 
 
 def check_labels(labels, num_shapes, num_classes, path):
     """labels array (S,) or (S, 1) integer -> (S,) int64 tensor, every label in 0..num_classes-1."""
     labels = np.asarray(labels)
     if not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(f'{path}: expected integer labels, got dtype {labels.dtype}')
+        raise DataError(f'{path}: expected integer labels, got dtype {labels.dtype}')
     labels = labels.reshape(-1)                                       # ModelNet h5 stores (S, 1)
     if len(labels) != num_shapes:
-        raise ValueError(f'{path}: {len(labels)} labels for {num_shapes} point clouds')
+        raise DataError(f'{path}: {len(labels)} labels for {num_shapes} point clouds')
     is_bad = (labels < 0) | (labels >= num_classes)
     if is_bad.any():
-        raise ValueError(f'{path}: label {labels[is_bad][0]} is outside 0..{num_classes - 1} '
+        raise DataError(f'{path}: label {labels[is_bad][0]} is outside 0..{num_classes - 1} '
                          f'({is_bad.sum()} shapes affected)')
     return torch.from_numpy(labels.astype(np.int64))
 
@@ -139,7 +168,7 @@ def check_class_names(path, expected):
         with open(path) as f:
             names = [line.strip() for line in f if line.strip()]
         if names != expected:
-            raise ValueError(f'{path}: class names differ from the standard order {expected[:3]}...')
+            raise DataError(f'{path}: class names differ from the standard order {expected[:3]}...')
     return list(expected)
 
 
@@ -149,11 +178,11 @@ def read_h5(path, layout):
     try:
         f = h5py.File(path, 'r')
     except OSError as err:
-        raise ValueError(f'{path}: not a readable HDF5 file ({err})') from err
+        raise DataError(f'{path}: not a readable HDF5 file ({err})') from err
     with f:
         missing = sorted({'data', 'label'} - set(f.keys()))
         if missing:
-            raise ValueError(f'{path}: missing key(s) {missing}; the file has {sorted(f.keys())}')
+            raise DataError(f'{path}: missing key(s) {missing}; the file has {sorted(f.keys())}')
         return f['data'][:], f['label'][:]
 
 
@@ -162,7 +191,7 @@ def read_npy(path, layout):
     try:
         return np.load(path)
     except (ValueError, OSError) as err:
-        raise ValueError(f'{path}: not a readable .npy array ({err})') from err
+        raise DataError(f'{path}: not a readable .npy array ({err})') from err
 
 
 def read_pickle(path, layout):
@@ -170,16 +199,16 @@ def read_pickle(path, layout):
         try:
             return pickle.load(f)      # only open pickles you trust: unpickling can run code
         except (pickle.UnpicklingError, EOFError, ValueError) as err:
-            raise ValueError(f'{path}: not a readable pickle ({err})') from err
+            raise DataError(f'{path}: not a readable pickle ({err})') from err
 
 
 def stack_xyz(clouds, path):
     """list of (N, C>=3) arrays -> (S, N, 3) float array; all clouds must have one shape."""
     shapes = sorted({np.shape(c) for c in clouds})
     if len(shapes) > 1:
-        raise ValueError(f'{path}: point clouds of different shapes, e.g. {shapes[:2]}')
+        raise DataError(f'{path}: point clouds of different shapes, e.g. {shapes[:2]}')
     if not clouds or len(shapes[0]) != 2 or shapes[0][1] < 3:
-        raise ValueError(f'{path}: expected a non-empty list of (N, 3+) clouds, got shapes {shapes[:2]}')
+        raise DataError(f'{path}: expected a non-empty list of (N, 3+) clouds, got shapes {shapes[:2]}')
     return np.stack([np.asarray(c)[:, :3] for c in clouds])
 
 
@@ -203,17 +232,18 @@ def read_shapenet55(data_root, split, num_points=2048, seed=0):
     with open(list_path) as f:
         names = [line.strip() for line in f if line.strip()]
     if not names:
-        raise ValueError(f'{list_path}: the split is empty')
+        raise DataError(f'{list_path}: the split is empty')
     rng = np.random.default_rng(seed)
     clouds = np.empty((len(names), num_points, 3), np.float32)       # (S, num_points, 3)
     for i, name in enumerate(names):                                  # load time, not the training loop
         path = os.path.join(root, 'shapenet_pc', os.path.basename(name))
         cloud = read_npy(path, SHAPENET_LAYOUT)                       # (8192, 3)
         if cloud.ndim != 2 or cloud.shape[1] != 3 or not np.issubdtype(cloud.dtype, np.floating):
-            raise ValueError(f'{path}: expected a float (8192, 3) array, got {cloud.dtype} {cloud.shape}')
+            raise DataError(f'{path}: expected a float (8192, 3) array, got {cloud.dtype} {cloud.shape}')
         if len(cloud) < num_points:
-            raise ValueError(f'{path}: {len(cloud)} points, fewer than the {num_points} requested')
+            raise DataError(f'{path}: {len(cloud)} points, fewer than the {num_points} requested')
         clouds[i] = cloud[rng.permutation(len(cloud))[:num_points]]   # shuffle, keep the first n
+    check_clouds(clouds, list_path, [os.path.join(root, 'shapenet_pc', os.path.basename(n)) for n in names])
     return PointSplit(normalize_unit_sphere(torch.from_numpy(clouds)), None, [])
 
 
@@ -225,15 +255,81 @@ def read_modelnet40_dat(data_root, split, num_points=None):
     """
     check_split(split)
     folder = os.path.join(data_root, 'ModelNet', 'modelnet40_normal_resampled')
-    path = os.path.join(folder, f'modelnet40_{split}_8192pts_fps.dat')
+    path = os.path.join(folder, f'modelnet40_{split}_{MODELNET_DAT_POINTS}pts_fps.dat')
+    if not os.path.exists(path) and os.path.exists(os.path.join(folder, f'modelnet40_{split}.txt')):
+        build_modelnet40_dat(folder, split, MODELNET_DAT_POINTS)   # as the authors' loader does, once
     content = read_pickle(path, MODELNET_DAT_LAYOUT)
     if not isinstance(content, (list, tuple)) or len(content) != 2:
-        raise ValueError(f'{path}: expected a pickled pair [list of points, list of labels]')
+        raise DataError(f'{path}: expected a pickled pair [list of points, list of labels]')
     xyz = stack_xyz(content[0], path)                                 # (S, 8192, 3)
     points = check_point_array(xyz, path, num_points or xyz.shape[1])
     labels = check_labels(content[1], len(points), len(MODELNET40_CLASSES), path)
     names = check_class_names(os.path.join(folder, 'modelnet40_shape_names.txt'), MODELNET40_CLASSES)
     return PointSplit(normalize_unit_sphere(points), labels, names)
+
+
+def read_raw_modelnet40(path, num_points):
+    """One raw modelnet40_normal_resampled/<class>/<id>.txt -> (rows, 6) float32 (x,y,z,nx,ny,nz); checked."""
+    try:
+        rows = np.loadtxt(require_path(path, MODELNET_DAT_LAYOUT), delimiter=',', ndmin=2).astype(np.float32)   # as theirs
+    except ValueError as err:
+        raise DataError(f'{path}: not rows of 6 comma-separated numbers ({err})') from None
+    if rows.shape[1] != 6 or len(rows) < num_points:
+        raise DataError(f'{path}: {rows.shape[0]} rows of {rows.shape[1]} numbers; expected at least {num_points} '
+                        f'rows of x,y,z,nx,ny,nz')
+    check_clouds(rows[None, :, :3], path, [path])
+    return rows
+
+
+def build_modelnet40_dat(folder, split, num_points=MODELNET_DAT_POINTS, batch_size=32, device=None):
+    """Write Point-BERT's modelnet40_<split>_<num_points>pts_fps.dat from the raw files, as the authors' loader
+    does when it is missing (datasets/ModelNetDataset.py of ZrrSkywalker/I2P-MAE): for each id <class>_<NNNN>
+    of modelnet40_<split>.txt, <class>/<id>.txt (10,000 rows x,y,z,nx,ny,nz) reduced to num_points rows (all six
+    columns) by farthest point sampling of x,y,z; its label is the class's line of modelnet40_shape_names.txt.
+    The pickle holds [list of (num_points, 6) float32, list of (1,) int32], as theirs. FPS runs batched, on
+    `device` (default: a GPU if there is one); a progress line; written atomically (a crash leaves no half file).
+    """
+    path = os.path.join(folder, f'modelnet40_{split}_{num_points}pts_fps.dat')
+    classes = check_class_names(require_path(os.path.join(folder, 'modelnet40_shape_names.txt'), MODELNET_DAT_LAYOUT),
+                                MODELNET40_CLASSES)
+    list_path = os.path.join(folder, f'modelnet40_{split}.txt')
+    with open(list_path) as f:
+        ids = [line.strip() for line in f if line.strip()]
+    labels = []
+    for number, shape_id in enumerate(ids, 1):
+        name = shape_id.rsplit('_', 1)[0]     # night_stand_0001 -> night_stand
+        if name not in classes:
+            raise DataError(f'{list_path}, line {number}: {shape_id!r} is not <class>_<NNNN> with a ModelNet40 class')
+        labels.append(np.array([classes.index(name)], dtype=np.int32))
+    if device is None:   # a one-off preprocessing job: FPS of 10,000 points is 40x faster on a GPU
+        device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    print(f'{path} is missing: building it from the {len(ids)} raw files of {folder} (once, as the authors\' '
+          f'loader does: FPS to {num_points} points, on {device})', flush=True)
+    clouds, start = [], time.time()
+    for first in range(0, len(ids), batch_size):
+        batch = [read_raw_modelnet40(os.path.join(folder, i.rsplit('_', 1)[0], f'{i}.txt'), num_points)
+                 for i in ids[first:first + batch_size]]
+        for size in sorted({len(rows) for rows in batch}):   # clouds of one size are stacked, FPS'd together
+            same = [k for k, rows in enumerate(batch) if len(rows) == size]
+            rows = torch.from_numpy(np.stack([batch[k] for k in same])).to(device)     # (b, size, 6)
+            # deviation: FPS starts at index 0 (deterministic); theirs at an unseeded random index
+            picked = gather_points(rows, farthest_point_sample(rows[..., :3], num_points)).cpu().numpy()
+            for k, cloud in zip(same, picked):
+                batch[k] = cloud                                                     # (num_points, 6)
+        clouds += batch
+        done, elapsed = len(clouds), time.time() - start
+        print(f'\r  {done}/{len(ids)} clouds, {elapsed / 60:.1f} min, about {elapsed / done * (len(ids) - done) / 60:.1f}'
+              f' min left', end='', flush=True)
+    print()
+    tmp = f'{path}.{os.getpid()}.tmp'
+    try:
+        with open(tmp, 'wb') as f:
+            pickle.dump([clouds, labels], f)
+        os.replace(tmp, path)
+    except OSError as err:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise DataError(f'{path}: could not write it ({err}); build it where --data_root is writable') from None
 
 
 def read_h5_split(paths, num_points, class_names, layout):
@@ -268,31 +364,36 @@ def read_scanobjectnn(data_root, variant, split, num_points=None):
     return read_h5_split([path], num_points, SCANOBJECTNN_CLASSES, SCAN_LAYOUT)
 
 
+def fewshot_fold_path(data_root, way, shot, fold):
+    """The file load_fewshot_fold reads: Point-BERT's published <w>way<s>shot/<fold>.pkl, or, when only that
+    exists, its loader's <w>way_<s>shot/<fold>.pkl."""
+    root = os.path.join(data_root, 'ModelNetFewshot')
+    path = os.path.join(root, f'{way}way{shot}shot', f'{fold}.pkl')
+    loader_path = os.path.join(root, f'{way}way_{shot}shot', f'{fold}.pkl')
+    return loader_path if not os.path.exists(path) and os.path.exists(loader_path) else path
+
+
 def load_fewshot_fold(data_root, way, shot, fold, num_points=None):
     """One ModelNet40 few-shot fold -> (train, test) PointSplits, labels 0..way-1, xyz normalised.
 
     class_names[k] is the ModelNet40 name of the fold's class k (the pickle's third field).
     Point-BERT publishes folders named '5way10shot'; its loader reads '5way_10shot': both work.
     """
-    root = os.path.join(data_root, 'ModelNetFewshot')
-    path = os.path.join(root, f'{way}way{shot}shot', f'{fold}.pkl')
-    loader_path = os.path.join(root, f'{way}way_{shot}shot', f'{fold}.pkl')
-    if not os.path.exists(path) and os.path.exists(loader_path):
-        path = loader_path
+    path = fewshot_fold_path(data_root, way, shot, fold)
     content = read_pickle(path, FEWSHOT_LAYOUT)
     if not isinstance(content, dict) or not {'train', 'test'} <= set(content):
-        raise ValueError(f"{path}: expected a pickled dict with keys 'train' and 'test'")
+        raise DataError(f"{path}: expected a pickled dict with keys 'train' and 'test'")
     splits = []
     for split in ('train', 'test'):
         items = content[split]
         if not items or any(len(item) != 3 for item in items):
-            raise ValueError(f'{path}: {split!r} must be a non-empty list of (points, label, class id)')
+            raise DataError(f'{path}: {split!r} must be a non-empty list of (points, label, class id)')
         xyz = stack_xyz([item[0] for item in items], path)
-        points = check_point_array(xyz, path, num_points or xyz.shape[1])
+        points = check_point_array(xyz, f"{path} ['{split}']", num_points or xyz.shape[1])
         labels = check_labels(np.array([np.asarray(item[1]).item() for item in items]), len(points), way, path)
         pairs = sorted({(int(label), int(np.asarray(item[2]).item())) for label, item in zip(labels, items)})
         if [label for label, _ in pairs] != list(range(way)):   # each label 0..way-1 once, with one class id
-            raise ValueError(f'{path}: {split!r} pairs labels with ModelNet40 class ids as {pairs}, '
+            raise DataError(f'{path}: {split!r} pairs labels with ModelNet40 class ids as {pairs}, '
                              f'expected labels 0..{way - 1} each with one class id')
         names = [MODELNET40_CLASSES[class_id] for _, class_id in pairs]
         splits.append(PointSplit(normalize_unit_sphere(points), labels, names))
@@ -411,7 +512,7 @@ def read_part_file(path, part_ids, category):
     np.loadtxt parses it in C; only a file that fails a check is read again line by line, to name the line.
     """
     if os.path.getsize(require_path(path, SHAPENETPART_LAYOUT)) == 0:
-        raise ValueError(f'{path}: no points')
+        raise DataError(f'{path}: no points')
     try:
         rows = np.loadtxt(path, dtype=np.float32, ndmin=2, comments=None)     # (n, 7)
     except ValueError:
@@ -419,7 +520,7 @@ def read_part_file(path, part_ids, category):
     is_fine = (rows is not None and rows.shape[1:] == (7,) and np.isfinite(rows).all()
                and np.isin(rows[:, 6], part_ids).all())    # part ids must be integers of this category
     if not is_fine:
-        raise ValueError(f'{path}, {first_bad_line(path, part_ids, category) or "no points"}')
+        raise DataError(f'{path}, {first_bad_line(path, part_ids, category) or "no points"}')
     return normalize_unit_sphere(torch.from_numpy(rows[:, :3])).numpy(), rows[:, 6].astype(np.int8)
 
 
@@ -429,10 +530,10 @@ def read_categories_file(path, expected):
         rows = [(number, line.split()) for number, line in enumerate(f, 1) if line.strip()]
     for number, fields in rows:
         if len(fields) != 2:
-            raise ValueError(f'{path}, line {number}: expected "<Category> <synset>", got {" ".join(fields)!r}')
+            raise DataError(f'{path}, line {number}: expected "<Category> <synset>", got {" ".join(fields)!r}')
     names = [fields[0] for _, fields in rows]
     if names != expected:
-        raise ValueError(f'{path}: categories {names} differ from the official {len(expected)}, in order: {expected}')
+        raise DataError(f'{path}: categories {names} differ from the official {len(expected)}, in order: {expected}')
     return {fields[1]: c for c, (_, fields) in enumerate(rows)}
 
 
@@ -442,14 +543,14 @@ def read_shape_list(path, synsets):
         try:
             entries = json.load(f)
         except json.JSONDecodeError as err:
-            raise ValueError(f'{path}: not valid JSON ({err})') from None
+            raise DataError(f'{path}: not valid JSON ({err})') from None
     if not isinstance(entries, list):
-        raise ValueError(f'{path}: expected a JSON list of "shape_data/<synset>/<id>", got {type(entries).__name__}')
+        raise DataError(f'{path}: expected a JSON list of "shape_data/<synset>/<id>", got {type(entries).__name__}')
     shapes = []
     for entry in entries:
         fields = entry.split('/') if isinstance(entry, str) else []
         if len(fields) != 3 or fields[0] != 'shape_data' or fields[1] not in synsets or not fields[2]:
-            raise ValueError(f'{path}: entry {entry!r} is not "shape_data/<synset>/<id>" with a synset '
+            raise DataError(f'{path}: entry {entry!r} is not "shape_data/<synset>/<id>" with a synset '
                              f'of synsetoffset2category.txt')
         shapes.append((fields[1], fields[2]))
     return shapes
@@ -516,7 +617,7 @@ def read_shapenetpart(data_root, split, cache=True):
         list_path = os.path.join(root, 'train_test_split', f'shuffled_{name}_file_list.json')
         shapes.update(read_shape_list(list_path, category_of))
     if not shapes:
-        raise ValueError(f'{root}/train_test_split: the {split!r} split is empty')
+        raise DataError(f'{root}/train_test_split: the {split!r} split is empty')
     shapes = sorted(shapes, key=lambda shape: (category_of[shape[0]], shape[1]))
     categories = [category_of[synset] for synset, _ in shapes]
     paths = [os.path.join(root, synset, f'{shape_id}.txt') for synset, shape_id in shapes]

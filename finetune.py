@@ -16,8 +16,9 @@ the best test epoch and, for voting, the best of 49 voting runs: we print the fi
 comparison, labelled as chosen on test, and voting as mean +- std over runs. A "best" checkpoint
 is chosen on a validation split carved from the training data (--val_fraction), never on test.
 Writes runs/<run_name>/last.pt (atomically, every epoch and on Ctrl-C), best.pt (with a
-validation split) and log.jsonl; a folder holding another run is refused (--overwrite starts
-over). `--resume runs/<run_name>/last.pt` continues exactly (training.py says how).
+validation split), log.jsonl (a header record per session), args.json and curves.png (--save_every,
+--tensorboard: more); a folder holding another run is refused (--overwrite starts over).
+`--resume runs/<run_name>/last.pt` continues exactly (training.py says how).
 """
 import argparse
 import copy
@@ -31,10 +32,12 @@ from torch.nn.parallel import DistributedDataParallel
 
 from model import (SMALL_CONFIG, Classifier, ModelConfig, checkpoint_config, load_weights, read_checkpoint,
                    smoothed_cross_entropy)
-from data import (fps_subsample, load_fewshot_fold, load_split, random_point_subset, rotate_about_up_axis,
-                  scale_and_translate)
-from training import (Run, StopOnSignal, add_run_flags, check_ranks_agree, cosine_lr, end_process, epoch_batches,
-                      fill_preset, param_groups, seed_process, set_lr, setup_process, sum_over_processes)
+from data import (fewshot_fold_path, fps_subsample, load_fewshot_fold, load_split, random_point_subset,
+                  rotate_about_up_axis, scale_and_translate)
+from training import (ArgumentParser, Run, StopOnSignal, add_run_flags, check_ranks_agree, cosine_lr, end_process,
+                      epoch_batches, fill_preset, fraction, non_negative_float, non_negative_int, param_groups,
+                      positive_float, positive_int, refuse_finished, run_script, seed_process, set_lr, setup_process,
+                      sum_over_processes)
 
 # The official settings (the authors' cfgs/fine-tuning/*.yaml). --data picks one preset; flags the user gives override it.
 MODELNET40 = dict(points=1024, train_fps=1200, group_sizes=(48, 24, 24), local_radius=(0.24, 0.48, 0.96),
@@ -48,7 +51,7 @@ PRESETS = {
     'scan_objbg': SCANOBJECTNN,
     'scan_objonly': SCANOBJECTNN,
     'scan_hardest': dict(SCANOBJECTNN, local_radius=(0.48, 0.96, 1.92)),
-    # I2P-MAE ships no few-shot config: the ModelNet40 model, 150 epochs (Point-M2AE's protocol)
+    # I2P-MAE ships no few-shot config: the ModelNet40 model, 150 epochs, a 40-way head (Point-MAE's cfgs/fewshot.yaml)
     'fewshot': dict(MODELNET40, epochs=150),
     # CPU demo on model.py's SMALL_CONFIG: 1024 -> FPS 600 -> random 512 mirrors ModelNet40's
     # 8192 -> 1200 -> 1024; group sizes cover each scale as often as ScanObjectNN's (K x G / N = 8, 8, 4);
@@ -56,61 +59,94 @@ PRESETS = {
     'synthetic': dict(MODELNET40, load_points=1024, points=512, train_fps=600, group_sizes=(32, 16, 16), epochs=6,
                       warmup_epochs=1, val_fraction=0.1, config='small', ckpt='runs/pretrain-synthetic/last.pt'),
 }
+# the files each --data reads, for the messages about missing ones (svm_eval.py reads ModelNet40 from the h5 files)
+DATA_FILES = {
+    'modelnet40': "Point-BERT's ModelNet/modelnet40_normal_resampled/modelnet40_{train,test}_8192pts_fps.dat (8192 "
+                  "points per cloud, for the authors' sampling: FPS 1200, then a random 1024; built from the raw "
+                  "modelnet40_normal_resampled/<class>/<id>.txt files if only those are there), not the PointNet h5 "
+                  "files svm_eval.py reads",
+    'scan_objbg': 'ScanObjectNN/main_split/{training,test}_objectdataset.h5',
+    'scan_objonly': 'ScanObjectNN/main_split_nobg/{training,test}_objectdataset.h5',
+    'scan_hardest': 'ScanObjectNN/main_split/{training,test}_objectdataset_augmentedrot_scale75.h5',
+    'synthetic': 'no files (generated)',
+}
 # flags that may change on --resume: they do not change what the run computes
 MAY_DIFFER = ('epochs', 'resume', 'reseed', 'overwrite', 'run_name', 'gpu', 'data_root', 'log_every', 'test_every',
-              'deterministic', 'ckpt', 'from_scratch', 'config', 'test_only', 'vote', 'vote_runs', 'ways', 'shots', 'folds')
+              'deterministic', 'ckpt', 'from_scratch', 'config', 'test_only', 'vote', 'vote_runs', 'ways', 'shots', 'folds',
+              'save_every', 'tensorboard')
+# Point-MAE's few-shot head predicts all 40 ModelNet40 classes (cls_dim 40), whatever the fold's way; the labels
+# are 0..way-1, and label smoothing spreads over the 39 other outputs
+FEWSHOT_CLASSES = 40
+# a fresh BatchNorm's running statistics are 0.9^steps away from their start at momentum 0.1: eval-mode accuracy
+# of a short run can sit at chance until they catch up (finetune says so when it sees it)
+BATCHNORM_CATCH_UP_STEPS = 100
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     d = p.add_argument_group('data (flags without a default take the --data preset)')
     d.add_argument('--data', default='synthetic', choices=list(PRESETS), help='dataset and its preset (PRESETS)')
     d.add_argument('--data_root', default='./data', help='folder holding the datasets (README: data layout)')
-    d.add_argument('--load_points', type=int, help='points read per cloud, 0 = all (preset: all; synthetic 1024)')
-    d.add_argument('--points', type=int, help='points the model sees (official: 1024 ModelNet40, 2048 ScanObjectNN)')
-    d.add_argument('--train_fps', type=int, help='training: FPS to this many, then a random --points of them; '
+    d.add_argument('--load_points', type=non_negative_int, help='points read per cloud, 0 = all (preset: all; synthetic 1024)')
+    d.add_argument('--points', type=positive_int, help='points the model sees (official: 1024 ModelNet40, 2048 ScanObjectNN)')
+    d.add_argument('--train_fps', type=non_negative_int, help='training: FPS to this many, then a random --points of them; '
                                                  '0 = a random --points (official: 1200 ModelNet40, 0 Scan)')
-    d.add_argument('--scale_low', type=float, help='per-axis scale augmentation (official: 2/3 ModelNet40, 0.9 Scan)')
-    d.add_argument('--scale_high', type=float, help='(official: 3/2 ModelNet40, 1.1 ScanObjectNN)')
-    d.add_argument('--translate', type=float, help='per-axis shift augmentation (official: 0.2 ModelNet40, 0 Scan)')
+    d.add_argument('--scale_low', type=positive_float, help='per-axis scale augmentation (official: 2/3 ModelNet40, 0.9 Scan)')
+    d.add_argument('--scale_high', type=positive_float, help='(official: 3/2 ModelNet40, 1.1 ScanObjectNN)')
+    d.add_argument('--translate', type=non_negative_float, help='per-axis shift augmentation (official: 0.2 ModelNet40, 0 Scan)')
     d.add_argument('--rotate', action=argparse.BooleanOptionalAction, help='one y-rotation per batch (official: Scan)')
-    d.add_argument('--val_fraction', type=float, help='share of each training class held out to choose best.pt '
+    d.add_argument('--val_fraction', type=fraction, help='share of each training class held out to choose best.pt '
                                                       '(preset: 0 = train on all, as the paper; synthetic 0.1)')
-    d.add_argument('--ways', type=int, nargs='+', default=[5, 10], help='few-shot ways (official: 5 10)')
-    d.add_argument('--shots', type=int, nargs='+', default=[10, 20], help='few-shot shots (official: 10 20)')
-    d.add_argument('--folds', type=int, nargs='+', default=list(range(10)), help='few-shot folds (official: 0 .. 9)')
+    d.add_argument('--ways', type=positive_int, nargs='+', default=[5, 10], help='few-shot ways (official: 5 10)')
+    d.add_argument('--shots', type=positive_int, nargs='+', default=[10, 20], help='few-shot shots (official: 10 20)')
+    d.add_argument('--folds', type=non_negative_int, nargs='+', default=list(range(10)), help='few-shot folds (official: 0 .. 9)')
     m = p.add_argument_group('model')
     m.add_argument('--ckpt', help='pretrain.py checkpoint or the authors\' .pth (preset: runs/pretrain-shapenet/'
                                   'last.pt; synthetic: runs/pretrain-synthetic/last.pt)')
     m.add_argument('--from_scratch', action='store_true', help='random initialisation instead of --ckpt')
     m.add_argument('--config', choices=['full', 'small'], help='architecture with --from_scratch (preset: full; '
                                                                'synthetic: small = model.SMALL_CONFIG)')
-    m.add_argument('--group_sizes', type=int, nargs=3, help='kNN sizes per scale (official: 48 24 24 ModelNet40, 32 16 16 Scan)')
-    m.add_argument('--local_radius', type=float, nargs=3, help='attention radii per scale (official: .24 .48 .96 '
+    m.add_argument('--group_sizes', type=positive_int, nargs=3, help='kNN sizes per scale (official: 48 24 24 ModelNet40, 32 16 16 Scan)')
+    m.add_argument('--local_radius', type=non_negative_float, nargs=3, help='attention radii per scale (official: .24 .48 .96 '
                                                                   'ModelNet40, .32 .64 1.28 Scan, .48 .96 1.92 PB-T50-RS)')
     m.add_argument('--pooling', choices=['mean+max', 'concat'], help='head input (official: mean+max ModelNet40, concat Scan)')
     o = p.add_argument_group('optimisation')
-    o.add_argument('--smoothing', type=float, help='label smoothing, eps/(n-1) per wrong class (official: 0.2 ModelNet40, 0 Scan)')
-    o.add_argument('--epochs', type=int, help='epochs (official: 300, few-shot 150; their loop runs one more)')
-    o.add_argument('--cosine_epochs', type=int, help='length of the cosine schedule (official: = epochs)')
-    o.add_argument('--warmup_epochs', type=int, help='linear warm-up from --min_lr (official: 10; synthetic 1)')
-    o.add_argument('--batch_size', type=int, default=32, help='total batch over all processes (official: 32)')
-    o.add_argument('--lr', type=float, default=5e-4, help='peak learning rate (official: 5e-4)')
-    o.add_argument('--min_lr', type=float, default=1e-6, help='floor and warm-up start (official: 1e-6)')
-    o.add_argument('--weight_decay', type=float, default=0.05, help='AdamW weight decay (official: 0.05)')
-    o.add_argument('--grad_clip', type=float, default=10.0, help='clip_grad_norm_ over all parameters (official: 10)')
+    o.add_argument('--smoothing', type=fraction, help='label smoothing, eps/(n-1) per wrong class (official: 0.2 ModelNet40, 0 Scan)')
+    o.add_argument('--epochs', type=positive_int, help='epochs (official: 300, few-shot 150; their loop runs one more)')
+    o.add_argument('--cosine_epochs', type=positive_int, help='length of the cosine schedule (official: = epochs)')
+    o.add_argument('--warmup_epochs', type=non_negative_int, help='linear warm-up from --min_lr (official: 10; synthetic 1)')
+    o.add_argument('--batch_size', type=positive_int, default=32,
+                   help='total batch over all processes, at least 2 per process for BatchNorm (official: 32)')
+    o.add_argument('--lr', type=positive_float, default=5e-4, help='peak learning rate (official: 5e-4)')
+    o.add_argument('--min_lr', type=non_negative_float, default=1e-6, help='floor and warm-up start (official: 1e-6)')
+    o.add_argument('--weight_decay', type=non_negative_float, default=0.05, help='AdamW weight decay (official: 0.05)')
+    o.add_argument('--grad_clip', type=positive_float, default=10.0, help='clip_grad_norm_ over all parameters (official: 10)')
     s = add_run_flags(p, 'finetune')
     s.add_argument('--test_only', action='store_true', help='evaluate a fine-tuned --ckpt, no training')
     s.add_argument('--vote', action='store_true', help='also test by voting: 10 augmented views, logits averaged')
-    s.add_argument('--vote_runs', type=int, default=10, help='voting test passes; we report mean +- std (paper: max of 49)')
-    s.add_argument('--test_every', type=int, default=1, help='epochs between test evaluations (monitoring only)')
+    s.add_argument('--vote_runs', type=positive_int, default=10, help='voting test passes; we report mean +- std (paper: max of 49)')
+    s.add_argument('--test_every', type=positive_int, default=1, help='epochs between test evaluations (monitoring only)')
     args = p.parse_args(argv)
     fill_preset(args, PRESETS[args.data])
     if args.vote and args.train_fps <= args.points:
         p.error('--vote draws random --points out of --train_fps FPS points: ModelNet40 only '
                 '(the official voting code raises for 2048 points)')
+    if args.train_fps and args.train_fps < args.points:
+        p.error(f'--train_fps {args.train_fps} is fewer than --points {args.points}: a random --points are drawn '
+                f'out of the --train_fps FPS points (0 = draw them from the whole cloud)')
+    if args.load_points and args.load_points < max(args.points, args.train_fps):
+        p.error(f'--load_points {args.load_points} is fewer than the {max(args.points, args.train_fps)} points '
+                f'--points / --train_fps take from each cloud')
+    if args.batch_size < 2:
+        p.error('--batch_size 1: BatchNorm in training mode needs at least 2 clouds per batch')
+    for low, high in (('scale_low', 'scale_high'), ('min_lr', 'lr')):
+        if getattr(args, low) > getattr(args, high):
+            p.error(f'--{low} {getattr(args, low)} is above --{high} {getattr(args, high)}')
+    if args.save_every and args.data == 'fewshot':
+        p.error('--save_every keeps snapshots of one training run; few-shot trains one classifier per fold')
     args.group_sizes, args.local_radius = tuple(args.group_sizes), tuple(args.local_radius)
-    args.cosine_epochs = args.cosine_epochs or args.epochs
+    if args.cosine_epochs is None:
+        args.cosine_epochs = args.epochs
     args.run_name = args.run_name or f'finetune-{args.data}'
     return args
 
@@ -121,7 +157,15 @@ def parse_args(argv=None):
 def build_classifier(args, num_classes, resume=None):
     """(Classifier, a line saying where its weights come from). The architecture is the checkpoint's."""
     def with_preset(cfg):   # parameter shapes do not depend on group sizes or radii
-        return replace(cfg, group_sizes=args.group_sizes, local_radius=args.local_radius)
+        try:
+            cfg = replace(cfg, group_sizes=args.group_sizes, local_radius=args.local_radius)
+        except ValueError as error:   # ModelConfig checks itself
+            raise SystemExit(f'--group_sizes {args.group_sizes} / --local_radius {args.local_radius}: {error}') from None
+        fewest = max(cfg.num_groups[0], cfg.group_sizes[0])
+        if args.points < fewest:
+            raise SystemExit(f'--points {args.points}: the model groups {fewest} points per cloud at its finest scale '
+                             f'(num_groups {cfg.num_groups[0]}, --group_sizes {cfg.group_sizes[0]}): use at least {fewest}')
+        return cfg
     if resume is not None:   # `finetune` loads its weights, with the optimizer
         cfg = with_preset(ModelConfig(**resume['model_config']))
         return Classifier(cfg, resume['num_classes'], resume['pooling']), f'resumed from {args.resume}'
@@ -136,8 +180,9 @@ def build_classifier(args, num_classes, resume=None):
     skipped = load_weights(classifier, checkpoint, args.ckpt, fine_tune=not args.test_only)
     reasons = {why: [k for k in skipped if skipped[k] == why] for why in skipped.values()}
     ours = 'model_config' in checkpoint
-    return classifier, (f'{"classifier" if args.test_only else "encoder"} from {args.ckpt} ({"ours" if ours else "theirs"})'
-                        + ''.join(f'\n    skipped {len(k)} key(s) like {k[0]}: {why}' for why, k in reasons.items()))
+    teacher = f', pre-trained with teacher: {checkpoint["teacher"]}' if 'teacher' in checkpoint else ''
+    return classifier, (f'{"classifier" if args.test_only else "encoder"} from {args.ckpt} ({"ours" if ours else "theirs"}'
+                        f'{teacher})' + ''.join(f'\n    skipped {len(k)} key(s) like {k[0]}: {why}' for why, k in reasons.items()))
 
 
 # ---------------------------------------------------------------- inputs and evaluation
@@ -238,6 +283,21 @@ def train_one_epoch(model, optimizer, points, labels, epoch, first_step, steps, 
     return steps
 
 
+def batchnorm_note(record, chance, steps_done, log):
+    """Say why eval accuracy sits at chance early in a short run, when that is what the epoch's record shows
+    (an eval accuracy near chance, training accuracy well above it, few steps done). Returns whether it spoke."""
+    measured = [k for k in ('test_accuracy', 'val_accuracy') if k in record]
+    applies = (measured and steps_done < 3 * BATCHNORM_CATCH_UP_STEPS and record[measured[0]] <= 2 * chance
+               and record['train_accuracy'] >= 2 * chance + 10)
+    if applies:
+        log(f'  note: {measured[0][:-9]} accuracy {record[measured[0]]:.1f}% is near chance ({chance:.1f}%) while '
+            f'training accuracy is {record["train_accuracy"]:.1f}%: after {steps_done} steps the BatchNorm running '
+            f'statistics that evaluation uses (momentum 0.1) still hold much of their initial values; they need about '
+            f'{BATCHNORM_CATCH_UP_STEPS} steps to catch up. Expected in the first epochs of short runs (README, "A note '
+            f'on BatchNorm").')
+    return bool(applies)
+
+
 def finetune(classifier, train, test, args, run, resume=None, extra=None):
     """Fine-tune `classifier` on `train` (a PointSplit) and test it. Returns a dict whose 'test_accuracy'
     is the FINAL-epoch test accuracy. `extra` is stored in every checkpoint (few-shot bookkeeping)."""
@@ -255,7 +315,9 @@ def finetune(classifier, train, test, args, run, resume=None, extra=None):
         if process.world > 1 else classifier   # averages the gradients
     steps = len(epoch_batches(len(points), args.batch_size, 0, args.seed, process.rank, process.world))
     if steps == 0:
-        raise SystemExit(f'--batch_size {args.batch_size} is larger than the {len(points)} training clouds')
+        held = f' (of {len(train.labels)}: --val_fraction {args.val_fraction} holds out {len(val_idx)})' if len(val_idx) else ''
+        raise SystemExit(f'--batch_size {args.batch_size} is larger than the {len(points)} training clouds{held}')
+    chance, noted = 100 / len(train.class_names), False
 
     def save(name, epoch, step):   # last.pt: a resume point (optimizer, random states, sums); best.pt: weights
         run.save(name, classifier, epoch, step, args, optimizer if name == 'last.pt' else None, sums,
@@ -284,6 +346,8 @@ def finetune(classifier, train, test, args, run, resume=None, extra=None):
                     + ''.join(f' {k[:-9]} {record[k]:.2f}%' for k in ('val_accuracy', 'test_accuracy') if k in record)
                     + f' lr {record["lr"]:.2e} {record["minutes"]:.1f} min', **record,
                     **({'fold': extra['fold']} if extra else {}))
+            if not noted:
+                noted = batchnorm_note(record, chance, (epoch + 1) * steps, run.log)
             if record.get('val_accuracy', -1.0) > best_val:
                 best_val = record['val_accuracy']
                 save('best.pt', epoch + 1, 0)
@@ -310,18 +374,29 @@ def finetune(classifier, train, test, args, run, resume=None, extra=None):
 
 def run_fewshot(args, run, resume=None):
     """Every (way, shot, fold): a fresh classifier from the same checkpoint; mean +- std over folds."""
-    done, summary = dict(resume.get('fewshot_results', {})) if resume else {}, {}
+    done, summary, started = dict(resume.get('fewshot_results', {})) if resume else {}, {}, False
+    keys = [f'{way}way{shot}shot/{fold}' for way in args.ways for shot in args.shots for fold in args.folds]
+    finished = set(done) | ({resume['fold']} if resume and resume['epoch'] >= args.epochs else set())
+    if resume is not None and finished >= set(keys):
+        raise SystemExit(f'--resume {args.resume}: every fold asked for ({len(keys)}) has done its {args.epochs} '
+                         f'epochs: nothing to do (pass a larger --epochs, or other --ways / --shots / --folds)')
     for way in args.ways:
         for shot in args.shots:
             setting = f'{way}way{shot}shot'
             for fold in args.folds:
                 key = f'{setting}/{fold}'
                 if key not in done:
+                    path = fewshot_fold_path(args.data_root, way, shot, fold)
                     train, test = load_fewshot_fold(args.data_root, way, shot, fold, args.load_points or None)
                     state = resume if resume is not None and resume.get('fold') == key else None
                     seed_process(args.seed, run.process.rank)   # a fold's result does not depend on which ran before
-                    classifier, described = build_classifier(args, way, state)
-                    run.log(f'{key}: {len(train.labels)} train / {len(test.labels)} test shapes, {described}')
+                    classifier, described = build_classifier(args, FEWSHOT_CLASSES, state)
+                    if not started:   # this session's first fold: args.json, the log's header
+                        run.start(args, model_config=asdict(classifier.cfg), weights=described,
+                                  num_classes=FEWSHOT_CLASSES, resumed_from=args.resume)
+                        started = True
+                    run.log(f'{key}: read {path}: {len(train.labels)} train / {len(test.labels)} test shapes, labels '
+                            f'0..{way - 1} of a {FEWSHOT_CLASSES}-way head (as Point-MAE), {described}')
                     done[key] = finetune(classifier.to(run.process.device), train, test, args, run, state,
                                          dict(fold=key, fewshot_results=dict(done)))['test_accuracy']
                 run.log(f'{key}: final-epoch test accuracy {done[key]:.2f}%', fold=key, test_accuracy=done[key])
@@ -332,23 +407,37 @@ def run_fewshot(args, run, resume=None):
     return dict(fewshot=summary, folds=done)
 
 
+def check_cloud_points(split, args):
+    """The clouds must hold the points --points and --train_fps take from each."""
+    need = max(args.points, args.train_fps)
+    if split.points.shape[1] < need:
+        raise SystemExit(f'--points {args.points} / --train_fps {args.train_fps} take {need} points from each cloud; '
+                         f'--data {args.data} clouds have {split.points.shape[1]}'
+                         + (f' (--load_points {args.load_points})' if args.load_points else ''))
+
+
 def main(args):
     process = setup_process(args)
+    if args.batch_size % process.world or args.batch_size // process.world < 2:
+        raise SystemExit(f'--batch_size {args.batch_size} over {process.world} processes: each process needs an '
+                         f'equal share of at least 2 clouds (BatchNorm)')
     run = Run(os.path.join('runs', args.run_name), process)
     if not args.test_only:
         run.claim(args.resume, args.overwrite)
     run.log(f'I2P-MAE fine-tuning on {process.device}, {process.world} process(es), settings:\n'
             + '\n'.join(f'  --{k} {v}' for k, v in sorted(vars(args).items())))
-    if args.batch_size % process.world:
-        raise SystemExit(f'--batch_size {args.batch_size} must be divisible by the {process.world} processes')
     resume = run.resume(args.resume, args, MAY_DIFFER)
     if args.data == 'fewshot':
         result = run_fewshot(args, run, resume)
     else:   # data seed 0: the shapes pretrain.py and svm_eval.py see by default, whatever --seed is
-        train, test = (load_split(args.data, split, args.data_root, args.load_points or None, seed=0)
-                       for split in ('train', 'test'))
+        refuse_finished(resume, args)
+        train, test = (load_classification_split(args, split) for split in ('train', 'test'))
+        for split in (train, test):
+            check_cloud_points(split, args)
         classifier, described = build_classifier(args, len(train.class_names), resume)
         classifier.to(process.device)
+        run.start(args, args_file=not args.test_only, model_config=asdict(classifier.cfg), weights=described,
+                  num_classes=len(train.class_names), resumed_from=args.resume)
         run.log(f'{args.data}: {len(train.labels)} train / {len(test.labels)} test shapes, {described}\n'
                 f'  model {asdict(classifier.cfg)}, pooling {classifier.pooling}')
         if args.test_only:
@@ -371,5 +460,14 @@ def main(args):
     return result
 
 
+def load_classification_split(args, split):
+    """load_split, with the files this script reads named when they are missing or broken: --data modelnet40
+    means Point-BERT's .dat files here, the h5 files in svm_eval.py."""
+    try:   # data seed 0: the shapes pretrain.py and svm_eval.py see by default
+        return load_split(args.data, split, args.data_root, args.load_points or None, seed=0)
+    except FileNotFoundError as error:   # say which files this script needs (a bad file's own message is clear)
+        raise FileNotFoundError(f'finetune.py --data {args.data} reads {DATA_FILES[args.data]}:\n{error}') from None
+
+
 if __name__ == '__main__':
-    main(parse_args())
+    run_script(main, parse_args)

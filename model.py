@@ -52,6 +52,58 @@ class ModelConfig:
     point_embed_dims: tuple = (128, 256, 512)  # widths of the scale-0 mini-PointNet (smaller only for CPU demos)
     official_radius_bug: bool = False        # pre-training only: AND the radius with padding as the authors (SPEC B5)
 
+    def __post_init__(self):
+        """Refuse a configuration whose lists do not fit together, naming the field, before any layer is built."""
+        scales, stages = len(self.num_groups), len(self.decoder_dims)
+        problems = [f'{name} has {len(getattr(self, name))} entries for {scales} scales (num_groups)'
+                    for name in ('group_sizes', 'encoder_dims', 'encoder_depths', 'local_radius')
+                    if len(getattr(self, name)) != scales]
+        problems += [f'{name} has {len(getattr(self, name))} entries for the {stages} decoder stages (decoder_dims)'
+                     for name in ('decoder_depths', 'decoder_up_blocks') if len(getattr(self, name)) != stages]
+        if not 1 <= stages <= scales:
+            problems.append(f'decoder_dims: {stages} decoder stages for {scales} scales (1 to {scales})')
+        if len(self.point_embed_dims) != 3:
+            problems.append(f'point_embed_dims has {len(self.point_embed_dims)} entries: the scale-0 mini-PointNet has 3 widths')
+        sizes = ('num_groups', 'group_sizes', 'encoder_dims', 'decoder_dims', 'point_embed_dims')
+        problems += [f'{name} {tuple(getattr(self, name))}: every entry must be a positive integer' for name in sizes
+                     if not all(isinstance(v, int) and v > 0 for v in getattr(self, name))]
+        problems += [f'{name} {tuple(getattr(self, name))}: every entry must be an integer >= 0'
+                     for name in ('encoder_depths', 'decoder_depths', 'decoder_up_blocks')
+                     if not all(isinstance(v, int) and v >= 0 for v in getattr(self, name))]
+        if problems:   # the checks below index these lists
+            raise ValueError('ModelConfig: ' + '; '.join(problems))
+        if not all(r >= 0 for r in self.local_radius):
+            problems.append(f'local_radius {tuple(self.local_radius)}: radii must be >= 0 (0 = off)')
+        for i in range(1, scales):   # scale i picks its centres among, and groups, scale i-1's centres
+            if self.num_groups[i] > self.num_groups[i - 1]:
+                problems.append(f'num_groups {tuple(self.num_groups)}: scale {i} picks its {self.num_groups[i]} centres '
+                                f'among the {self.num_groups[i - 1]} of scale {i - 1}')
+            if self.group_sizes[i] > self.num_groups[i - 1]:
+                problems.append(f'group_sizes[{i}] {self.group_sizes[i]}: a scale-{i} token groups its nearest '
+                                f'scale-{i - 1} centres, of which there are {self.num_groups[i - 1]}')
+        problems += self.heads_problems('encoder_dims')
+        if not 0 <= self.drop_path_rate < 1:
+            problems.append(f'drop_path_rate {self.drop_path_rate}: must be in [0, 1)')
+        if not (isinstance(self.feat_dim_2d, int) and self.feat_dim_2d >= 0):
+            problems.append(f'feat_dim_2d {self.feat_dim_2d}: the teacher width, an integer >= 0 (0 = no 2D target)')
+        if self.num_views not in (1, 2, 3):
+            problems.append(f'num_views {self.num_views}: 1, 2 or 3 depth views')
+        if problems:
+            raise ValueError('ModelConfig: ' + '; '.join(problems))
+
+    def heads_problems(self, name):
+        return [f'num_heads {self.num_heads} does not divide the width {d} ({name})' for d in getattr(self, name)
+                if not (isinstance(self.num_heads, int) and self.num_heads > 0 and d % self.num_heads == 0)]
+
+    def check_decoder(self):
+        """The decoder's fields (a pre-training model's; a classifier ignores them) must fit the encoder."""
+        problems = self.heads_problems('decoder_dims')
+        if self.decoder_dims[0] != self.encoder_dims[-1]:
+            problems.append(f'decoder_dims[0] {self.decoder_dims[0]} must equal encoder_dims[-1] '
+                            f'{self.encoder_dims[-1]}: the decoder starts from the coarsest encoder tokens')
+        if problems:
+            raise ValueError('ModelConfig: ' + '; '.join(problems))
+
 
 # The same architecture shrunk for a 2-core CPU (demos, tests): fewer and narrower tokens, 2 blocks per scale.
 SMALL_CONFIG = ModelConfig(num_groups=(128, 64, 16), group_sizes=(16, 8, 8), encoder_dims=(64, 128, 256),
@@ -59,6 +111,39 @@ SMALL_CONFIG = ModelConfig(num_groups=(128, 64, 16), group_sizes=(16, 8, 8), enc
                            point_embed_dims=(32, 64, 128))
 
 # ------------------------------------------------------------------ small pieces
+
+
+def check_clouds(xyz, cfg, dtype):
+    """What the public entry points (svm_features, Classifier.forward) accept: a (B, N, 3) tensor of the
+    weights' dtype, B >= 1, N >= the points the finest scale groups. Shapes and dtypes only, so no device
+    sync: a float64, integer or empty batch fails here, by name, not inside a convolution."""
+    shape = tuple(xyz.shape) if torch.is_tensor(xyz) else type(xyz).__name__
+    if not torch.is_tensor(xyz) or xyz.dim() != 3 or xyz.shape[2] != 3 or xyz.shape[0] == 0:
+        raise ValueError(f'xyz must be a (B, N, 3) tensor of clouds with B >= 1, got {shape}')
+    if xyz.dtype != dtype:
+        raise ValueError(f'xyz is {xyz.dtype} {shape}, the model\'s weights are {dtype}: pass xyz.to({dtype})')
+    fewest = max(cfg.num_groups[0], cfg.group_sizes[0])
+    if xyz.shape[1] < fewest:
+        raise ValueError(f'xyz has {xyz.shape[1]} points per cloud {shape}; the finest scale groups {fewest} '
+                         f'(num_groups[0] {cfg.num_groups[0]}, group_sizes[0] {cfg.group_sizes[0]})')
+
+
+def check_tokens(groups, masks, cfg, dtype):
+    """What I2PMAE.pretrain_losses accepts: a Group and a bool is_masked (B, G_i) per scale, groups of the
+    config's sizes and of the weights' dtype, B >= 1 (shapes and dtypes only: no device sync)."""
+    if len(groups) != len(cfg.num_groups) or len(masks) != len(groups):
+        raise ValueError(f'{len(groups)} groups and {len(masks)} masks for a model of {len(cfg.num_groups)} scales')
+    if groups[0].relative.dtype != dtype or groups[0].centers.shape[0] == 0:
+        raise ValueError(f'groups hold {groups[0].relative.dtype} points of shape {tuple(groups[0].relative.shape)}; '
+                         f'the model takes a batch B >= 1 of {dtype}')
+    for i, (group, is_masked) in enumerate(zip(groups, masks)):
+        if group.idx.shape[2] != cfg.group_sizes[i]:
+            raise ValueError(f'scale {i}: groups of {group.idx.shape[2]} members, the model was built for '
+                             f'group_sizes[{i}] {cfg.group_sizes[i]}')
+        if is_masked.dtype != torch.bool or is_masked.shape != group.idx.shape[:2]:
+            raise ValueError(f'scale {i}: masks must be bool (B, G) {tuple(group.idx.shape[:2])}, got '
+                             f'{is_masked.dtype} {tuple(is_masked.shape)}')
+
 
 
 def chamfer_l2(pred, target):
@@ -289,6 +374,7 @@ class I2PMAE(nn.Module):
     def __init__(self, cfg=None):
         super().__init__()
         self.cfg = cfg = cfg or ModelConfig()   # a fresh default: instances never share one config
+        cfg.check_decoder()
         self.encoder = Encoder(cfg, radius_and_padding=cfg.official_radius_bug)
         self.encoder_norms = nn.ModuleList([nn.LayerNorm(d) for d in cfg.encoder_dims])
         dims, top = cfg.decoder_dims, len(cfg.num_groups) - 1
@@ -316,6 +402,7 @@ class I2PMAE(nn.Module):
 
         Finer tokens that no coarse token covers are still masked, as in the authors' code.
         """
+        check_clouds(xyz, self.cfg, self.mask_token.dtype)
         groups = build_token_hierarchy(xyz, self.cfg.num_groups, self.cfg.group_sizes)
         top = torch.zeros(xyz.shape[0], self.cfg.num_groups[-1], dtype=torch.bool, device=xyz.device)
         return self.encode(groups, hierarchical_masks(top, groups))[-1].x.max(dim=1).values
@@ -351,13 +438,18 @@ class I2PMAE(nn.Module):
         visible head-scale token, in (sample, token) order, or None to train without the 2D
         target (loss_2d = 0).
         """
+        check_tokens(groups, masks, self.cfg, self.mask_token.dtype)
+        K, width = self.cfg.group_sizes[self.head_scale], self.cfg.num_views * self.cfg.feat_dim_2d
+        if target_2d is not None and (self.head_2d is None or target_2d.dim() != 3 or target_2d.shape[1:] != (K, width)):
+            raise ValueError(f'target_2d {tuple(target_2d.shape)}: ' + ('this model has no 2D head (feat_dim_2d 0)'
+                             if self.head_2d is None else f'expected (L_visible, {K}, {width}) (K, views x feat_dim_2d)'))
         encoded = self.encode(groups, masks)
         x = self.decode(groups, masks, encoded)                                 # (B, G_h, D)
         is_masked, group = masks[self.head_scale], groups[self.head_scale]
         K = group.idx.shape[-1]
         rec_3d = self.head_3d(x[is_masked]).view(-1, K, 3)                      # (L_masked, K, 3)
         loss_3d = chamfer_l2(rec_3d, group.relative[is_masked])
-        if target_2d is None or self.head_2d is None:
+        if target_2d is None:
             return loss_3d, torch.zeros_like(loss_3d)
         rec_2d = self.head_2d(x[~is_masked]).view(-1, K, target_2d.shape[-1])  # (L_visible, K, V*C)
         return loss_3d, F.mse_loss(rec_2d, target_2d)
@@ -388,6 +480,7 @@ class Classifier(nn.Module):
 
     def pool(self, xyz):
         """(B, N, 3) -> pooled features (B, C) or (B, 2C)."""
+        check_clouds(xyz, self.cfg, self.norm.weight.dtype)
         groups = build_token_hierarchy(xyz, self.cfg.num_groups, self.cfg.group_sizes)
         masks = [torch.zeros(g.idx.shape[:2], dtype=torch.bool, device=xyz.device) for g in groups]
         x = self.norm(self.encoder(groups, masks)[-1].x)                        # (B, G_top, C)
@@ -430,7 +523,7 @@ def read_checkpoint(path, flag='--ckpt'):
             raise SystemExit(f'{flag} {path}: refused: it holds a Python object ({found.group(1)}), not only tensors '
                              f'and plain values; reading it could run code from the file, so it is not read') from None
         raise SystemExit(f'{flag} {path}: not a checkpoint (not a file torch.save wrote)') from None
-    except (RuntimeError, EOFError, OSError, KeyError, ValueError) as error:
+    except Exception as error:   # whatever torch.load meets in a file it did not write (IndexError, KeyError, ...)
         raise SystemExit(f'{flag} {path}: not a readable checkpoint, perhaps cut short by a crash or a full disk '
                          f'({type(error).__name__}: {str(error).splitlines()[0] if str(error) else "empty"})') from None
     if not isinstance(checkpoint, dict):
@@ -477,7 +570,10 @@ def checkpoint_config(checkpoint, path='checkpoint'):
     """The architecture of a checkpoint: ours stores it; the authors' is the official one, with the
     2D head as wide as their file's (their CLIP teacher: 512), or none."""
     if 'model_config' in checkpoint:
-        return ModelConfig(**checkpoint['model_config'])
+        try:
+            return ModelConfig(**checkpoint['model_config'])
+        except (TypeError, ValueError) as error:   # unknown fields, or lists that do not fit together
+            raise SystemExit(f'{path}: its model_config does not describe a model this code builds ({error})') from None
     head = [v for k, v in checkpoint_weights(checkpoint, path).items() if k.endswith('rec_head_2d.weight')]
     default = ModelConfig()
     return ModelConfig(feat_dim_2d=head[0].shape[0] // (default.num_views * default.group_sizes[1]) if head else 0)
@@ -519,7 +615,9 @@ def load_weights(model, checkpoint, path='checkpoint', fine_tune=False):
         raise SystemExit(f'{path} is a pre-training checkpoint ({whose}): it has no classifier head; fine-tune it first')
     elif has_head:
         raise SystemExit(f'{path} is a fine-tuned classifier ({whose}); this needs a pre-training checkpoint '
-                         f'(pretrain.py\'s last.pt or the authors\' pre-train.pth)')
+                         f'(pretrain.py\'s last.pt or the authors\' pre-train.pth): fine-tuning changed its encoder '
+                         f'with labels, and its pre-training parts are gone. To test the classifier itself: python '
+                         f'finetune.py --test_only --ckpt {path} --data <the dataset it was fine-tuned on>')
     own = model.state_dict()
     state, skipped, problems, unfit = {}, {}, [], set()   # unfit: a tensor of the file, of another shape
     for key, value in weights.items():

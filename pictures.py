@@ -15,7 +15,12 @@ drawn in one view (`points_tile`), one colour per point. The views are project.p
 column, depth) permutations (x,y,z), (z,x,y), (y,z,x); for DISPLAY only, each is turned so
 that y points up (`upright_image`). View 2 looks from above: there y is the depth.
 Every picture uses one colour convention: VISIBLE, HIDDEN, PREDICTED, CENTRE below.
+
+Training runs draw one more picture, curves.png (`curves_picture`, redrawn by training.Run every
+epoch): the numbers of log.jsonl against epochs, in panels of `line_plot`s (losses, learning rate,
+accuracies).
 """
+import math
 import os
 from typing import NamedTuple
 
@@ -264,3 +269,107 @@ def save_picture(picture, path):
     os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
     picture.save(path)
     return path
+
+
+# ---------------------------------------------------------------- line plots: a run's curves
+
+PLOT_W, PLOT_H = 420, 300                 # one panel of curves.png
+PLOT_LEFT, PLOT_BOTTOM, PLOT_TOP = 62, 34, 26   # room for the y tick labels, the x label, the panel title
+# log.jsonl numbers drawn in curves.png, panel by panel: (title, does a record key belong here, log scale)
+CURVE_PANELS = (('loss', lambda key: 'loss' in key, True),
+                ('learning rate', lambda key: key == 'lr', True),
+                ('accuracy (%)', lambda key: 'accuracy' in key, False))
+
+
+def nice_ticks(low, high, log=False, count=5):
+    """Tick values covering [low, high]: powers of ten on a log axis, else multiples of 1, 2 or 5 x 10^k."""
+    if log:
+        return [10.0 ** k for k in range(math.floor(math.log10(low)), math.ceil(math.log10(high)) + 1)]
+    raw = (high - low) / count or 1.0
+    step = min((m * 10 ** math.floor(math.log10(raw)) for m in (1, 2, 5, 10)), key=lambda s: abs(s - raw))
+    return [k * step for k in range(math.floor(low / step), math.ceil(high / step) + 1)]
+
+
+def line_plot(series, title, x_label='epoch', log_y=False, size=(PLOT_W, PLOT_H)):
+    """One panel: series {name: (xs, ys, width)} as lines in GROUP_COLOURS order, with ticks and a legend.
+    log_y draws the y axis in powers of ten (positive values only). Returns a PIL image."""
+    width, height = size
+    panel = Image.new('RGB', size, WHITE)
+    draw = ImageDraw.Draw(panel)
+    draw.text((PLOT_LEFT, 4), title, fill=TEXT, font=FONT)
+    box = (PLOT_LEFT, PLOT_TOP, width - PAD - 4, height - PLOT_BOTTOM)            # left, top, right, bottom
+    xs = [x for x_list, _, _ in series.values() for x in x_list]
+    ys = [y for _, y_list, _ in series.values() for y in y_list]
+    warp = (lambda y: math.log10(y)) if log_y else (lambda y: y)
+    y_ticks = nice_ticks(min(ys), max(ys), log_y)
+    y_low, y_high = warp(min(min(ys), y_ticks[0])), warp(max(max(ys), y_ticks[-1]))
+    x_low, x_high = 0.0, max(max(xs), 1.0)
+
+    def at(x, y):   # data -> pixel
+        return (box[0] + (x - x_low) / (x_high - x_low) * (box[2] - box[0]),
+                box[3] - (warp(y) - y_low) / ((y_high - y_low) or 1.0) * (box[3] - box[1]))
+    draw.rectangle(box, outline=BORDER)
+    for y in y_ticks:
+        _, row = at(x_low, y)
+        draw.line([(box[0] - 3, row), (box[0], row)], fill=TEXT)
+        text = f'{y:.0e}' if log_y else f'{y:g}'
+        draw.text((box[0] - 5 - FONT.getlength(text), row - LINE / 2), text, fill=TEXT, font=FONT)
+    for x in nice_ticks(x_low, x_high, count=6):
+        if x <= x_high:
+            column, _ = at(x, y_ticks[0])
+            draw.line([(column, box[3]), (column, box[3] + 3)], fill=TEXT)
+            text = f'{x:g}'
+            draw.text((column - FONT.getlength(text) / 2, box[3] + 3), text, fill=TEXT, font=FONT)
+    draw.text(((box[0] + box[2] - FONT.getlength(x_label)) / 2, box[3] + LINE + 2), x_label, fill=TEXT, font=FONT)
+    legend_row = box[1] + 2
+    for (name, (x_list, y_list, line_width)), colour in zip(series.items(), GROUP_COLOURS * 3):
+        points = [at(x, y) for x, y in zip(x_list, y_list)]
+        if len(points) > 1:
+            draw.line(points, fill=colour, width=line_width)
+        for column, row in points if len(points) < 30 else points[-1:]:   # few points: mark each one
+            draw.ellipse([column - 2, row - 2, column + 2, row + 2], fill=colour)
+        draw.line([(box[2] - 118, legend_row + LINE / 2), (box[2] - 102, legend_row + LINE / 2)], fill=colour, width=3)
+        draw.text((box[2] - 98, legend_row), name[:15], fill=TEXT, font=FONT)
+        legend_row += LINE
+    return panel
+
+
+def curves_series(records, wanted):
+    """{key: (xs, ys, line width)} of the log.jsonl records' keys that `wanted` accepts, x in epochs:
+    a step record at epoch + step / (steps of that epoch), an epoch record at epoch + 1 (thicker line)."""
+    steps = {}
+    for r in records:
+        if 'step' in r:
+            steps[r['epoch']] = max(steps.get(r['epoch'], 1), r['step'])
+    series = {}
+    for r in records:
+        x = r['epoch'] + (r['step'] / steps[r['epoch']] if 'step' in r else 1)
+        for key, value in r.items():
+            if wanted(key) and isinstance(value, (int, float)) and math.isfinite(value):
+                xs, ys, _ = series.setdefault(key, ([], [], 1 if 'step' in r else 3))
+                xs.append(x)
+                ys.append(value)
+    return series
+
+
+def curves_picture(records, title):
+    """curves.png of a run: its log.jsonl records (dicts) drawn against epochs, one panel per CURVE_PANELS
+    entry that has numbers (few-shot: the fold of the last record). None if there is nothing to draw yet."""
+    records = [r for r in records if 'epoch' in r and not r.get('header')]
+    if records and 'fold' in records[-1]:
+        records = [r for r in records if r.get('fold') == records[-1]['fold']]
+        title = f'{title}, fold {records[-1]["fold"]}'
+    panels = []
+    for name, wanted, log_y in CURVE_PANELS:
+        series = curves_series(records, wanted)
+        if series:
+            positive = all(y > 0 for _, ys, _ in series.values() for y in ys)
+            panels.append(line_plot(series, name, log_y=log_y and positive))
+    if not panels:
+        return None
+    picture = Image.new('RGB', (len(panels) * PLOT_W + PAD, PLOT_H + TITLE_H), WHITE)
+    ImageDraw.Draw(picture).text((PAD, 6), f'{title}: log.jsonl against epochs (thin: logged steps; thick: epochs)',
+                                 fill=TEXT, font=TITLE_FONT)
+    for i, panel in enumerate(panels):
+        picture.paste(panel, (PAD + i * PLOT_W, TITLE_H))
+    return picture

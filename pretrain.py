@@ -8,7 +8,8 @@ Read `pretrain_step` first: it is the whole method. `train_one_epoch` runs it ov
   python pretrain.py --benchmark [--config full]      # per-stage timings and peak memory
 --data picks a preset (PRESETS): flags the user does not give take its values; all values are
 printed at start. Writes runs/<run_name>/last.pt (the student only; atomically, every epoch and
-on Ctrl-C) and log.jsonl. A folder holding another run is refused (--overwrite starts over);
+on Ctrl-C), log.jsonl (with a header record per session), args.json and curves.png (--save_every,
+--tensorboard: more). A folder holding another run is refused (--overwrite starts over);
 `--resume runs/<run_name>/last.pt` continues exactly (training.py says how).
 """
 import argparse
@@ -25,30 +26,33 @@ from teacher import build_teacher, normalize_images, teacher_features_and_salien
 from mask import guided_mask, random_mask, hierarchical_masks
 from model import I2PMAE, ModelConfig, SMALL_CONFIG, pack_visible
 from data import load_split, random_point_subset, scale_and_translate
-from training import (Run, StopOnSignal, add_run_flags, check_ranks_agree, cosine_lr, end_process, epoch_batches,
-                      file_sha256, fill_preset, param_groups, set_lr, setup_process)
+from training import (ArgumentParser, Run, StopOnSignal, add_run_flags, check_ranks_agree, cosine_lr, end_process,
+                      epoch_batches, file_sha256, fill_preset, non_negative_float, non_negative_int, param_groups,
+                      positive_float, positive_int, refuse_finished, run_script, set_lr, setup_process)
 
 # The official settings (cfgs/pre-training/i2p-mae.yaml of the authors); flags the user gives override them.
 # Real data needs a real teacher: `--teacher_weights random` must be asked for (auto is refused there).
 SHAPENET = dict(config='full', num_points=2048, epochs=300, cosine_epochs=400, warmup_epochs=10, batch_size=64,
                 teacher_weights='imagenet', small_random_teacher=False, svm_every=0)
-# `python pretrain.py`: the synthetic demo, a small model for a CPU; without ImageNet weights a small random ViT
+# `python pretrain.py`: the synthetic demo, a small model for a CPU, and its teacher named explicitly: the small
+# random ViT (nothing is downloaded; `--teacher_weights auto` would fetch the 330 MB ImageNet ViT-B/16 when online)
 PRESETS = {'shapenet': SHAPENET,
            'synthetic': dict(SHAPENET, config='small', num_points=512, epochs=12, cosine_epochs=12, warmup_epochs=1,
-                             batch_size=32, teacher_weights='auto', small_random_teacher=True, svm_every=4)}
+                             batch_size=32, teacher_weights='random', small_random_teacher=True, svm_every=4)}
 # flags that may change on --resume: they do not change what the run computes
 MAY_DIFFER = ('epochs', 'resume', 'reseed', 'overwrite', 'run_name', 'gpu', 'data_root', 'log_every', 'svm_every',
-              'deterministic', 'benchmark', 'benchmark_steps', 'teacher_weights', 'teacher_arch', 'small_random_teacher')
+              'deterministic', 'benchmark', 'benchmark_steps', 'teacher_weights', 'teacher_arch', 'small_random_teacher',
+              'save_every', 'tensorboard')
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     d = p.add_argument_group('data (flags without a default take the --data preset)')
     d.add_argument('--data', default='synthetic', choices=list(PRESETS),
                    help='synthetic (built in, runs anywhere; demo settings) or shapenet (ShapeNet-55 train split)')
     d.add_argument('--data_root', default='./data', help='folder holding the datasets (README: data layout)')
-    d.add_argument('--num_points', type=int, help='points per cloud in a step (official: 2048; synthetic 512)')
-    d.add_argument('--load_points', type=int, help='points read per cloud (default: --num_points); with more, every '
+    d.add_argument('--num_points', type=positive_int, help='points per cloud in a step (official: 2048; synthetic 512)')
+    d.add_argument('--load_points', type=positive_int, help='points read per cloud (default: --num_points); with more, every '
                                                    'step draws a new random --num_points of them, as the authors\' '
                                                    'loader does of ShapeNet\'s 8192')
     m = p.add_argument_group('model')
@@ -60,27 +64,29 @@ def parse_args(argv=None):
     m.add_argument('--views', type=int, default=3, choices=[1, 2, 3],
                    help='depth views shown to the teacher: the first 1, 2 or 3 of (x,y,z), (z,x,y), (y,z,x) (official: 3)')
     m.add_argument('--no_2d_target', action='store_true', help='drop the 2D target: 3D-only reconstruction (Point-M2AE)')
-    m.add_argument('--teacher_weights', help='imagenet, random, a state_dict path, or auto (ImageNet if available, '
-                                             'else random; synthetic only) (preset: imagenet; synthetic auto)')
+    m.add_argument('--teacher_weights', help='imagenet, random, a state_dict path, or auto (ImageNet if it can be '
+                                             'had: from the torch hub cache, or downloaded (330 MB) on a connected '
+                                             'machine; else random; synthetic only) (preset: imagenet; synthetic '
+                                             'random, i.e. the small random ViT: nothing downloaded)')
     m.add_argument('--teacher_arch', default='vit_b_16', help='torchvision ViT constructor (official: ViT-B/16)')
     m.add_argument('--small_random_teacher', action=argparse.BooleanOptionalAction,
                    help='if the teacher ends up random, use a small random ViT instead (no less knowledge, much '
                         'faster) (preset: off; synthetic on)')
     o = p.add_argument_group('optimisation')
-    o.add_argument('--epochs', type=int, help='epochs to train (official: 300; synthetic 12)')
-    o.add_argument('--cosine_epochs', type=int,
+    o.add_argument('--epochs', type=positive_int, help='epochs to train (official: 300; synthetic 12)')
+    o.add_argument('--cosine_epochs', type=positive_int,
                    help='length of the cosine schedule (official: 400, longer than the run, so it ends near 1.5e-4)')
-    o.add_argument('--warmup_epochs', type=int, help='linear warm-up from 1e-6 (official: 10; synthetic 1)')
-    o.add_argument('--batch_size', type=int, help='total batch over all processes (official: 64; synthetic 32)')
-    o.add_argument('--lr', type=float, default=1e-3, help='peak learning rate for the total batch (official: 1e-3)')
-    o.add_argument('--min_lr', type=float, default=1e-6, help='floor and warm-up start (official: 1e-6)')
-    o.add_argument('--weight_decay', type=float, default=0.05, help='AdamW weight decay (official: 0.05)')
+    o.add_argument('--warmup_epochs', type=non_negative_int, help='linear warm-up from 1e-6 (official: 10; synthetic 1)')
+    o.add_argument('--batch_size', type=positive_int, help='total batch over all processes (official: 64; synthetic 32)')
+    o.add_argument('--lr', type=positive_float, default=1e-3, help='peak learning rate for the total batch (official: 1e-3)')
+    o.add_argument('--min_lr', type=non_negative_float, default=1e-6, help='floor and warm-up start (official: 1e-6)')
+    o.add_argument('--weight_decay', type=non_negative_float, default=0.05, help='AdamW weight decay (official: 0.05)')
     s = add_run_flags(p, 'pretrain')
-    s.add_argument('--svm_every', type=int, help='epochs between linear-SVM checks (0 = off; synthetic 4); '
+    s.add_argument('--svm_every', type=non_negative_int, help='epochs between linear-SVM checks (0 = off; synthetic 4); '
                                                  'monitoring only, never picks a checkpoint')
-    s.add_argument('--max_steps_per_epoch', type=int, default=0, help='cut epochs short (tests, quick looks)')
+    s.add_argument('--max_steps_per_epoch', type=non_negative_int, default=0, help='cut epochs short (tests, quick looks)')
     s.add_argument('--benchmark', action='store_true', help='time the stages of one step and exit')
-    s.add_argument('--benchmark_steps', type=int, default=5, help='timed steps after 2 warm-up steps')
+    s.add_argument('--benchmark_steps', type=positive_int, default=5, help='timed steps after 2 warm-up steps')
     args = p.parse_args(argv)
     given_teacher = args.teacher_weights
     fill_preset(args, PRESETS[args.data])
@@ -90,7 +96,10 @@ def parse_args(argv=None):
     if not 0 < args.mask_ratio < 1:
         p.error(f'--mask_ratio {args.mask_ratio}: must be in (0, 1). At 0 no token is hidden, so the 3D loss (a '
                 f'mean over the hidden tokens) is over nothing: NaN; at 1 the encoder sees nothing')
-    args.load_points = args.load_points or args.num_points
+    if args.min_lr > args.lr:
+        p.error(f'--min_lr {args.min_lr} is above --lr {args.lr}: the schedule would rise instead of decay')
+    if args.load_points is None:
+        args.load_points = args.num_points
     if args.load_points < args.num_points:
         p.error(f'--load_points {args.load_points} is fewer than --num_points {args.num_points}')
     args.run_name = args.run_name or f'pretrain-{args.data}'
@@ -172,7 +181,7 @@ def train_one_epoch(model, teacher, optimizer, points, epoch, first_step, steps,
             left = (args.epochs - epoch) * steps - step - 1
             run.log(f'epoch {epoch} step {step + 1}/{steps} loss_3d {losses["loss_3d"]:.4f} loss_2d {losses["loss_2d"]:.4f} '
                     f'lr {lr:.2e} {rate:.1f} samples/s ETA {left * args.batch_size / rate / 60:.1f} min',
-                    epoch=epoch, step=step + 1, **losses, lr=lr, samples_per_s=rate)
+                    epoch=epoch, step=step + 1, global_step=epoch * steps + step + 1, **losses, lr=lr, samples_per_s=rate)
             tick, ticked = time.time(), 0
         if stop.now(run.process):
             return step + 1
@@ -211,6 +220,11 @@ def main(args):
     if args.benchmark:   # benchmark.py times this step; it is not part of training
         from benchmark import benchmark_pretrain_step
         return benchmark_pretrain_step(args, device, teacher, student)
+    fewest = max(student.cfg.num_groups[0], student.cfg.group_sizes[0])
+    if args.num_points < fewest:
+        raise SystemExit(f'--num_points {args.num_points}: the --config {args.config} model groups {fewest} points '
+                         f'per cloud at its finest scale (num_groups {student.cfg.num_groups[0]}, group_sizes '
+                         f'{student.cfg.group_sizes[0]}): use at least {fewest}')
     hidden, tokens = int(args.mask_ratio * student.cfg.num_groups[-1]), student.cfg.num_groups[-1]
     if hidden == 0:
         raise SystemExit(f'--mask_ratio {args.mask_ratio} hides int({args.mask_ratio} x {tokens}) = 0 of the {tokens} '
@@ -221,6 +235,7 @@ def main(args):
     run.claim(args.resume, args.overwrite)
     checkpoint = run.resume(args.resume, args, MAY_DIFFER, model_config=asdict(student.cfg),
                             teacher_identity=teacher_identity)
+    refuse_finished(checkpoint, args)
     points = load_split(args.data, 'pretrain' if args.data == 'synthetic' else 'train',
                         data_root=args.data_root, num_points=args.load_points).points
     optimizer = torch.optim.AdamW(param_groups(student, args.weight_decay), lr=args.lr)
@@ -233,6 +248,8 @@ def main(args):
     steps = min(steps, args.max_steps_per_epoch or steps)
     if steps == 0:
         raise SystemExit(f'--batch_size {args.batch_size} is larger than the {len(points)} training clouds')
+    run.start(args, model_config=asdict(student.cfg), teacher=described, teacher_identity=teacher_identity,
+              resumed_from=args.resume and f'{args.resume} (epoch {first_epoch} step {first_step})')
     run.log(f'I2P-MAE pre-training on {args.data} ({len(points)} clouds of {args.load_points} points), device {device}, '
             f'{world} process(es), total batch {args.batch_size} ({args.batch_size // world} per process), '
             f'{steps} steps per epoch\n  teacher: {described}\n  model: {asdict(student.cfg)}\n'
@@ -260,6 +277,7 @@ def main(args):
                     f'{svm} | {summary["minutes"]:.1f} min | saving {run.path("last.pt")}', **summary)
             sums.zero_()
             run.save('last.pt', student, epoch + 1, 0, args, optimizer, sums, **extra)
+            run.keep_snapshot(epoch + 1, args.save_every)
             if stop.now(process):
                 run.log(f'stopped after epoch {epoch}; continue with --resume {run.path("last.pt")}')
                 raise SystemExit(130)
@@ -270,4 +288,4 @@ def main(args):
 
 
 if __name__ == '__main__':
-    main(parse_args())
+    run_script(main, parse_args)

@@ -9,6 +9,12 @@ the training features and scored on the test features; no feature scaling, as th
   python svm_eval.py --ckpt runs/pretrain-shapenet/last.pt --data modelnet40
   python svm_eval.py --ckpt pre-train.pth --data scanobjectnn   # the authors' checkpoint
   python svm_eval.py --random_init                     # the same encoder, untrained: the baseline
+  python svm_eval.py --run_name svm-demo --save_features runs/svm-demo/features.npz
+ScanObjectNN's training clouds are read in a seeded random point order (--seed), as the authors'
+loader reads them, so that the eval-mode FPS (from index 0) starts anywhere. --run_name keeps the
+evaluation in an SVM run folder, runs/<run_name>/: args.json (every flag, the encoder's configuration,
+the checkpoint and its SHA-256) and log.jsonl (a header record, then one record with the result);
+without it the result is printed only. --save_features writes train_x, train_y, test_x, test_y (.npz).
 """
 import argparse
 import glob
@@ -16,30 +22,37 @@ import os
 import time
 from dataclasses import asdict
 
+import numpy as np
 import torch
 from sklearn.model_selection import GridSearchCV
 from sklearn.svm import SVC
 
 from model import I2PMAE, checkpoint_config, load_weights, read_checkpoint
 from data import load_split
-from training import gather_rows
+from training import (ArgumentParser, Process, Run, file_sha256, gather_rows, gpu_index, positive_float, positive_int,
+                      run_script, seed_value)
 
 # the authors' test-script values; their per-epoch monitor used 0.01 (README: deviations, B8). They were tuned for
 # their features on real data; on synthetic data (None) C is chosen by cross-validation on train.
 SVM_C = {'modelnet40': 0.0093, 'scanobjectnn': 0.018, 'synthetic': None}
 # (dataset name in data.py, points per cloud): ModelNet40 uses the first 1024 h5 points, OBJ-BG all 2048
 SVM_DATA = {'modelnet40': ('modelnet40_svm', 1024), 'scanobjectnn': ('scan_objbg', 2048), 'synthetic': ('synthetic', None)}
+# the files each --data reads, for the messages about missing ones (finetune.py reads ModelNet40 from the .dat files)
+DATA_FILES = {'modelnet40': "PointNet's modelnet40_ply_hdf5_2048/ply_data_{train,test}*.h5 (the authors' SVM protocol: "
+                            "the first 1024 of their 2048 points, as stored), not the .dat files finetune.py reads",
+              'scanobjectnn': 'ScanObjectNN/main_split/{training,test}_objectdataset.h5 (OBJ-BG)',
+              'synthetic': 'no files (generated)'}
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--ckpt', default=None, help='pretrain.py checkpoint or the authors\' pre-train.pth '
                                                 '(default: the newest runs/*/last.pt)')
     p.add_argument('--data', default='synthetic', choices=sorted(SVM_DATA), help='evaluation data set')
     p.add_argument('--data_root', default='./data', help='folder holding the datasets')
-    p.add_argument('--num_points', type=int, default=None,
+    p.add_argument('--num_points', type=positive_int, default=None,
                    help='points per cloud (default: 1024 ModelNet40, 2048 ScanObjectNN, the pre-training count on synthetic)')
-    p.add_argument('--C', type=float, default=None,
+    p.add_argument('--C', type=positive_float, default=None,
                    help='SVM C (default: 0.0093 ModelNet40, 0.018 ScanObjectNN, cross-validated on synthetic)')
     p.add_argument('--cv', action='store_true', help='choose C by 5-fold cross-validation on the training features only')
     p.add_argument('--random_init', action='store_true',
@@ -47,20 +60,32 @@ def parse_args(argv=None):
                         'estimated on the training clouds first, see calibrate_batchnorm)')
     p.add_argument('--calibrate_batchnorm', action='store_true',
                    help='re-estimate BatchNorm statistics on the training clouds, nothing masked, before extracting features')
-    p.add_argument('--batch_size', type=int, default=128, help='feature extraction batch (official: 128)')
-    p.add_argument('--gpu', type=int, default=0 if torch.cuda.is_available() else -1, help='GPU index, -1 = CPU')
-    p.add_argument('--seed', type=int, default=0)
-    return p.parse_args(argv)
+    p.add_argument('--batch_size', type=positive_int, default=128, help='feature extraction batch (official: 128)')
+    p.add_argument('--gpu', type=gpu_index, default=0 if torch.cuda.is_available() else -1, help='GPU index, -1 = CPU')
+    p.add_argument('--seed', type=seed_value, default=0, help='the ScanObjectNN training clouds\' point shuffle (default: 0)')
+    p.add_argument('--save_features', metavar='PATH.npz', help='also write the train/test features and labels there')
+    p.add_argument('--run_name', help='keep this evaluation in runs/<run_name>/: args.json and log.jsonl (a header '
+                                      'record, then the result); default: print only')
+    p.add_argument('--overwrite', action='store_true', help='with --run_name: replace another run in that folder')
+    args = p.parse_args(argv)
+    if args.C is not None and args.cv:
+        p.error('--C and --cv: give a C, or let cross-validation choose it, not both')
+    if args.save_features is not None and not args.save_features.endswith('.npz'):
+        p.error(f'--save_features {args.save_features}: name a .npz file (numpy.savez adds .npz otherwise)')
+    return args
 
 
 def newest_checkpoint(root='runs'):
-    """The newest pre-training checkpoint runs/*/last.pt (fine-tuned classifiers, with num_classes, are skipped).
-    Each is read safely (read_checkpoint): a file that is not a clean checkpoint stops the search, named."""
-    found = [path for path in sorted(glob.glob(os.path.join(root, '*', 'last.pt')), key=os.path.getmtime)
-             if 'num_classes' not in read_checkpoint(path, f'searching {root}/*/last.pt:')]
-    if not found:
-        raise SystemExit(f'no checkpoint under {root}/*/last.pt: run `python pretrain.py` first, or pass --ckpt PATH')
-    return found[-1]
+    """The newest pre-training checkpoint runs/*/last.pt; fine-tuned classifiers (with num_classes) are skipped.
+    Each candidate, newest first, is read safely (read_checkpoint). One that cannot be read stops the search,
+    named: taking the next older one instead would evaluate another run than the newest without saying so."""
+    pattern = os.path.join(root, '*', 'last.pt')
+    for path in sorted(glob.glob(pattern), key=os.path.getmtime, reverse=True):
+        if 'num_classes' not in read_checkpoint(path, f'searching {pattern} (newest first, to evaluate the newest '
+                                                      f'pre-training run; pass --ckpt to choose another):'):
+            return path
+    raise SystemExit(f'no pre-training checkpoint under {pattern} (fine-tuned ones do not count): run `python '
+                     f'pretrain.py` first, or pass --ckpt PATH')
 
 
 def load_student(path, random_init=False):
@@ -122,16 +147,36 @@ def choose_C(train_x, train_y, grid=(0.001, 0.0093, 0.018, 0.03, 0.1, 0.3, 1.0, 
     return search.best_params_['C']
 
 
-def evaluate(student, data, data_root, num_points, C, batch_size, device, cv=False, calibrate=False, process=None):
+def shuffle_points(points, seed):
+    """(S, N, 3) -> the same clouds, each in its own seeded random point order. The authors' ScanObjectNN
+    loader shuffles every training cloud it reads, so their eval-mode FPS (from index 0) starts anywhere."""
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.rand(points.shape[:2], generator=generator).argsort(dim=1)     # (S, N)
+    return points.gather(1, order[..., None].expand_as(points))
+
+
+def load_svm_split(data, split, data_root, num_points):
+    """load_split of --data's split, with the files this script reads named when they are missing or broken."""
+    name, default_points = SVM_DATA[data]
+    try:
+        return load_split(name, split, data_root=data_root, num_points=num_points or default_points)
+    except FileNotFoundError as error:   # say which files this script needs (a bad file's own message is clear)
+        raise FileNotFoundError(f'svm_eval.py --data {data} reads {DATA_FILES[data]}:\n{error}') from None
+
+
+def evaluate(student, data, data_root, num_points, C, batch_size, device, cv=False, calibrate=False, process=None,
+             seed=0, features_path=None):
     """Linear-SVM accuracy of the student's frozen features; returns (accuracy, C, n_train, n_test).
 
     calibrate=True first estimates BatchNorm statistics on the training clouds (random-init baseline).
     process: in a multi-process run every process extracts its share of the features, then fits the
     same SVM on all of them (no process waits in a collective while another fits).
+    ScanObjectNN's training clouds are shuffled point-wise first (shuffle_points, `seed`), as the authors'
+    loader does. features_path: also write the features and labels there (train_x, train_y, test_x, test_y).
     """
-    name, default_points = SVM_DATA[data]
-    train = load_split(name, 'train', data_root=data_root, num_points=num_points or default_points)
-    test = load_split(name, 'test', data_root=data_root, num_points=num_points or default_points)
+    train, test = (load_svm_split(data, split, data_root, num_points) for split in ('train', 'test'))
+    if data == 'scanobjectnn':
+        train = train._replace(points=shuffle_points(train.points, seed))
     if calibrate:
         calibrate_batchnorm(student, train.points, batch_size, device)
     train_x = extract_features(student, train.points, batch_size, device, process)
@@ -139,7 +184,23 @@ def evaluate(student, data, data_root, num_points, C, batch_size, device, cv=Fal
     if cv or C is None:
         C = choose_C(train_x, train.labels.numpy())
     accuracy = linear_svm_accuracy(train_x, train.labels.numpy(), test_x, test.labels.numpy(), C)
+    if features_path is not None:
+        save_features(features_path, train_x, train.labels.numpy(), test_x, test.labels.numpy())
     return accuracy, C, len(train_x), len(test_x)
+
+
+def save_features(path, train_x, train_y, test_x, test_y):
+    """numpy .npz of the features and labels (atomically), for trying other classifiers without re-extracting."""
+    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+    try:
+        with open(path + '.tmp', 'wb') as f:
+            np.savez(f, train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y)
+    except OSError as error:
+        if os.path.exists(path + '.tmp'):
+            os.remove(path + '.tmp')
+        raise SystemExit(f'--save_features {path}: could not write it ({error})') from None
+    os.replace(path + '.tmp', path)
+    print(f'  features and labels written to {path} (train_x {train_x.shape}, test_x {test_x.shape})')
 
 
 def svm_check(student, args, process):
@@ -154,22 +215,40 @@ def svm_check(student, args, process):
 
 def main(args):
     torch.manual_seed(args.seed)
+    if args.gpu >= 0 and not torch.cuda.is_available():
+        raise SystemExit(f'--gpu {args.gpu}: no CUDA device here; use --gpu -1 for the CPU')
     device = torch.device('cuda', args.gpu) if args.gpu >= 0 else torch.device('cpu')
     path = args.ckpt or newest_checkpoint()
     student, trained_with = load_student(path, args.random_init)
     student.to(device)
     num_points = args.num_points or (trained_with.get('num_points') if args.data == 'synthetic' else None)
+    fewest = max(student.cfg.num_groups[0], student.cfg.group_sizes[0])
+    if (num_points or SVM_DATA[args.data][1] or 2048) < fewest:
+        raise SystemExit(f'--num_points {num_points}: the encoder of {path} groups {fewest} points per cloud at its '
+                         f'finest scale: use at least {fewest}')
+    run = None
+    if args.run_name:   # an SVM run folder: args.json, log.jsonl (a header record, then the result)
+        run = Run(os.path.join('runs', args.run_name), Process(device))
+        run.claim(overwrite=args.overwrite)
+        run.start(args, model_config=asdict(student.cfg), checkpoint=path, checkpoint_sha256=file_sha256(path),
+                  trained_with=trained_with)
     print(f'linear SVM on {args.data} with the {"RANDOMLY INITIALISED" if args.random_init else "pre-trained"} '
           f'encoder of {path}\n  model {asdict(student.cfg)}')
     start = time.time()
-    accuracy, C, n_train, n_test = evaluate(student, args.data, args.data_root, num_points,
-                                            args.C or SVM_C[args.data], args.batch_size, device, args.cv,
-                                            calibrate=args.random_init or args.calibrate_batchnorm)
-    chosen = args.cv or (args.C or SVM_C[args.data]) is None
-    print(f'accuracy {accuracy:.2f}%  (C {C}{" by cross-validation on the training features" if chosen else ""}, '
-          f'{n_train} train / {n_test} test shapes, {time.time() - start:.1f} s)')
+    given_C = args.C if args.C is not None else SVM_C[args.data]
+    accuracy, C, n_train, n_test = evaluate(student, args.data, args.data_root, num_points, given_C, args.batch_size,
+                                            device, args.cv, calibrate=args.random_init or args.calibrate_batchnorm,
+                                            seed=args.seed, features_path=args.save_features)
+    chosen = args.cv or given_C is None
+    line = (f'accuracy {accuracy:.2f}%  (C {C}{" by cross-validation on the training features" if chosen else ""}, '
+            f'{n_train} train / {n_test} test shapes, {time.time() - start:.1f} s)')
+    if run is None:
+        print(line)
+    else:
+        run.log(line, accuracy=accuracy, C=C, C_by_cross_validation=chosen, n_train=n_train, n_test=n_test,
+                seconds=time.time() - start, checkpoint=path, features=args.save_features)
     return accuracy
 
 
 if __name__ == '__main__':
-    main(parse_args())
+    run_script(main, parse_args)

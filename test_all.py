@@ -473,6 +473,63 @@ def test_attention_bias_blocks_padding_or_far_centres():
     assert not (attention_bias(is_pad[:, :2], centers[:, :2], 0.0) < 0).any()
 
 
+@pytest.mark.parametrize('change, message', [
+    (dict(encoder_dims=(96, 192)), 'encoder_dims has 2 entries for 3 scales'),
+    (dict(local_radius=(0.1, 0.2)), 'local_radius has 2 entries for 3 scales'),
+    (dict(num_heads=5), 'num_heads 5 does not divide the width 96'),
+    (dict(num_groups=(512, 256, 0)), r'num_groups \(512, 256, 0\): every entry must be a positive integer'),
+    (dict(num_groups=(256, 512, 64)), 'scale 1 picks its 512 centres among the 256 of scale 0'),
+    (dict(num_groups=(512, 256, 16), group_sizes=(16, 8, 300)), r'group_sizes\[2\] 300: a scale-2 token groups'),
+    (dict(decoder_dims=(384,)), 'decoder_depths has 2 entries for the 1 decoder stages'),
+    (dict(encoder_depths=(5, -1, 5)), 'every entry must be an integer >= 0'),
+    (dict(point_embed_dims=(32, 64)), 'point_embed_dims has 2 entries'),
+    (dict(local_radius=(0.1, float('nan'), 0.3)), 'radii must be >= 0'),
+    (dict(drop_path_rate=1.0), r'drop_path_rate 1.0: must be in \[0, 1\)'),
+    (dict(num_views=4), 'num_views 4'),
+])
+def test_model_config_with_lists_that_do_not_fit_is_refused_by_name(change, message):
+    with pytest.raises(ValueError, match=message):
+        ModelConfig(**change)
+
+
+def test_a_pretraining_model_needs_a_decoder_that_fits_its_encoder():
+    cfg = ModelConfig(encoder_dims=(96, 192, 288))          # a classifier ignores the decoder's fields
+    assert Classifier(cfg, 15).cfg is cfg
+    with pytest.raises(ValueError, match='decoder_dims.0. 384 must equal encoder_dims.-1. 288'):
+        I2PMAE(cfg)
+
+
+def test_model_entry_points_refuse_float64_integer_and_empty_clouds():
+    cfg = ModelConfig(num_groups=(32, 16, 8), group_sizes=(8, 4, 4), encoder_dims=(16, 32, 64), encoder_depths=(1, 1, 1),
+                      num_heads=2, decoder_dims=(64, 32), feat_dim_2d=0, point_embed_dims=(8, 16, 32))
+    student, classifier = I2PMAE(cfg).eval(), Classifier(cfg, 4).eval()
+    bad = [(torch.rand(2, 64, 3, dtype=torch.float64), r'xyz is torch.float64 \(2, 64, 3\), the model.s weights are '
+                                                       r'torch.float32: pass xyz.to\(torch.float32\)'),
+           (torch.randint(0, 5, (2, 64, 3)), 'xyz is torch.int64'),
+           (torch.rand(0, 64, 3), r'B >= 1, got \(0, 64, 3\)'),
+           (torch.rand(2, 64), r'\(B, N, 3\) tensor'),
+           (torch.rand(2, 20, 3), r'xyz has 20 points per cloud .* the finest scale groups 32')]
+    for xyz, message in bad:
+        for entry in (student.svm_features, classifier):
+            with pytest.raises(ValueError, match=message):
+                entry(xyz)
+    for xyz, message in ((torch.randint(0, 5, (2, 64, 3)), 'must hold float coordinates'), (torch.rand(0, 64, 3), 'B >= 1')):
+        with pytest.raises(ValueError, match=message):
+            build_token_hierarchy(xyz, cfg.num_groups, cfg.group_sizes)
+    groups = build_token_hierarchy(torch.rand(2, 64, 3), cfg.num_groups, cfg.group_sizes)
+    masks = hierarchical_masks(random_mask(2, 8, 0.5), groups)
+    with pytest.raises(ValueError, match='2 groups and 2 masks for a model of 3 scales'):
+        student.pretrain_losses(groups[:2], masks[:2])
+    with pytest.raises(ValueError, match=r'scale 1: masks must be bool'):
+        student.pretrain_losses(groups, [masks[0], masks[1].float(), masks[2]])
+    with pytest.raises(ValueError, match=r'this model has no 2D head'):
+        student.pretrain_losses(groups, masks, torch.zeros(3, 4, 6))
+    with pytest.raises(ValueError, match=r'groups hold torch.float64'):
+        student.pretrain_losses(build_token_hierarchy(torch.rand(2, 64, 3).double(), cfg.num_groups, cfg.group_sizes),
+                                masks)
+    assert all(torch.isfinite(loss) for loss in student.pretrain_losses(groups, masks))
+
+
 def record_pretrain(model):
     rec = Recorder()
     for i in range(len(model.encoder.blocks)):
@@ -629,7 +686,7 @@ def test_official_checkpoint_mismatch_fails_loudly():
                                          r'module.h_encoder.extra.weight.*missing key encoder.blocks.0.0.attn.qkv.weight'):
         load_weights(I2PMAE(ModelConfig()), {'base_model': state}, 'pre-train.pth')
     with pytest.raises(SystemExit, match='shape of'):
-        load_weights(I2PMAE(ModelConfig(encoder_dims=(96, 192, 256))),
+        load_weights(I2PMAE(ModelConfig(encoder_dims=(96, 192, 288), decoder_dims=(288, 192))),
                      {'base_model': official_state_dict('official_keys_pretrain.txt')})
 
 
@@ -911,13 +968,14 @@ def test_scanobjectnn_three_splits(tmp_path):
              ('scan_objonly', 'test'): 'main_split_nobg/test_objectdataset.h5',
              ('scan_hardest', 'train'): 'main_split/training_objectdataset_augmentedrot_scale75.h5',
              ('scan_hardest', 'test'): 'main_split/test_objectdataset_augmentedrot_scale75.h5'}
-    for i, ((name, split), file) in enumerate(files.items()):      # each file holds i + 1 clouds of value i
-        points = np.full((i + 1, 2048, 3), float(i), np.float32)
+    for i, ((name, split), file) in enumerate(files.items()):      # each file holds i + 1 clouds at x = i
+        points = np.random.default_rng(i).random((i + 1, 2048, 3), dtype=np.float32)
+        points[..., 0] = i
         _write_h5(str(tmp_path / 'ScanObjectNN' / file), points, np.arange(i + 1) % 15, mask=np.zeros((i + 1, 2048)))
     for i, (name, split) in enumerate(files):
         loaded = data.load_split(name, split, data_root=str(tmp_path))
         assert loaded.points.shape == (i + 1, 2048, 3) and loaded.points.dtype == torch.float32
-        assert torch.all(loaded.points == i), f'{name}/{split} read the wrong file'
+        assert torch.all(loaded.points[..., 0] == i), f'{name}/{split} read the wrong file'
         assert loaded.labels.tolist() == list(np.arange(i + 1) % 15)
         assert loaded.class_names == data.SCANOBJECTNN_CLASSES and len(loaded.class_names) == 15
     assert data.load_split('scan_objbg', 'train', data_root=str(tmp_path), num_points=1000).points.shape == (1, 1000, 3)
@@ -984,15 +1042,84 @@ def test_wrong_shape_file_names_file(tmp_path):
 
 def test_label_out_of_range_is_an_error(tmp_path):
     path = tmp_path / 'ScanObjectNN' / 'main_split_nobg' / 'test_objectdataset.h5'
-    _write_h5(str(path), np.zeros((3, 2048, 3), np.float32), np.array([0, 15, 3]))
+    clouds = np.random.default_rng(0).random((3, 2048, 3), dtype=np.float32)
+    _write_h5(str(path), clouds, np.array([0, 15, 3]))
     with pytest.raises(ValueError, match=r'test_objectdataset\.h5: label 15 is outside 0..14'):
         data.load_split('scan_objonly', 'test', data_root=str(tmp_path))
-    _write_h5(str(path), np.zeros((3, 2048, 3), np.float32), np.array([0.0, 1.0, 3.0]))
+    _write_h5(str(path), clouds, np.array([0.0, 1.0, 3.0]))
     with pytest.raises(ValueError, match='integer labels'):
         data.load_split('scan_objonly', 'test', data_root=str(tmp_path))
     _write_h5(str(path), np.zeros((0, 2048, 3), np.float32), np.zeros(0, np.int64))
     with pytest.raises(ValueError, match='empty'):
         data.load_split('scan_objonly', 'test', data_root=str(tmp_path))
+
+
+def test_a_nan_or_degenerate_cloud_is_named_with_its_file_and_index_at_load_time(tmp_path):
+    rng = np.random.default_rng(0)
+    h5 = tmp_path / 'ScanObjectNN' / 'main_split' / 'training_objectdataset.h5'
+    for index, bad, what in ((2, np.nan, 'holds NaN or infinite'), (4, np.inf, 'holds NaN or infinite'),
+                             (1, 0.0, 'is degenerate: all its points lie at one place')):
+        clouds = rng.random((5, 2048, 3), dtype=np.float32)
+        clouds[index, 7 if bad != 0 else slice(None)] = bad                     # one point, or the whole cloud
+        _write_h5(str(h5), clouds, np.arange(5))
+        with pytest.raises(data.DataError, match=rf'training_objectdataset.h5: cloud {index} .*{what}.*1 of the 5'):
+            data.load_split('scan_objbg', 'train', data_root=str(tmp_path))
+    clouds = rng.random((5, 2048, 3), dtype=np.float32)
+    clouds[3, 1500:] = np.nan                                                     # beyond the points kept: fine
+    _write_h5(str(h5), clouds, np.arange(5))
+    assert data.load_split('scan_objbg', 'train', data_root=str(tmp_path), num_points=1024).points.shape == (5, 1024, 3)
+    root = tmp_path / 'ShapeNet55-34'                                             # one file per cloud: the file named
+    (root / 'shapenet_pc').mkdir(parents=True)
+    (root / 'ShapeNet-55').mkdir()
+    (root / 'ShapeNet-55' / 'train.txt').write_text('a-1.npy\nb-2.npy\n')
+    np.save(root / 'shapenet_pc' / 'a-1.npy', rng.random((8192, 3), dtype=np.float32))
+    np.save(root / 'shapenet_pc' / 'b-2.npy', np.zeros((8192, 3), np.float32))
+    with pytest.raises(data.DataError, match=r'shapenet_pc/b-2.npy is degenerate'):
+        data.load_split('shapenet', 'train', data_root=str(tmp_path))
+    for split in ('pretrain', 'train', 'test'):                                   # the synthetic data pass unchanged
+        data.check_clouds(data.load_split('synthetic', split, num_points=256).points.numpy(), split)
+
+
+def write_raw_modelnet40(folder, ids, rows=100, columns=6, seed=0):
+    """The authors' raw layout: modelnet40_shape_names.txt, modelnet40_train.txt (ids <class>_<NNNN>) and
+    <class>/<id>.txt, `rows` lines of `columns` comma-separated floats (theirs: 10,000 x 6)."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / 'modelnet40_shape_names.txt').write_text('\n'.join(data.MODELNET40_CLASSES) + '\n')
+    (folder / 'modelnet40_train.txt').write_text('\n'.join(ids) + '\n')
+    raw = {}
+    for k, shape_id in enumerate(ids):
+        name = shape_id.rsplit('_', 1)[0]
+        (folder / name).mkdir(exist_ok=True)
+        raw[shape_id] = rng.normal(size=(rows + 10 * k, columns)).astype(np.float32)   # clouds of different sizes
+        np.savetxt(folder / name / f'{shape_id}.txt', raw[shape_id], delimiter=',', fmt='%.6f')
+    return raw
+
+
+def test_modelnet40_dat_is_built_from_the_raw_files_as_the_authors_loader_does(tmp_path, monkeypatch, capsys):
+    folder = tmp_path / 'ModelNet' / 'modelnet40_normal_resampled'
+    ids = ['airplane_0001', 'night_stand_0002', 'airplane_0003']
+    raw = write_raw_modelnet40(folder, ids)
+    monkeypatch.setattr(data, 'MODELNET_DAT_POINTS', 64)        # theirs: 8192 of 10,000 rows
+    split = data.load_split('modelnet40', 'train', data_root=str(tmp_path))
+    assert 'modelnet40_train_64pts_fps.dat is missing: building it from the 3 raw files' in capsys.readouterr().out
+    with open(folder / 'modelnet40_train_64pts_fps.dat', 'rb') as f:
+        clouds, labels = pickle.load(f)                         # their pickle: [points list, labels list]
+    assert [c.shape for c in clouds] == [(64, 6)] * 3 and all(c.dtype == np.float32 for c in clouds)
+    assert [(l.shape, l.dtype, int(l[0])) for l in labels] == [((1,), np.int32, 0), ((1,), np.int32, 23), ((1,), np.int32, 0)]
+    for shape_id, cloud in zip(ids, clouds):                    # FPS of the xyz columns, all six columns kept
+        rows = np.loadtxt(folder / shape_id.rsplit('_', 1)[0] / f'{shape_id}.txt', delimiter=',').astype(np.float32)
+        np.testing.assert_array_equal(cloud, rows[numpy_fps(rows[:, :3].astype(np.float64), 64)])
+    assert split.labels.tolist() == [0, 23, 0] and split.points.shape == (3, 64, 3)
+    np.testing.assert_allclose(split.points.numpy(), _unit_sphere_np(np.stack(clouds)[..., :3]), atol=1e-5)
+    assert not glob.glob(str(folder / '*.tmp'))                # written atomically: no temporary file left
+    bad = tmp_path / 'bad' / 'ModelNet' / 'modelnet40_normal_resampled'
+    write_raw_modelnet40(bad, ['chair_0001'], columns=5)
+    with pytest.raises(data.DataError, match=r'chair/chair_0001.txt: 100 rows of 5 numbers; expected at least 64 rows'):
+        data.load_split('modelnet40', 'train', data_root=str(tmp_path / 'bad'))
+    (bad / 'modelnet40_train.txt').write_text('chiar_0001\n')
+    with pytest.raises(data.DataError, match=r"modelnet40_train.txt, line 1: 'chiar_0001' is not <class>_<NNNN>"):
+        data.load_split('modelnet40', 'train', data_root=str(tmp_path / 'bad'))
 
 
 def test_normalize_unit_sphere_matches_numpy():
@@ -1081,16 +1208,20 @@ def test_fps_subsample_gathers_farthest_point_sample():
 
 
 # ---------------------------------------------------------------- pretrain.py
+import glob
+import importlib.util
 import json
 import random
 import runpy
 import shutil
 import signal
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from functools import lru_cache
 
 import torch.distributed as dist
+import torchvision
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 import pretrain
@@ -1192,7 +1323,8 @@ def test_mask_ratio_that_hides_nothing_is_refused_at_the_flag(capsys, tmp_path, 
 
 
 def read_log(folder):
-    return [json.loads(line) for line in open(os.path.join(folder, 'log.jsonl'))]
+    """log.jsonl's records without the header records (one per session, training.run_header)."""
+    return [r for r in map(json.loads, open(os.path.join(folder, 'log.jsonl'))) if not r.get('header')]
 
 
 def log_records(folder):
@@ -1385,7 +1517,8 @@ def test_resume_at_an_epoch_end_reproduces_the_uninterrupted_run(straight_pretra
     assert skipped and not any(k.startswith('encoder.') for k in skipped)      # every encoder tensor loaded
     # a run started differently is refused, naming what differs: architecture, seed (batch order), lr
     with pytest.raises(SystemExit, match='encoder_dims'):
-        pretrain.main(parse_args(PRETRAIN_FLAGS + ['--config', 'full', '--run_name', 'cut', '--resume', 'runs/cut/last.pt']))
+        pretrain.main(parse_args(PRETRAIN_FLAGS + ['--config', 'full', '--num_points', '512', '--run_name', 'cut',
+                                                   '--resume', 'runs/cut/last.pt']))
     with pytest.raises(SystemExit, match=r'(?s)--lr: checkpoint 0.001, now 0.002.*--seed: checkpoint 0, now 1'):
         pretrain_run('cut', '--resume', 'runs/cut/last.pt', '--seed', '1', '--lr', '2e-3', epochs=3)
 
@@ -1393,13 +1526,62 @@ def test_resume_at_an_epoch_end_reproduces_the_uninterrupted_run(straight_pretra
 def test_a_second_run_into_a_folder_is_refused_unless_overwrite_or_resume(tmp_path, monkeypatch, small_pool):
     monkeypatch.chdir(tmp_path)
     pretrain_run('same', epochs=1, steps=1)
-    with pytest.raises(SystemExit, match=r'runs/same holds another run \(last.pt, log.jsonl\): continue it with '
+    with pytest.raises(SystemExit, match=r'runs/same holds another run \(last.pt, log.jsonl, args.json, curves.png\): '
+                                         r'continue it with '
                                          r'--resume runs/same/last.pt, start over with --overwrite'):
         pretrain_run('same', epochs=1, steps=1)
     pretrain_run('same', '--overwrite', epochs=1, steps=1)
     assert [r['epoch'] for r in read_log('runs/same')] == [0, 0]         # replaced, not appended to
     pretrain_run('same', '--resume', 'runs/same/last.pt', epochs=2, steps=1)
     assert [r['epoch'] for r in read_log('runs/same')] == [0, 0, 1, 1]
+
+
+def test_a_run_folder_holds_its_arguments_a_header_curves_and_snapshots(tmp_path, monkeypatch, small_pool):
+    monkeypatch.chdir(tmp_path)
+    drawn = []
+    monkeypatch.setattr(Run, 'draw_curves', after(Run.draw_curves, lambda: drawn.append(1)))
+    pretrain_run('folder', '--save_every', '1', epochs=2, steps=2)
+    saved = json.load(open('runs/folder/args.json'))
+    assert saved['args'] == {**vars(parse_args(PRETRAIN_FLAGS + ['--epochs', '2', '--max_steps_per_epoch', '2',
+                                                                 '--run_name', 'folder', '--save_every', '1'])), 'amp': False}
+    assert saved['model_config']['num_groups'] == [128, 64, 16] and 'small random ViT' in saved['teacher']
+    header = json.loads(open('runs/folder/log.jsonl').readline())
+    assert (header['header'], header['torch'], header['world_size'], header['device'], header['teacher']) == \
+        (True, torch.__version__, 1, 'cpu', saved['teacher'])
+    assert header['torchvision'] == torchvision.__version__.split('+')[0] and header['command'].startswith(os.path.basename(sys.argv[0]))
+    assert re.fullmatch(r'[0-9a-f]{40}( \(uncommitted changes\))?', header['git']) or not os.path.isdir(os.path.join(HERE, '.git'))
+    assert training.git_state(str(tmp_path)) == 'unknown: not a git repository'
+    assert drawn == [1, 1]                                                           # redrawn after each epoch
+    assert Image.open('runs/folder/curves.png').size == (2 * pictures.PLOT_W + pictures.PAD,   # loss, lr: no SVM ran
+                                                         pictures.PLOT_H + pictures.TITLE_H)
+    assert position('runs/folder/epoch-1.pt') == (1, 0)                              # snapshots beside last.pt
+    assert open('runs/folder/epoch-2.pt', 'rb').read() == open('runs/folder/last.pt', 'rb').read()
+    with pytest.raises(SystemExit, match=r'holds another run \(last.pt, log.jsonl, args.json, curves.png, epoch-1.pt, '
+                                         r'epoch-2.pt\)'):
+        pretrain_run('folder', epochs=1, steps=1)
+    pretrain_run('folder', '--overwrite', epochs=1, steps=1)
+    assert sorted(os.listdir('runs/folder')) == ['args.json', 'curves.png', 'last.pt', 'log.jsonl']
+
+
+def test_tensorboard_is_optional_and_asking_for_it_without_it_is_explained(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, 'torch.utils.tensorboard', None)                # as if it were not installed
+    with pytest.raises(SystemExit, match='--tensorboard needs the tensorboard package.*not in requirements.txt'):
+        training.tensorboard_writer(str(tmp_path))
+    assert 'tensorboard' not in open(os.path.join(HERE, 'requirements.txt')).read()
+
+
+@pytest.mark.skipif(importlib.util.find_spec('tensorboard') is None, reason='tensorboard is optional and not installed')
+def test_tensorboard_scalars_are_the_numbers_of_the_log(tmp_path, monkeypatch, small_pool):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    monkeypatch.chdir(tmp_path)
+    pretrain_run('board', '--tensorboard', epochs=2, steps=2)
+    events = EventAccumulator('runs/board/tensorboard')
+    events.Reload()
+    records = read_log('runs/board')
+    steps = [r for r in records if 'step' in r]
+    assert [(e.step, e.value) for e in events.Scalars('step/loss_3d')] == \
+        [(r['global_step'], pytest.approx(r['loss_3d'])) for r in steps]
+    assert [e.step for e in events.Scalars('epoch/mean_loss_2d')] == [1, 2]
 
 
 def test_resume_refuses_another_teacher(tmp_path, monkeypatch, small_pool):
@@ -1648,7 +1830,7 @@ def test_finetune_bad_inputs_are_explained(pretrain_checkpoint, tmp_path, monkey
         finetune.parse_args(['--data', 'scan_hardest', '--vote'])
     assert 'ModelNet40 only' in capsys.readouterr().err
     checkpoint = read_checkpoint(pretrain_checkpoint)
-    wider = Classifier(replace(TINY, encoder_dims=(16, 32, 48)), 4)
+    wider = Classifier(replace(TINY, encoder_dims=(16, 32, 48), decoder_dims=(48, 32)), 4)
     with pytest.raises(SystemExit, match=r'(?s)last.pt does not fit this Classifier .a different architecture.*'
                                          r'shape of encoder.pos_embed.2.0.weight: file \(64, 3\), model \(48, 3\)'):
         load_weights(wider, checkpoint, 'last.pt', fine_tune=True)
@@ -1789,6 +1971,118 @@ def test_run_log_is_cut_back_to_what_a_checkpoint_had_seen(tmp_path):
         f.write('{"step": 3, "lo')                  # a record cut short by kill -9
     run.cut_log(2)
     assert read_log(tmp_path) == [{'step': 0}, {'step': 1}] and run.records == 2
+
+
+# --- user mistakes: each a real process ending in one message that names the culprit, no traceback
+
+@pytest.fixture(scope='module')
+def mistakes(tmp_path_factory):
+    """A folder of bad inputs for the entry scripts, the cwd of the battery's processes."""
+    folder = tmp_path_factory.mktemp('mistakes')
+    tiny = write_tiny_pretrain_checkpoint(str(folder / 'pretrained.pt'))
+    (folder / 'notes.txt').write_text('these are notes, not a checkpoint\n')
+    (folder / 'runs' / 'cut').mkdir(parents=True)
+    content = open(tiny, 'rb').read()
+    (folder / 'runs' / 'cut' / 'last.pt').write_bytes(content[:len(content) // 2])      # cut short by a crash
+    os.utime(folder / 'runs' / 'cut' / 'last.pt', (2 ** 32, 2 ** 32))                   # and the newest
+    torch.save(dict(model=Classifier(TINY, 4).state_dict(), model_config=asdict(TINY), num_classes=4,
+                    pooling='mean+max', args={}, epoch=1), folder / 'finetuned.pt')
+    checkpoint = torch.load(tiny, weights_only=True)
+    torch.save({**checkpoint, 'model_config': {**checkpoint['model_config'], 'num_heads': 3}}, folder / 'heads3.pt')
+    clouds = np.random.default_rng(0).random((4, 64, 3), dtype=np.float32)
+    clouds[1, 5] = np.nan
+    _write_h5(str(folder / 'data' / 'ScanObjectNN' / 'main_split' / 'training_objectdataset.h5'), clouds, np.arange(4))
+    with pytest.MonkeyPatch.context() as patch:      # a finished pre-training run of 1 epoch of 1 step
+        use_small_pool(patch)
+        patch.chdir(folder)
+        pretrain_run('done', epochs=1, steps=1)
+    return folder
+
+
+FINISHED = PRETRAIN_FLAGS + ['--epochs', '1', '--max_steps_per_epoch', '1', '--run_name', 'done']
+# (script, flags, what the first line of the message must name): one case of each class of mistake found by
+# running the scripts as a user would: a flag outside its domain (test_every_flag_domain_is_checked_at_parse_time
+# has the rest), a file that is not a checkpoint, the wrong kind of checkpoint, a checkpoint cut short (met by
+# svm_eval's search), a model configuration whose lists do not fit, missing data, a bad cloud, a run with nothing
+# left to do, a disk that fills up
+MISTAKES = [
+    ('pretrain.py', ['--log_every', '0'], 'argument --log_every'),                # was: ZeroDivisionError
+    ('finetune.py', ['--batch_size', '1', '--from_scratch'], '--batch_size 1'),   # was: BatchNorm's error
+    ('svm_eval.py', ['--C', '0'], 'argument --C'),                                # was: C 0.0093, silently
+    ('pretrain.py', ['--resume', 'notes.txt'], 'notes.txt'),                      # was: IndexError in torch.load
+    ('svm_eval.py', ['--ckpt', 'finetuned.pt'], 'finetuned.pt is a fine-tuned classifier'),
+    ('svm_eval.py', [], 'runs/cut/last.pt'),                                      # the automatic search
+    ('svm_eval.py', ['--ckpt', 'heads3.pt'], 'heads3.pt: its model_config'),
+    ('finetune.py', ['--data', 'modelnet40', '--data_root', 'nowhere', '--from_scratch'], '8192pts_fps.dat'),
+    ('svm_eval.py', ['--ckpt', 'pretrained.pt', '--data', 'scanobjectnn', '--data_root', 'data', '--num_points', '64'],
+     'training_objectdataset.h5: cloud 1'),                                       # was: a crash mid-epoch
+    ('pretrain.py', FINISHED + ['--resume', 'runs/done/last.pt'], 'nothing to do'),   # was: exit 0, silently
+    ('pretrain.py', ['ulimit -f 300;'] + FINISHED[:-1] + ['full'], 'could not write runs/full/last.pt'),   # disk full
+]
+
+
+@pytest.fixture(scope='module')
+def mistakes_made(mistakes):
+    """Every MISTAKES case run as a real process (bash, for ulimit), two at a time: {case index: CompletedProcess}."""
+    def run(case):
+        script, flags, _ = case
+        limit = flags[0] if flags and flags[0].startswith('ulimit') else ''     # a file-size limit: the disk fills up
+        command = ' '.join([limit, sys.executable, os.path.join(HERE, script)] + flags[bool(limit):])
+        return subprocess.run(['bash', '-c', command], cwd=mistakes, capture_output=True, text=True, timeout=600,
+                              env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return dict(enumerate(pool.map(run, MISTAKES)))
+
+
+@pytest.mark.parametrize('case', range(len(MISTAKES)), ids=[f'{s} {" ".join(f)}'[:60] for s, f, _ in MISTAKES])
+def test_a_user_mistake_ends_in_one_message_naming_it(mistakes, mistakes_made, case):
+    done, culprit = mistakes_made[case], MISTAKES[case][2]
+    assert done.returncode != 0 and 'Traceback' not in done.stderr, done.stderr
+    assert culprit in done.stderr.strip().splitlines()[0], done.stderr
+    assert 'test accuracy' not in done.stdout and not glob.glob(str(mistakes / 'runs' / '*' / '*.tmp'))
+
+
+# every flag whose domain is checked at parse time, with a value outside it: (script, flags, the flag named)
+BAD_FLAGS = [(pretrain, ['--epochs', '0'], '--epochs'), (pretrain, ['--cosine_epochs', '0'], '--cosine_epochs'),
+             (pretrain, ['--log_every', '0'], '--log_every'), (pretrain, ['--lr', 'nan'], '--lr'),
+             (pretrain, ['--min_lr', '-1'], '--min_lr'), (pretrain, ['--lr', '1e-3', '--min_lr', '1e-2'], '--min_lr'),
+             (pretrain, ['--batch_size', '-4'], '--batch_size'), (pretrain, ['--seed', '-1'], '--seed'),
+             (pretrain, ['--gpu', '-2'], '--gpu'), (pretrain, ['--load_points', '0'], '--load_points'),
+             (pretrain, ['--warmup_epochs', '-1'], '--warmup_epochs'), (pretrain, ['--weight_decay', 'inf'], '--weight_decay'),
+             (pretrain, ['--svm_every', '-1'], '--svm_every'), (pretrain, ['--save_every', '-1'], '--save_every'),
+             (pretrain, ['--benchmark_steps', '0'], '--benchmark_steps'), (pretrain, ['--mask_ratio', 'nan'], '--mask_ratio'),
+             (finetune, ['--epochs', '0'], '--epochs'), (finetune, ['--cosine_epochs', '0'], '--cosine_epochs'),
+             (finetune, ['--val_fraction', '10'], '--val_fraction'), (finetune, ['--smoothing', '1'], '--smoothing'),
+             (finetune, ['--batch_size', '1'], '--batch_size'), (finetune, ['--points', '0'], '--points'),
+             (finetune, ['--train_fps', '100', '--points', '512'], '--train_fps'),
+             (finetune, ['--load_points', '256'], '--load_points'), (finetune, ['--scale_low', '2'], '--scale_low'),
+             (finetune, ['--translate', '-0.1'], '--translate'), (finetune, ['--grad_clip', '0'], '--grad_clip'),
+             (finetune, ['--group_sizes', '32', '0', '16'], '--group_sizes'),
+             (finetune, ['--local_radius', '-1', '0', '0'], '--local_radius'), (finetune, ['--ways', '0'], '--ways'),
+             (finetune, ['--shots', '-5'], '--shots'), (finetune, ['--folds', '-1'], '--folds'),
+             (finetune, ['--vote_runs', '0'], '--vote_runs'), (finetune, ['--test_every', '0'], '--test_every'),
+             (finetune, ['--data', 'fewshot', '--save_every', '10'], '--save_every'),
+             (svm_eval, ['--C', '0'], '--C'), (svm_eval, ['--C', '1', '--cv'], '--cv'),
+             (svm_eval, ['--batch_size', '0'], '--batch_size'), (svm_eval, ['--num_points', '0'], '--num_points'),
+             (svm_eval, ['--save_features', 'features.txt'], '--save_features')]
+
+
+@pytest.mark.parametrize('script, flags, flag', BAD_FLAGS, ids=[f'{s.__name__} {" ".join(f)}' for s, f, _ in BAD_FLAGS])
+def test_every_flag_domain_is_checked_at_parse_time(capsys, script, flags, flag):
+    with pytest.raises(SystemExit) as stopped:
+        script.parse_args(flags)
+    error = capsys.readouterr().err
+    assert stopped.value.code == 2 and len(error.strip().splitlines()) == 1 and flag in error, error
+
+
+def test_finetune_group_sizes_that_do_not_fit_the_model_name_the_flag(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = finetune.parse_args(['--from_scratch', '--group_sizes', '32', '16', '100'])   # the demo: 64 scale-1 tokens
+    with pytest.raises(SystemExit, match=r'--group_sizes \(32, 16, 100\).*group_sizes\[2\] 100: a scale-2 token groups its '
+                                         r'nearest scale-1 centres, of which there are 64'):
+        finetune.build_classifier(args, 13)
+    with pytest.raises(SystemExit, match=r'--points 100: the model groups 128 points per cloud'):
+        finetune.build_classifier(finetune.parse_args(['--from_scratch', '--points', '100']), 13)
 
 
 # ---------------------------------------------------------------- two processes (torchrun) under NCCL's device rule

@@ -30,9 +30,11 @@ class Group(NamedTuple):
 
 def check_points(xyz, name='xyz', min_points=1):
     """Raise a ValueError naming `name` unless xyz is a finite (B, N, 3) cloud with N >= min_points."""
-    if not torch.is_tensor(xyz) or xyz.dim() != 3 or xyz.shape[-1] != 3:
+    if not torch.is_tensor(xyz) or xyz.dim() != 3 or xyz.shape[-1] != 3 or xyz.shape[0] == 0:
         shape = tuple(xyz.shape) if torch.is_tensor(xyz) else type(xyz).__name__
-        raise ValueError(f'{name} must be a (B, N, 3) tensor, got {shape}')
+        raise ValueError(f'{name} must be a (B, N, 3) tensor with B >= 1, got {shape}')
+    if not xyz.is_floating_point():
+        raise ValueError(f'{name} must hold float coordinates, got {xyz.dtype} (shape {tuple(xyz.shape)})')
     if xyz.shape[1] < min_points:
         raise ValueError(f'{name} has {xyz.shape[1]} points per cloud, need at least {min_points} '
                          f'(shape {tuple(xyz.shape)})')

@@ -8,17 +8,29 @@ The scripts keep the recipe -- the model, the data, `train_one_epoch` -- and use
   randomness   seed_process (--seed + rank), rng_state / set_rng_state: one process's own streams
                (torch CPU, its own CUDA device, NumPy, Python) as tensors and plain values
   schedule     cosine_lr, set_lr, param_groups, epoch_batches
-  flags        add_run_flags (--gpu --seed --resume --overwrite ...), fill_preset (a preset fills
-               every flag the user did not give), check_resumable
+  flags        ArgumentParser (one-line errors), the flag types that check a domain at parse time
+               (positive_int, non_negative_int, positive_float, non_negative_float, fraction, gpu_index,
+               seed_value), add_run_flags (--gpu --seed --resume --overwrite --save_every --tensorboard ...),
+               fill_preset (a preset fills every flag the user did not give), check_resumable, refuse_finished
+  user errors  run_script(main, parse_args): what every entry script's __main__ runs. A user's mistake ends
+               in one message naming the flag, file or shape, exit code 1, no traceback: our own checks raise
+               SystemExit(message); data.py's readers raise DataError / FileNotFoundError about the user's
+               files, turned into the same there. Any other exception is a programming error: traceback
   stopping     StopOnSignal: Ctrl-C or SIGTERM lets the current step finish; the script saves, exits 130
   run folder   Run: runs/<name>/ with log.jsonl and the checkpoints; refuses to overwrite another run;
-               resumes exactly; saves atomically and never non-finite weights
+               resumes exactly; saves atomically and never non-finite weights. Run.start writes args.json
+               (every resolved flag, the model configuration) and a header record in log.jsonl (git
+               commit, versions, device, world size, teacher); Run.log redraws curves.png after every
+               epoch record and, with --tensorboard, writes the numbers as TensorBoard scalars;
+               Run.keep_snapshot keeps epoch-<N>.pt every --save_every epochs
 
 A training script reads (pretrain.py is the example):
     process = setup_process(args)
     run = Run(os.path.join('runs', args.run_name), process)
     run.claim(args.resume, args.overwrite)                       # whose folder this is
     checkpoint = run.resume(args.resume, args, MAY_DIFFER)       # None without --resume
+    refuse_finished(checkpoint, args)                            # --resume of a finished run: nothing to do
+    run.start(args, model_config=..., teacher=...)               # args.json, the log's header record
     sums = torch.zeros(3, dtype=torch.float64, device=process.device)   # this process's running sums
     first_epoch, first_step = run.restore(checkpoint, model, optimizer, args, sums)
     with StopOnSignal(process) as stop:
@@ -26,7 +38,10 @@ A training script reads (pretrain.py is the example):
             stopped_at = train_one_epoch(..., sums, run, stop)   # logs via run.step_numbers, run.log
             if stopped_at < steps: run.save('last.pt', ..., epoch, stopped_at, ...); exit 130
             ... run.totals(sums, ...), run.log(...), sums.zero_(), run.save('last.pt', ..., epoch + 1, 0, ...)
+            run.keep_snapshot(epoch + 1, args.save_every)
     check_ranks_agree(model, process, run.log) if process.world > 1; end_process(process)
+if __name__ == '__main__':
+    run_script(main, parse_args)
 
 Resume is exact. A checkpoint holds the position (epoch, step in it), the weights and optimizer,
 and for EVERY process its random state and its running sums of the epoch so far; each process
@@ -50,12 +65,19 @@ The two-process tests prove it on a CPU: they declare a collective device that i
 tensor left on the host, or a barrier without its device, fails there as it would on GPUs.
 """
 import argparse
+import datetime
+import glob
 import hashlib
+import importlib.metadata
 import json
 import math
 import os
+import platform
 import random
+import shutil
 import signal
+import subprocess
+import sys
 from typing import NamedTuple
 
 import numpy as np
@@ -64,9 +86,13 @@ import torch.distributed as dist
 from torch.utils.data import BatchSampler, DistributedSampler
 
 from model import read_checkpoint
+from data import DataError
 
-# the files a run writes into runs/<name>/; a new run refuses a folder holding any of them
-RUN_FILES = ('last.pt', 'best.pt', 'log.jsonl')
+# the files a run writes into runs/<name>/ (besides epoch-<N>.pt snapshots and the tensorboard/ folder);
+# a new run refuses a folder holding any of them
+RUN_FILES = ('last.pt', 'best.pt', 'log.jsonl', 'args.json', 'curves.png')
+SNAPSHOTS = 'epoch-*.pt'          # --save_every: epoch-<epochs done>.pt
+TENSORBOARD_DIR = 'tensorboard'   # --tensorboard: the event files
 # what a checkpoint must hold to be continued with --resume
 RESUME_KEYS = ('model', 'optimizer', 'epoch', 'step_in_epoch', 'world_size', 'ranks', 'log_records', 'args')
 
@@ -230,23 +256,94 @@ def epoch_batches(num_items, batch_size, epoch, seed, rank=0, world=1):
     return list(BatchSampler(sampler, batch_size // world, drop_last=True))
 
 
-# ---------------------------------------------------------------- flags
+# ---------------------------------------------------------------- flags: every domain checked at parse time
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are one line, the flag and what is wrong with it (no usage block above it)."""
+    def error(self, message):
+        sys.stderr.write(f'{self.prog}: error: {message} (--help lists every flag)\n')
+        raise SystemExit(2)
+
+
+def checked(text, convert, is_valid, wanted):
+    """`text` converted, if it converts and is valid; else an error that argparse prefixes with the flag."""
+    try:
+        value = convert(text)
+    except ValueError:
+        value = None
+    if value is None or not is_valid(value):
+        raise argparse.ArgumentTypeError(f'{text!r} is not {wanted}')
+    return value
+
+
+# argparse `type=` functions: `--epochs 0` stops at once with "argument --epochs: '0' is not a positive integer"
+def positive_int(text):
+    return checked(text, int, lambda v: v >= 1, 'a positive integer')
+
+
+def non_negative_int(text):
+    return checked(text, int, lambda v: v >= 0, 'an integer >= 0')
+
+
+def positive_float(text):   # float() also reads 'nan' and 'inf': refused
+    return checked(text, float, lambda v: math.isfinite(v) and v > 0, 'a finite number > 0')
+
+
+def non_negative_float(text):
+    return checked(text, float, lambda v: math.isfinite(v) and v >= 0, 'a finite number >= 0')
+
+
+def fraction(text):
+    return checked(text, float, lambda v: 0 <= v < 1, 'a fraction in [0, 1) (0.1 means 10%)')
+
+
+def gpu_index(text):
+    return checked(text, int, lambda v: v >= -1, 'a GPU index (0, 1, ...) or -1 for the CPU')
+
+
+def seed_value(text):   # NumPy seeds must lie in [0, 2**32); each process adds its rank
+    return checked(text, int, lambda v: 0 <= v < 2 ** 31, 'a seed in [0, 2**31)')
 
 
 def add_run_flags(parser, script):
     """The flags every training script has: device, seed, run folder, resume, logging."""
     s = parser.add_argument_group('system')
-    s.add_argument('--gpu', type=int, default=0 if torch.cuda.is_available() else -1, help='GPU index, -1 = CPU')
+    s.add_argument('--gpu', type=gpu_index, default=0 if torch.cuda.is_available() else -1, help='GPU index, -1 = CPU')
     s.add_argument('--amp', action=argparse.BooleanOptionalAction, help='bf16 autocast (default: on for GPU, off for CPU)')
-    s.add_argument('--seed', type=int, default=0, help='random streams: process r uses --seed + r (default: 0)')
+    s.add_argument('--seed', type=seed_value, default=0, help='random streams: process r uses --seed + r (default: 0)')
     s.add_argument('--deterministic', action='store_true', help='deterministic algorithms (slower)')
     s.add_argument('--run_name', help=f'runs/<run_name>/ (default: {script}-<data>)')
     s.add_argument('--resume', help='checkpoint to continue from (runs/<run_name>/last.pt)')
     s.add_argument('--reseed', action='store_true', help='with --resume: allow another number of processes, '
                                                          'reseeding every one (the run no longer retraces the original)')
     s.add_argument('--overwrite', action='store_true', help='start over in a run folder that holds another run')
-    s.add_argument('--log_every', type=int, default=20, help='steps between progress lines')
+    s.add_argument('--log_every', type=positive_int, default=20, help='steps between progress lines')
+    s.add_argument('--save_every', type=non_negative_int, default=0,
+                   help='also keep runs/<run_name>/epoch-<N>.pt every N epochs (0 = only last.pt)')
+    s.add_argument('--tensorboard', action='store_true',
+                   help='also write the logged numbers as TensorBoard scalars to runs/<run_name>/tensorboard/ '
+                        '(needs the tensorboard package, not in requirements.txt)')
     return s
+
+
+def run_script(main, parse_args):
+    """What every entry script's `if __name__ == '__main__':` runs. A user's mistake ends in its message
+    alone, exit code 1, no traceback: our own checks raise SystemExit(message) (flags, checkpoints, run
+    folders); data.py's readers raise DataError, or FileNotFoundError, about the user's dataset files
+    (a library's exceptions), turned into the same here. Any other exception is a programming error and
+    keeps its traceback."""
+    try:
+        return main(parse_args())
+    except (DataError, FileNotFoundError) as error:
+        raise SystemExit(f'error: {error}') from None
+
+
+def refuse_finished(checkpoint, args):
+    """--resume of a run that has done its --epochs: say so (nothing to do) instead of exiting silently."""
+    if checkpoint is not None and checkpoint['epoch'] >= args.epochs:
+        raise SystemExit(f'--resume {args.resume}: the run has done {checkpoint["epoch"]} epoch(s) and --epochs is '
+                         f'{args.epochs}: nothing to do (pass a larger --epochs to train it further)')
 
 
 def fill_preset(args, preset):
@@ -328,35 +425,86 @@ class StopOnSignal:
 
 
 def save_atomically(path, content):
-    """torch.save to path.tmp, then rename: a crash or a full disk leaves the previous file intact."""
+    """torch.save to path.tmp, then rename: a crash or a full disk leaves the previous file intact, and
+    no .tmp behind. A write that fails (a full disk, a file-size limit) stops with a message saying so."""
     try:
         torch.save(content, path + '.tmp')
-    except BaseException:
+    except BaseException as error:
         if os.path.exists(path + '.tmp'):
             os.remove(path + '.tmp')
+        if isinstance(error, (OSError, RuntimeError)):   # torch reports a short write as RuntimeError
+            free = shutil.disk_usage(os.path.dirname(path) or '.').free
+            kept = f'the previous {os.path.basename(path)} is intact' if os.path.exists(path) else 'nothing was written'
+            raise SystemExit(f'could not write {path} ({type(error).__name__}: {str(error).splitlines()[0]}); the disk '
+                             f'holding it has {free / 2 ** 20:.0f} MiB free; {kept}') from None
         raise
     os.replace(path + '.tmp', path)
 
 
+def git_state(folder):
+    """'<commit>' or '<commit> (uncommitted changes)' of the repository holding `folder`, or why there is none."""
+    def git(*words):
+        return subprocess.run(['git', '-C', folder, *words], capture_output=True, text=True, timeout=10)
+    try:
+        commit = git('rev-parse', 'HEAD')
+    except (OSError, subprocess.SubprocessError) as error:
+        return f'unknown: git cannot be run ({type(error).__name__})'
+    if commit.returncode != 0:
+        return 'unknown: not a git repository'
+    changed = git('status', '--porcelain', '--untracked-files=no').stdout.strip()
+    return commit.stdout.strip() + (' (uncommitted changes)' if changed else '')
+
+
+def package_version(name):
+    try:   # asked of the installed package's metadata: importing torchvision costs seconds
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return 'not installed'
+
+
+def run_header(process, **about):
+    """Where and how this session runs: a log.jsonl record researchers can compare weeks later."""
+    device = process.device
+    return dict(header=True, time=datetime.datetime.now().astimezone().isoformat(timespec='seconds'),
+                command=' '.join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
+                git=git_state(os.path.dirname(os.path.abspath(__file__))),
+                python=platform.python_version(), torch=torch.__version__, torchvision=package_version('torchvision'),
+                cuda=torch.version.cuda if torch.cuda.is_available() else f'not available (build {torch.version.cuda})',
+                device=str(device), device_name=torch.cuda.get_device_name(device) if device.type == 'cuda' else
+                f'CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores',
+                world_size=process.world, **about)
+
+
 class Run:
-    """One training run as its processes see it: runs/<name>/ (log.jsonl, last.pt, best.pt), written
-    by rank 0 only, and what was last saved there (so that an error message can say it truly).
+    """One training run as its processes see it: runs/<name>/ (log.jsonl, last.pt, best.pt, args.json,
+    curves.png, epoch-<N>.pt, tensorboard/), written by rank 0 only, and what was last saved there (so
+    that an error message can say it truly).
 
     log(line, **numbers) prints on rank 0 and, with numbers, appends them as one JSON record;
     `records` counts them, every checkpoint stores the count, and a resume cuts the log back to it.
+    After a record of a whole epoch (it has 'epoch' and no 'step') curves.png is redrawn from log.jsonl.
     """
     def __init__(self, folder, process):
         self.folder, self.process = folder, process
         self.records, self.last_saved = 0, 'no checkpoint of this run saved yet'
+        self.tensorboard = None   # a SummaryWriter, with --tensorboard (Run.start)
 
     def path(self, name):
         return os.path.join(self.folder, name)
 
+    def found_files(self):
+        """The run files already in the folder (rank 0 looks)."""
+        if self.process.rank != 0:
+            return []
+        snapshots = sorted(os.path.basename(p) for p in glob.glob(self.path(SNAPSHOTS)))
+        board = [TENSORBOARD_DIR + '/'] if os.path.isdir(self.path(TENSORBOARD_DIR)) else []
+        return [f for f in RUN_FILES if os.path.exists(self.path(f))] + snapshots + board
+
     def claim(self, resume=None, overwrite=False):
         """Make the folder this run's. Another run's files there are refused unless --resume continues
-        that run or --overwrite deletes them. (The place for more run-folder files: args, a header.)"""
+        that run or --overwrite deletes them."""
         continuing = resume is not None and os.path.realpath(os.path.dirname(resume)) == os.path.realpath(self.folder)
-        found = [f for f in RUN_FILES if os.path.exists(self.path(f))] if self.process.rank == 0 else []
+        found = self.found_files()
         refused = bool(found) and not continuing and not overwrite
         if sum_over_processes(torch.tensor(float(refused), device=self.process.device), self.process).item() > 0:
             raise SystemExit(f'{self.folder} holds another run ({", ".join(found) or "see rank 0"}): continue it with '
@@ -365,8 +513,25 @@ class Run:
         if self.process.rank == 0:
             os.makedirs(self.folder, exist_ok=True)
             for name in found if overwrite and not continuing else []:
-                os.remove(self.path(name))
+                shutil.rmtree(self.path(name)) if name.endswith('/') else os.remove(self.path(name))
         barrier(self.process)
+
+    def start(self, args, args_file=True, **about):
+        """Begin this session: args.json (every resolved flag, and `about`: the model configuration, the
+        teacher, ...; args_file=False leaves another session's file alone) and a header record in
+        log.jsonl (run_header: git commit, versions, device, world size, and `about` again), on rank 0.
+        With --tensorboard, opens the TensorBoard writer."""
+        if self.process.rank == 0:
+            os.makedirs(self.folder, exist_ok=True)
+            if args_file:
+                with open(self.path('args.json.tmp'), 'w') as f:
+                    json.dump(dict(args=vars(args), **about), f, indent=1, default=str)
+                os.replace(self.path('args.json.tmp'), self.path('args.json'))
+            if getattr(args, 'tensorboard', False):
+                self.tensorboard = tensorboard_writer(self.path(TENSORBOARD_DIR))
+        header = run_header(self.process, **about, **({} if args_file else {'args': vars(args)}))
+        self.log(f'run folder {self.folder} ({"args.json; " if args_file else ""}a header record in log.jsonl): git '
+                 f'{header["git"]}, torch {header["torch"]}, {header["device_name"]}', **header)
 
     def log(self, line, **numbers):
         if self.process.rank == 0:
@@ -375,7 +540,35 @@ class Run:
                 os.makedirs(self.folder, exist_ok=True)
                 with open(self.path('log.jsonl'), 'a') as f:
                     f.write(json.dumps(numbers) + '\n')
+                if self.tensorboard is not None:
+                    add_scalars(self.tensorboard, numbers)
+                if 'epoch' in numbers and 'step' not in numbers:   # a whole epoch: redraw the curves
+                    self.draw_curves()
         self.records += bool(numbers)
+
+    def draw_curves(self):
+        """Redraw curves.png from log.jsonl (atomically: a viewer never sees half a picture)."""
+        from pictures import curves_picture   # here, not at the top: pictures.py imports torchvision (seconds)
+        with open(self.path('log.jsonl')) as f:
+            records = [json.loads(line) for line in f if line.endswith('\n')]
+        picture = curves_picture(records, f'runs/{os.path.basename(self.folder)}')
+        if picture is not None:
+            picture.save(self.path('curves.png.tmp'), format='PNG')
+            os.replace(self.path('curves.png.tmp'), self.path('curves.png'))
+
+    def keep_snapshot(self, epochs_done, every):
+        """--save_every: a copy of last.pt as epoch-<epochs_done>.pt every `every` epochs (a fixed schedule:
+        snapshots are never chosen by any accuracy). Call right after saving last.pt."""
+        if every and epochs_done % every == 0 and self.process.rank == 0:
+            name = f'epoch-{epochs_done}.pt'
+            try:
+                shutil.copyfile(self.path('last.pt'), self.path(name + '.tmp'))
+            except OSError as error:
+                if os.path.exists(self.path(name + '.tmp')):
+                    os.remove(self.path(name + '.tmp'))
+                raise SystemExit(f'could not write {self.path(name)} ({error}); last.pt is intact') from None
+            os.replace(self.path(name + '.tmp'), self.path(name))
+        barrier(self.process)
 
     def cut_log(self, records):
         """Keep the first `records` complete records of log.jsonl: what a checkpoint had seen."""
@@ -480,3 +673,27 @@ class Run:
         barrier(self.process)   # on return the file is there, for every process
         if resumable:
             self.last_saved = f'{self.path(name)} holds {where}'
+
+
+def tensorboard_writer(folder):
+    """A TensorBoard SummaryWriter on `folder`; TensorBoard is optional, so it is imported only when asked for."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise SystemExit('--tensorboard needs the tensorboard package, which this environment lacks: pip install '
+                         'tensorboard (it is optional, not in requirements.txt), or run without --tensorboard; '
+                         'log.jsonl and curves.png hold the same numbers') from None
+    return SummaryWriter(folder)
+
+
+def add_scalars(writer, record):
+    """A log.jsonl record as TensorBoard scalars: step records (with 'global_step') under step/<name>, epoch
+    records under epoch/<name> at epochs done; few-shot records under their fold. Flushed at once."""
+    if 'epoch' not in record or ('step' in record and 'global_step' not in record):
+        return
+    at, kind = (record['global_step'], 'step') if 'step' in record else (record['epoch'] + 1, 'epoch')
+    prefix = f'{record["fold"]}/' if 'fold' in record else ''
+    for name, value in record.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and name not in ('epoch', 'step', 'global_step'):
+            writer.add_scalar(f'{prefix}{kind}/{name}', value, at)
+    writer.flush()
