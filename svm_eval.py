@@ -52,10 +52,11 @@ def parse_args(argv=None):
 
 
 def newest_checkpoint(root='runs'):
-    """The newest pre-training checkpoint runs/*/last.pt (fine-tuned classifiers, with num_classes, are skipped).
-    Each is read safely (read_checkpoint): a file that is not a clean checkpoint stops the search, named."""
+    """The newest pre-training checkpoint runs/*/last.pt (fine-tuned classifiers, with num_classes, and
+    segmenters, with num_parts, are skipped). Each is read safely (read_checkpoint): a file that is not a
+    clean checkpoint stops the search, named."""
     found = [path for path in sorted(glob.glob(os.path.join(root, '*', 'last.pt')), key=os.path.getmtime)
-             if 'num_classes' not in read_checkpoint(path, f'searching {root}/*/last.pt:')]
+             if not {'num_classes', 'num_parts'} & read_checkpoint(path, f'searching {root}/*/last.pt:').keys()]
     if not found:
         raise SystemExit(f'no checkpoint under {root}/*/last.pt: run `python pretrain.py` first, or pass --ckpt PATH')
     return found[-1]
