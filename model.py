@@ -524,7 +524,8 @@ def load_weights(model, checkpoint, path='checkpoint', fine_tune=False):
     if is_classifier and has_head:
         check_head({names[k]: v for k, v in weights.items()}, model, path)
     elif new and not has_new and not fine_tune:
-        raise SystemExit(f'{path} is a pre-training checkpoint ({whose}): it has no {model.NAME} head; fine-tune it first')
+        raise SystemExit(f'{path} is a pre-training checkpoint ({whose}): it has no {model.NAME} head; '
+                         f'fine-tune it first')
     own = model.state_dict()
     state, skipped, problems, unfit = {}, {}, [], set()   # unfit: a tensor of the file, of another shape
     for key, value in weights.items():

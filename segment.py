@@ -388,7 +388,8 @@ def prediction_picture(model, test, xyz, parts, names, caption, columns=5, view=
     device = next(model.parameters()).device
     table = part_table(test.category_parts, model.head[-1].out_channels, device)
     categories = test.categories[idx].to(device)
-    predicted = predict_parts(model.eval()(xyz[idx].to(device), categories), categories, table)   # (columns, n)
+    model.eval()
+    predicted = predict_parts(model(xyz[idx].to(device), categories), categories, table)   # (columns, n)
     ious = shape_ious(predicted, parts[idx].to(device), categories, table).tolist()
     colour_of = torch.zeros(table.shape[1], 3, dtype=torch.uint8)        # global part id -> rgb
     for ids in test.category_parts:

@@ -2265,7 +2265,8 @@ def straight_segment(pretrain_checkpoint, tmp_path_factory):
     return folder, result
 
 
-def test_segment_run_writes_checkpoint_log_and_picture_and_reports_the_final_epoch(straight_segment):
+def test_segment_run_writes_checkpoint_log_and_picture_and_reports_the_final_epoch(straight_segment,
+                                                                                      pretrain_checkpoint, monkeypatch):
     folder, result = straight_segment
     run = folder / 'runs' / 'straight'
     saved = torch.load(run / 'last.pt', weights_only=True)
@@ -2282,6 +2283,9 @@ def test_segment_run_writes_checkpoint_log_and_picture_and_reports_the_final_epo
     from pictures import grid_size
     for path in (run / 'segment.png', folder / 'runs' / 'demo' / 'segment.png'):   # 4 categories: 4 columns
         assert Image.open(path).size == grid_size(2, 4, row_labels=True, col_labels=True, tile_labels=True)
+    monkeypatch.chdir(folder)
+    with pytest.raises(SystemExit, match='runs/straight holds another run'):   # unless --resume or --overwrite
+        segment_run('straight', pretrain_checkpoint)
 
 
 def test_ctrl_c_inside_a_segmentation_step_then_resume_is_bit_identical(straight_segment, pretrain_checkpoint,
