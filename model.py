@@ -465,6 +465,8 @@ class Classifier(nn.Module):
 
     pooling 'mean+max' (ModelNet40: their sum, C wide) or 'concat' (ScanObjectNN: 2C wide).
     """
+    NAME, NEW_KEYS = 'classifier', ('norm.', 'cls_head.')   # load_weights: what a pre-training file lacks
+
     def __init__(self, cfg, num_classes, pooling='mean+max'):
         super().__init__()
         if pooling not in ('mean+max', 'concat'):
@@ -544,7 +546,6 @@ OFFICIAL_NAMES = [   # (their key pattern, ours), applied in order to keys witho
     (r'^cls_head_finetune\.', 'cls_head.'),
 ]
 PRETRAIN_ONLY = ('encoder_norms.', 'mask_token', 'decoder_', 'token_propagation.', 'head_')
-NEW_IN_CLASSIFIER = ('norm.', 'cls_head.')
 
 
 def official_to_ours(name):
@@ -592,14 +593,16 @@ def check_head(state, classifier, path):
 
 
 def load_weights(model, checkpoint, path='checkpoint', fine_tune=False):
-    """Load a checkpoint, ours (pretrain.py's, finetune.py's) or the authors', into an I2PMAE or a Classifier.
+    """Load a checkpoint, ours (pretrain.py's, finetune.py's, segment.py's) or the authors', into an I2PMAE
+    or a downstream model: a Classifier, or segment.py's PartSegmenter.
 
     checkpoint: the dict read_checkpoint returns, or a path to read. Their key names are translated
-    (official_to_ours); ours pass unchanged. An I2PMAE takes a pre-training file; a Classifier takes a
-    fine-tuned file whose head fits (check_head), or, with fine_tune=True, also the encoder of a
-    pre-training file (its norm and head are then new).
+    (official_to_ours); ours pass unchanged. An I2PMAE takes a pre-training file. A downstream model
+    names its NEW_KEYS, the parts that fine-tuning trains from scratch: it takes a file that has them
+    (a classifier's head must fit: check_head), or, with fine_tune=True, also the encoder of a
+    pre-training file (its NEW_KEYS are then new). A fine-tuned classifier is refused by all but a Classifier.
     Skipped, and reported: their CLIP teacher, a 2D head whose width depends on the teacher, the
-    pre-training parts a classifier has no place for, a classifier's new norm and head. Every other
+    pre-training parts a downstream model has no place for, a downstream model's new parts. Every other
     tensor must load: SystemExit naming the file and every missing or unexpected key and every shape
     difference. Returns {skipped key: reason}.
     """
@@ -607,17 +610,20 @@ def load_weights(model, checkpoint, path='checkpoint', fine_tune=False):
         path, checkpoint = checkpoint, read_checkpoint(checkpoint)
     weights = checkpoint_weights(checkpoint, path)
     names = {key: official_to_ours(key) for key in weights}
+    new = getattr(model, 'NEW_KEYS', ())                  # () for an I2PMAE
     is_classifier, has_head = isinstance(model, Classifier), 'cls_head.8.weight' in names.values()
+    has_new = bool(new) and any(name.startswith(new) for name in names.values())
     whose = 'ours' if 'model_config' in checkpoint else 'the authors\''
-    if is_classifier and has_head:
-        check_head({names[k]: v for k, v in weights.items()}, model, path)
-    elif is_classifier and not fine_tune:
-        raise SystemExit(f'{path} is a pre-training checkpoint ({whose}): it has no classifier head; fine-tune it first')
-    elif has_head:
+    if has_head and not is_classifier:
         raise SystemExit(f'{path} is a fine-tuned classifier ({whose}); this needs a pre-training checkpoint '
                          f'(pretrain.py\'s last.pt or the authors\' pre-train.pth): fine-tuning changed its encoder '
                          f'with labels, and its pre-training parts are gone. To test the classifier itself: python '
                          f'finetune.py --test_only --ckpt {path} --data <the dataset it was fine-tuned on>')
+    if is_classifier and has_head:
+        check_head({names[k]: v for k, v in weights.items()}, model, path)
+    elif new and not has_new and not fine_tune:
+        raise SystemExit(f'{path} is a pre-training checkpoint ({whose}): it has no {model.NAME} head; '
+                         f'fine-tune it first')
     own = model.state_dict()
     state, skipped, problems, unfit = {}, {}, [], set()   # unfit: a tensor of the file, of another shape
     for key, value in weights.items():
@@ -626,8 +632,8 @@ def load_weights(model, checkpoint, path='checkpoint', fine_tune=False):
         if name.startswith('clip_model.'):
             skipped[key] = 'their CLIP teacher: ours lives outside the student'
         elif name not in own:
-            if is_classifier and name.startswith(PRETRAIN_ONLY):
-                skipped[key] = 'pre-training only: a classifier has no decoder or reconstruction heads'
+            if new and name.startswith(PRETRAIN_ONLY):
+                skipped[key] = f'pre-training only: a {model.NAME} has no decoder or reconstruction heads'
             else:
                 problems.append(f'unexpected key {said}')
         elif value.shape == own[name].shape:
@@ -642,8 +648,8 @@ def load_weights(model, checkpoint, path='checkpoint', fine_tune=False):
             problems.append(f'shape of {said}: file {tuple(value.shape)}, model {tuple(own[name].shape)}')
             unfit.add(name)
     for name in sorted(own.keys() - state.keys() - unfit):
-        if is_classifier and not has_head and name.startswith(NEW_IN_CLASSIFIER):
-            skipped[name] = 'new in the classifier: trained by fine-tuning'
+        if new and not has_new and name.startswith(new):
+            skipped[name] = f'new in the {model.NAME}: trained by fine-tuning'
         else:
             problems.append(f'missing key {name}')
     if problems:

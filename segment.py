@@ -4,6 +4,20 @@ segment.py: part segmentation with a pre-trained I2P-MAE encoder (I2P-MAE paper,
 the head, recipe and metrics are those of its 3D-only parent, Point-M2AE
 (segmentation/Point_M2AE_SEG.py, main.py and dataset.py of ZrrSkywalker/Point-M2AE).
 
+  python segment.py                                        # synthetic demo on a CPU, a few minutes
+  python segment.py --data shapenetpart --gpu 0            # ShapeNetPart from runs/pretrain-shapenet/last.pt
+  python segment.py --data shapenetpart --ckpt pre-train.pth --gpu 0   # from the authors' pre-training
+  python segment.py --test_only --ckpt runs/segment-synthetic/last.pt  # test a segmentation run's weights
+  torchrun --nproc_per_node=4 segment.py --data shapenetpart
+--data picks a preset (PRESETS); any flag overrides it and the final values are printed at start.
+The encoder's architecture comes from the checkpoint; group sizes, radii and drop path, which no
+weight depends on, and the head's widths come from the preset. We report the FINAL-epoch test
+mIoU_C / mIoU_I and a per-category table; the authors reported the best test epoch: we print it
+only for comparison, labelled as chosen on test. Writes runs/<run_name>/last.pt (atomically,
+every epoch and on Ctrl-C), log.jsonl and segment.png (a few test shapes: true parts and
+prediction; also runs/demo/segment.png); a folder holding another run is refused (--overwrite
+starts over); `--resume runs/<run_name>/last.pt` continues exactly (training.py says how).
+
 Its own script, not a finetune.py preset, because everything around the encoder differs from
 classification: the data (a part label per point, a category per shape, shapes of different sizes
 drawn with replacement), the head (features of every point, propagated from every scale), the
@@ -18,26 +32,34 @@ metrics (IoU over the ground-truth category's parts, per shape and per category)
   mIoU_I: mean over shapes of the mean IoU of their category's parts (a part absent from both the
           prediction and the truth counts 1); mIoU_C: mean over categories of that mean per category
 
-Read `PartSegmenter.forward`, then `train_step` and `evaluate`. The data come from
-data.load_part_split ('synthetic' parts, or ShapeNetPart's text files) and data.draw_part_points.
-Tests: the "segment.py" section of test_all.py
+Read `PartSegmenter.forward`, then `train_step` and `evaluate`, then `train_segmenter` (the epochs).
+The data come from data.load_part_split ('synthetic' parts, or ShapeNetPart's text files) and
+data.draw_part_points. Tests: the "segment.py" section of test_all.py
 """
 import argparse
 import math
-from dataclasses import replace
+import os
+import time
+from dataclasses import asdict, replace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 
 from tokenizer import build_token_hierarchy
-from model import Encoder, ModelConfig, SMALL_CONFIG, conv_bn, interpolate_3nn, official_to_ours
-from data import draw_part_points, scale_isotropic_and_shift
+from model import (Encoder, ModelConfig, SMALL_CONFIG, checkpoint_config, conv_bn, interpolate_3nn, load_weights,
+                   read_checkpoint)
+from data import draw_part_points, load_part_split, scale_isotropic_and_shift
+from synthetic import SYNTHETIC_PART_NAMES
+from training import (Run, StopOnSignal, add_run_flags, barrier, check_ranks_agree, cosine_lr, end_process,
+                      epoch_batches, fill_preset, param_groups, set_lr, setup_process, sum_over_processes)
+from pictures import VIEW_NAMES, Dots, cloud_frame, group_colours, points_tile, save_picture, titled_grid
 
 # The protocol of Point-M2AE's segmentation (main.py, Point_M2AE_SEG.py); --data picks a preset and
 # any flag given overrides it.
 SHAPENETPART = dict(
-    train_split='trainval', load_points=0, points=2048,     # 0: every stored point; the model sees 2048 drawn
+    load_points=0, points=2048,     # 0: every stored point; the model sees 2048 drawn
     group_sizes=(16, 8, 8), local_radius=(0.32, 0.64, 1.28), drop_path_rate=0.1,
     epochs=300, warmup_epochs=10, batch_size=16, lr=2e-4, min_lr=1e-6, weight_decay=0.05, grad_clip=10.0,
     scale_low=0.8, scale_high=1.25, shift=0.1, config='full', head='full',
@@ -50,13 +72,18 @@ PRESETS = {
     # (88/60/16% vs 87/59/12%, measured on synthetic shapes): the share follows the cloud's size, not G.
     # Batch 16 and lr 2e-3 / 3e-3 / 5e-3 reached 56 / 63 / 64% mIoU_I in 8 epochs from scratch (measured);
     # 3e-3 is the milder of the two best: it also has to suit a pre-trained encoder.
-    'synthetic': dict(SHAPENETPART, train_split='train', load_points=1024, points=512, epochs=8, warmup_epochs=1,
+    'synthetic': dict(SHAPENETPART, load_points=1024, points=512, epochs=8, warmup_epochs=1,
                       lr=3e-3, config='small', head='small', ckpt='runs/pretrain-synthetic/last.pt'),
 }
+# the training split of each dataset: the protocol trains on ShapeNetPart's train + val lists
+TRAIN_SPLIT = {'shapenetpart': 'trainval', 'synthetic': 'train'}
 # Widths of the head: per-scale propagation convs, the label branch, the MLP after the concatenation.
 # 'full' is Point-M2AE's (1536 = 4 x 384, 1024; 64; 1024, 512, 256); 'small' fits a CPU demo.
 HEADS = {'full': dict(propagation_dims=(1536, 1024), label_dim=64, head_dims=(1024, 512, 256)),
          'small': dict(propagation_dims=(128, 64), label_dim=16, head_dims=(128, 64, 32))}
+# flags that may change on --resume: they do not change what the run computes
+MAY_DIFFER = ('epochs', 'resume', 'reseed', 'overwrite', 'run_name', 'gpu', 'data_root', 'log_every', 'test_every',
+              'deterministic', 'ckpt', 'from_scratch', 'config', 'test_only')
 
 
 def parse_args(argv=None):
@@ -80,23 +107,22 @@ def parse_args(argv=None):
     m.add_argument('--drop_path_rate', type=float, help='stochastic depth of the encoder (official: 0.1)')
     o = p.add_argument_group('optimisation')
     o.add_argument('--epochs', type=int, help='epochs (official: 300)')
+    o.add_argument('--cosine_epochs', type=int, help='length of the cosine schedule (official: = epochs)')
     o.add_argument('--warmup_epochs', type=int, help='linear warm-up from --min_lr (official: 10)')
     o.add_argument('--batch_size', type=int, help='total batch over all processes (official: 16)')
     o.add_argument('--lr', type=float, help='peak learning rate (official: 2e-4)')
     o.add_argument('--min_lr', type=float, help='floor and warm-up start (official: 1e-6)')
     o.add_argument('--weight_decay', type=float, help='AdamW weight decay (official code: 0.05; the paper says 0.1)')
     o.add_argument('--grad_clip', type=float, help='clip_grad_norm_ over all parameters (official: 10)')
-    s = p.add_argument_group('system')
-    s.add_argument('--gpu', type=int, default=0 if torch.cuda.is_available() else -1, help='GPU index, -1 = CPU')
-    s.add_argument('--amp', action=argparse.BooleanOptionalAction, help='bf16 autocast (default: on for GPU, off for CPU)')
-    s.add_argument('--seed', type=int, default=0, help='training run: initialisation, draws, augmentation (default: 0)')
-    s.add_argument('--log_every', type=int, default=20, help='steps between progress lines')
+    s = add_run_flags(p, 'segment')
+    s.add_argument('--test_only', action='store_true', help='evaluate a segmentation --ckpt (segment.py\'s last.pt), '
+                                                            'no training')
+    s.add_argument('--test_every', type=int, default=1, help='epochs between test evaluations (monitoring only)')
     args = p.parse_args(argv)
-    for key, value in PRESETS[args.data].items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
+    fill_preset(args, PRESETS[args.data])
     args.group_sizes, args.local_radius = tuple(args.group_sizes), tuple(args.local_radius)
-    args.cosine_epochs = args.epochs   # the authors' cosine spans the run (timm t_initial = epochs)
+    args.cosine_epochs = args.cosine_epochs or args.epochs   # the authors' cosine spans the run (timm t_initial)
+    args.run_name = args.run_name or f'segment-{args.data}'
     return args
 
 
@@ -108,6 +134,9 @@ class PartSegmenter(nn.Module):
 
     forward(xyz (B, N, 3), categories (B,)) -> log-probabilities (B, N, num_parts).
     """
+    # model.load_weights: what a pre-training file lacks (the encoder and its norms come from pre-training)
+    NAME, NEW_KEYS = 'segmenter', ('propagation.', 'label_conv.', 'head.')
+
     def __init__(self, cfg, num_categories=16, num_parts=50, propagation_dims=(1536, 1024), label_dim=64,
                  head_dims=(1024, 512, 256)):
         super().__init__()
@@ -158,37 +187,6 @@ def build_segmenter(encoder_config, args, num_categories, num_parts):
 def fresh_encoder_config(args):
     """The architecture of --from_scratch: the paper's, or SMALL_CONFIG for the CPU demo."""
     return SMALL_CONFIG if args.config == 'small' else ModelConfig()
-
-
-def load_pretrained_encoder(model, checkpoint, path='checkpoint'):
-    """Copy a pre-trained encoder and its per-scale LayerNorms into `model` (a PartSegmenter), strictly.
-
-    checkpoint: ours (pretrain.py's: 'model' and 'model_config') or the authors' pre-training file
-    ('base_model' or a bare state_dict, keys h_encoder.*, with or without 'module.'). Every tensor of
-    model.encoder and model.encoder_norms must come from the file with its shape; the decoder, the
-    reconstruction heads and the authors' CLIP teacher are skipped. The head stays new, as theirs.
-    Returns {skipped key: reason}; a misfit raises SystemExit naming every missing, unexpected or
-    differently shaped key. (Point-M2AE loads with strict=False, which loads nothing, silently, from a
-    checkpoint saved with 'module.' prefixes.)
-    """
-    ours = 'model_config' in checkpoint
-    state = checkpoint['model'] if ours else {official_to_ours(k): v
-                                              for k, v in checkpoint.get('base_model', checkpoint).items()}
-    if any(k.startswith('cls_head.') for k in state):
-        raise SystemExit(f'{path} is a fine-tuned classifier: it has no per-scale LayerNorms to segment with; '
-                         f'start from a pre-training checkpoint (pretrain.py\'s last.pt, the authors\' pre-train.pth)')
-    pretrained = nn.ModuleDict({'encoder': model.encoder, 'encoder_norms': model.encoder_norms})
-    wanted = {k: v for k, v in state.items() if k.startswith(('encoder.', 'encoder_norms.'))}
-    own = pretrained.state_dict()
-    problems = ([f'missing key {k}' for k in sorted(own.keys() - wanted.keys())]
-                + [f'unexpected key {k}' for k in sorted(wanted.keys() - own.keys())]
-                + [f'shape of {k}: checkpoint {tuple(wanted[k].shape)}, model {tuple(own[k].shape)}'
-                   for k in sorted(own.keys() & wanted.keys()) if wanted[k].shape != own[k].shape])
-    if problems:
-        raise SystemExit(f'{path} does not fit this encoder (a different architecture?):\n  ' + '\n  '.join(problems))
-    pretrained.load_state_dict({k: v.to(own[k].dtype) for k, v in wanted.items()}, strict=True)
-    return {k: 'their CLIP teacher' if k.startswith('clip_model.') else 'pre-training only: not part of the encoder'
-            for k in state.keys() - wanted.keys()}
 
 
 # ---------------------------------------------------------------- metrics
@@ -276,20 +274,23 @@ def train_step(model, optimizer, xyz, parts, categories, args):
     return loss.detach(), (log_probs.detach().argmax(dim=-1) == parts).sum()
 
 
-def train_one_epoch(model, optimizer, split, batches, args, device, set_lr=None):
-    """One epoch: for each batch of shape indices, a training_batch and a train_step.
-
-    set_lr(step) is called before each step (the schedule lives with the caller). Returns sums (3,) on
-    the device: loss x points, correct points, points (no .item() inside the loop)."""
-    model.train()
-    sums = torch.zeros(3, device=device)
-    for step, idx in enumerate(batches):
-        if set_lr is not None:
-            set_lr(step)
-        xyz, parts, categories = training_batch(split, torch.as_tensor(idx), args, device)
+def train_one_epoch(model, optimizer, split, epoch, first_step, steps, sums, args, run, stop):
+    """Train on this process's batches of one epoch, from `first_step`; returns the step it stopped
+    after (`steps` unless Ctrl-C asked to stop). sums (3,): this process's running loss x points,
+    correct points and points, updated in place (checkpoints save them with the position)."""
+    order = epoch_batches(len(split.points), args.batch_size, epoch, args.seed, run.process.rank, run.process.world)
+    for step in range(first_step, steps):
+        lr = cosine_lr(epoch + step / steps, args)
+        set_lr(optimizer, lr)
+        xyz, parts, categories = training_batch(split, torch.as_tensor(order[step]), args, sums.device)
         loss, correct = train_step(model, optimizer, xyz, parts, categories, args)
-        sums += torch.stack([loss * parts.numel(), correct.float(), torch.tensor(float(parts.numel()), device=device)])
-    return sums
+        sums += torch.stack([loss.double() * parts.numel(), correct.double(), sums.new_tensor(parts.numel())])
+        if (step + 1) % args.log_every == 0 or step + 1 == steps:   # every process logs at the same steps
+            mean = run.step_numbers(dict(loss=loss), stop, f'epoch {epoch} step {step + 1}')['loss']
+            run.log(f'  epoch {epoch} step {step + 1}/{steps} loss {mean:.4f} lr {lr:.2e}')
+        if stop.now(run.process):
+            return step + 1
+    return steps
 
 
 def fixed_test_points(split, num_points, seed=0):
@@ -305,8 +306,8 @@ def fixed_test_points(split, num_points, seed=0):
 
 @torch.no_grad()
 def evaluation_sums(model, xyz, parts, categories, table, batch_size, amp=False):
-    """Fixed test points xyz (S, n, 3), parts (S, n), categories (S,) -> (IoU sums (C, 2), correct points,
-    points), all tensors on the model's device, ready to be summed over DDP ranks."""
+    """Fixed test points xyz (S, n, 3), parts (S, n), categories (S,) -> IoU sums (C, 2) and
+    (correct points, points) (2,), on the model's device, ready to be summed over processes."""
     model.eval()
     device = table.device
     sums, counts = torch.zeros(table.shape[0], 2, device=device), torch.zeros(2, device=device)
@@ -316,12 +317,205 @@ def evaluation_sums(model, xyz, parts, categories, table, batch_size, amp=False)
             predicted = predict_parts(model(x, c), c, table)                 # (b, n)
         sums += iou_sums(shape_ious(predicted, y, c, table), c, table.shape[0])
         counts += torch.stack([(predicted == y).sum().float(), torch.tensor(float(y.numel()), device=device)])
-    return sums, counts[0], counts[1]
+    return sums, counts
 
 
-def evaluate(model, xyz, parts, categories, category_parts, category_names, batch_size=32, amp=False):
-    """mIoU_C, mIoU_I, point accuracy and the per-category table (segmentation_metrics) on fixed test points."""
+def evaluate(model, xyz, parts, categories, category_parts, category_names, batch_size=32, amp=False, process=None):
+    """mIoU_C, mIoU_I, point accuracy and the per-category table (segmentation_metrics) on fixed test points.
+    With the `process` of a multi-process run, each process scores every world-th shape and the sums are added."""
     device = next(model.parameters()).device
     table = part_table(category_parts, model.head[-1].out_channels, device)
-    sums, correct, seen = evaluation_sums(model, xyz, parts, categories, table, batch_size, amp)
-    return segmentation_metrics(sums, correct.item(), seen.item(), category_names)
+    rank, world = (process.rank, process.world) if process is not None else (0, 1)
+    sums, counts = evaluation_sums(model, xyz[rank::world], parts[rank::world], categories[rank::world], table,
+                                   batch_size, amp)
+    if process is not None:
+        sums, counts = sum_over_processes(sums, process), sum_over_processes(counts, process)
+    correct, seen = counts.tolist()
+    return segmentation_metrics(sums, correct, seen, category_names)
+
+
+# ---------------------------------------------------------------- data, model and picture of a run
+
+
+def read_splits(args, process):
+    """(train, test) PartSplits (data seed 0, whatever --seed is). Rank 0 reads first: with ShapeNetPart it
+    parses the text files and writes their cache, then the other processes read the cache (rather than
+    every process parsing the same 17k files at once)."""
+    def read():
+        return [load_part_split(args.data, split, args.data_root, args.load_points or None, seed=0)
+                for split in (TRAIN_SPLIT[args.data], 'test')]
+    splits = read() if process.rank == 0 else None
+    barrier(process)
+    return splits or read()
+
+
+def part_names(data_name, category_names, category_parts):
+    """Global part id -> a name for legends: the synthetic parts have names, ShapeNetPart's only ids."""
+    if data_name == 'synthetic':
+        return SYNTHETIC_PART_NAMES
+    return [f'{name} part {i}' for name, ids in zip(category_names, category_parts) for i in ids]
+
+
+def build_model(args, num_categories, num_parts, resume=None):
+    """(PartSegmenter, a line saying where its weights come from). The encoder's architecture is the checkpoint's."""
+    if resume is not None:   # train_segmenter loads its weights, with the optimizer
+        return build_segmenter(ModelConfig(**resume['model_config']), args, num_categories, num_parts), \
+            f'resumed from {args.resume}'
+    if args.from_scratch:
+        return build_segmenter(fresh_encoder_config(args), args, num_categories, num_parts), \
+            f'random initialisation ({args.config} encoder)'
+    if not os.path.isfile(args.ckpt):
+        raise SystemExit(f'--ckpt {args.ckpt}: no such file. Pre-train first (python pretrain.py), pass our last.pt '
+                         f'or the authors\' pre-train.pth as --ckpt, or train with --from_scratch')
+    checkpoint = read_checkpoint(args.ckpt, '--ckpt')
+    if args.test_only and 'head' in checkpoint.get('args', {}):   # a segmentation run's head widths
+        args.head = checkpoint['args']['head']
+    model = build_segmenter(checkpoint_config(checkpoint, args.ckpt), args, num_categories, num_parts)
+    skipped = load_weights(model, checkpoint, args.ckpt, fine_tune=not args.test_only)
+    reasons = {why: [k for k in skipped if skipped[k] == why] for why in skipped.values()}
+    return model, (f'{"segmenter" if args.test_only else "encoder"} from {args.ckpt} '
+                   f'({"ours" if "model_config" in checkpoint else "theirs"})'
+                   + ''.join(f'\n    skipped {len(k)} key(s) like {k[0]}: {why}' for why, k in reasons.items()))
+
+
+@torch.no_grad()
+def prediction_picture(model, test, xyz, parts, names, caption, columns=5, view=0):
+    """A titled_grid of `columns` test shapes (the first of evenly spaced categories): row 1 their true
+    parts, row 2 the prediction, in one view. A category's parts take GROUP_COLOURS in order."""
+    present = test.categories.unique()
+    chosen = present[torch.linspace(0, len(present) - 1, min(columns, len(present))).round().long()]
+    idx = torch.stack([(test.categories == c).nonzero()[0, 0] for c in chosen])    # a loop over a few categories
+    device = next(model.parameters()).device
+    table = part_table(test.category_parts, model.head[-1].out_channels, device)
+    categories = test.categories[idx].to(device)
+    model.eval()
+    predicted = predict_parts(model(xyz[idx].to(device), categories), categories, table)   # (columns, n)
+    ious = shape_ious(predicted, parts[idx].to(device), categories, table).tolist()
+    colour_of = torch.zeros(table.shape[1], 3, dtype=torch.uint8)        # global part id -> rgb
+    for ids in test.category_parts:
+        colour_of[ids] = group_colours(len(ids))
+    radius = 2 if xyz.shape[1] <= 1024 else 1
+    tiles = [[], []]
+    for s, prediction in zip(idx.tolist(), predicted.cpu()):
+        frame = cloud_frame(xyz[s])
+        tiles[0].append(points_tile(frame, view, Dots(xyz[s], colour_of[parts[s]], radius)))
+        tiles[1].append(points_tile(frame, view, Dots(xyz[s], colour_of[prediction], radius)))
+    legend = [(tuple(colour_of[i].tolist()), names[i]) for c in chosen.tolist() for i in test.category_parts[c]]
+    return titled_grid(
+        tiles, 'segment.py: part segmentation of test shapes, ground truth and prediction',
+        col_labels=[f'{test.category_names[c]} (test shape {s})' for c, s in zip(chosen.tolist(), idx.tolist())],
+        row_labels=[f'ground truth, {VIEW_NAMES[view]}', "prediction (the category's parts only)"],
+        tile_labels=[[f'{len(parts[s].unique())} of its category\'s {len(test.category_parts[c])} parts'
+                      for s, c in zip(idx.tolist(), chosen.tolist())], [f'IoU {100 * iou:.1f}%' for iou in ious]],
+        legend=legend, caption=caption)
+
+
+# ---------------------------------------------------------------- the recipe
+
+
+def train_segmenter(segmenter, train, test, test_xyz, test_parts, args, run, resume=None):
+    """Train `segmenter` on `train` (a PartSplit), testing it every --test_every epochs and after the
+    last on the fixed test points. Returns the history (one record per epoch) and the final metrics."""
+    process = run.process
+    device = process.device
+    optimizer = torch.optim.AdamW(param_groups(segmenter, args.weight_decay), lr=args.lr)
+    sums = torch.zeros(3, dtype=torch.float64, device=device)   # loss x points, correct points, points
+    first_epoch, first_step = run.restore(resume, segmenter, optimizer, args, sums)
+    history = resume['history'] if resume else []
+    model = DistributedDataParallel(segmenter, device_ids=[device.index] if device.type == 'cuda' else None) \
+        if process.world > 1 else segmenter   # averages the gradients
+    steps = len(epoch_batches(len(train.points), args.batch_size, 0, args.seed, process.rank, process.world))
+    if steps == 0:
+        raise SystemExit(f'--batch_size {args.batch_size} is larger than the {len(train.points)} training shapes')
+
+    def test_metrics():
+        return evaluate(segmenter, test_xyz, test_parts, test.categories, test.category_parts, test.category_names,
+                        args.batch_size, args.amp, process)
+
+    def save(epoch, step):   # a resume point: weights, optimizer, every process's random state and sums
+        run.save('last.pt', segmenter, epoch, step, args, optimizer, sums, model_config=asdict(segmenter.cfg),
+                 num_categories=segmenter.num_categories, num_parts=segmenter.head[-1].out_channels, history=history)
+    metrics = None
+    with StopOnSignal(process) as stop:
+        for epoch in range(first_epoch, args.epochs):
+            model.train()
+            started = time.time()
+            stopped_at = train_one_epoch(model, optimizer, train, epoch, first_step if epoch == first_epoch else 0,
+                                         steps, sums, args, run, stop)
+            if stopped_at < steps:   # Ctrl-C: the step finished; save where to continue
+                save(epoch, stopped_at)
+                run.log(f'interrupted: {run.last_saved}; continue with --resume {run.path("last.pt")}')
+                raise SystemExit(130)
+            loss_sum, correct, seen = run.totals(sums, f'epoch {epoch}')
+            record = dict(epoch=epoch, lr=optimizer.param_groups[0]['lr'], train_loss=loss_sum / seen,
+                          train_accuracy=100 * correct / seen)
+            tested = ''
+            if (epoch + 1) % args.test_every == 0 or epoch + 1 == args.epochs:   # monitoring, never selection
+                metrics = test_metrics()
+                record.update(test_miou_c=metrics['miou_c'], test_miou_i=metrics['miou_i'],
+                              test_accuracy=metrics['accuracy'], per_category=metrics['per_category'])
+                tested = f' | test mIoU_C {metrics["miou_c"]:.2f}% mIoU_I {metrics["miou_i"]:.2f}%'
+            record['minutes'] = (time.time() - started) / 60
+            history.append(record)
+            run.log(f'epoch {epoch} loss {record["train_loss"]:.4f} point accuracy {record["train_accuracy"]:.2f}%'
+                    f'{tested} lr {record["lr"]:.2e} {record["minutes"]:.1f} min', **record)
+            sums.zero_()
+            save(epoch + 1, 0)
+            if stop.now(process):
+                run.log(f'stopped after epoch {epoch}; continue with --resume {run.path("last.pt")}')
+                raise SystemExit(130)
+    if process.world > 1:
+        check_ranks_agree(segmenter, process, run.log)
+    return history, metrics or test_metrics()   # resumed after the last epoch: test again
+
+
+def main(args):
+    process = setup_process(args)
+    run = Run(os.path.join('runs', args.run_name), process)
+    if not args.test_only:
+        run.claim(args.resume, args.overwrite)
+    run.log(f'I2P-MAE part segmentation on {process.device}, {process.world} process(es), settings:\n'
+            + '\n'.join(f'  --{k} {v}' for k, v in sorted(vars(args).items())))
+    if args.batch_size % process.world:
+        raise SystemExit(f'--batch_size {args.batch_size} must be divisible by the {process.world} processes')
+    resume = run.resume(args.resume, args, MAY_DIFFER)
+    train, test = read_splits(args, process)
+    num_parts = sum(len(ids) for ids in train.category_parts)
+    segmenter, described = build_model(args, len(train.category_names), num_parts, resume)
+    segmenter.to(process.device)
+    run.log(f'{args.data}: {len(train.points)} train / {len(test.points)} test shapes, {len(train.category_names)} '
+            f'categories, {num_parts} parts, {args.points} points drawn per shape; {described}\n'
+            f'  model {asdict(segmenter.cfg)}, head {args.head} {HEADS[args.head]}')
+    test_xyz, test_parts = fixed_test_points(test, args.points)   # (S, points, 3), (S, points): every evaluation's
+    if args.test_only:
+        history, metrics = [], evaluate(segmenter, test_xyz, test_parts, test.categories, test.category_parts,
+                                        test.category_names, args.batch_size, args.amp, process)
+    else:
+        history, metrics = train_segmenter(segmenter, train, test, test_xyz, test_parts, args, run, resume)
+    tested = [h for h in history if 'test_miou_c' in h]
+    best = dict(max_test_miou_c_over_epochs=max(h['test_miou_c'] for h in tested),
+                max_test_miou_i_over_epochs=max(h['test_miou_i'] for h in tested)) if tested else {}
+    result = dict(test_miou_c=metrics['miou_c'], test_miou_i=metrics['miou_i'], test_accuracy=metrics['accuracy'],
+                  per_category=metrics['per_category'], **best)
+    run.log((f'== test of {args.ckpt}' if args.test_only else '== final-epoch test (the numbers we report)')
+            + f': mIoU_C {metrics["miou_c"]:.2f}%, mIoU_I {metrics["miou_i"]:.2f}%\n' + iou_table(metrics)
+            + (f'\n   for comparison only: best test epoch mIoU_C {best["max_test_miou_c_over_epochs"]:.2f}%, mIoU_I '
+               f'{best["max_test_miou_i_over_epochs"]:.2f}% (the paper\'s convention, chosen on the test set, each '
+               f'maximum over epochs on its own)' if best else ''), **result)
+    if process.rank == 0:
+        picture = prediction_picture(
+            segmenter, test, test_xyz, test_parts, part_names(args.data, test.category_names, test.category_parts),
+            f'Segmenter: {described.splitlines()[0]}; '
+            + (f'{len(history)} epoch(s) on {args.data}. ' if history else f'tested on {args.data}. ')
+            + f'Test mIoU_C {metrics["miou_c"]:.1f}%, mIoU_I {metrics["miou_i"]:.1f}% ({args.points} points drawn per '
+              f'shape, once, seeded). Each category\'s parts take the colours in order; the prediction is an '
+              f'argmax over the parts of the shape\'s true category (the protocol).')
+        for path in (run.path('segment.png'), os.path.join('runs', 'demo', 'segment.png')):
+            save_picture(picture, path)
+        run.log(f'wrote {run.path("segment.png")} and runs/demo/segment.png (test shapes: true parts and prediction)')
+    end_process(process)
+    return result
+
+
+if __name__ == '__main__':
+    main(parse_args())

@@ -76,13 +76,15 @@ def parse_args(argv=None):
 
 
 def newest_checkpoint(root='runs'):
-    """The newest pre-training checkpoint runs/*/last.pt; fine-tuned classifiers (with num_classes) are skipped.
+    """The newest pre-training checkpoint runs/*/last.pt; fine-tuned classifiers (with num_classes) and
+    segmenters (with num_parts) are skipped.
     Each candidate, newest first, is read safely (read_checkpoint). One that cannot be read stops the search,
     named: taking the next older one instead would evaluate another run than the newest without saying so."""
     pattern = os.path.join(root, '*', 'last.pt')
     for path in sorted(glob.glob(pattern), key=os.path.getmtime, reverse=True):
-        if 'num_classes' not in read_checkpoint(path, f'searching {pattern} (newest first, to evaluate the newest '
-                                                      f'pre-training run; pass --ckpt to choose another):'):
+        checkpoint = read_checkpoint(path, f'searching {pattern} (newest first, to evaluate the newest pre-training '
+                                           f'run; pass --ckpt to choose another):')
+        if not {'num_classes', 'num_parts'} & checkpoint.keys():
             return path
     raise SystemExit(f'no pre-training checkpoint under {pattern} (fine-tuned ones do not count): run `python '
                      f'pretrain.py` first, or pass --ckpt PATH')

@@ -2180,6 +2180,7 @@ def two_process_child(out):
     ckpt = write_tiny_pretrain_checkpoint(os.path.join(out, 'tiny.pt'))
     scenario('finetune', lambda: {k: v for k, v in finetune_run('ft', ckpt, '--vote', '--vote_runs', '2').items()
                                   if k in ('test_accuracy', 'test_accuracy_of_best_val', 'vote_mean')})
+    scenario('segment', lambda: segment_in_two_processes(ckpt, rank, patch))
     with open(os.path.join(out, f'rank{rank}.json'), 'w') as f:
         json.dump(results, f)
     dist.destroy_process_group()
@@ -2208,7 +2209,7 @@ def test_collectives_keep_nccl_device_rules_in_two_processes(two_processes):
         for name in ('straight', 'resumed', 'svm', 'finetune'):
             assert 'value' in results[name], (name, results[name])
     assert ranks[0]['finetune'] == ranks[1]['finetune'] and 'vote_mean' in ranks[0]['finetune']['value']
-    assert stdout.count('weights identical on all 2 processes') == 4   # straight, resumed, svm, finetune
+    assert stdout.count('weights identical on all 2 processes') == 5   # straight, resumed, svm, finetune, segment
     assert 'total batch 4 (2 per process)' in stdout
 
 
@@ -2494,38 +2495,49 @@ def test_segmenter_parameter_count_from_the_layer_list():
     assert out.shape == (1, 2048, 50) and torch.allclose(out.exp().sum(-1), torch.ones(1, 2048))
 
 
+def tiny_segmenter(args=None):
+    """A PartSegmenter on the TINY encoder with the small head, for the synthetic parts (13 categories, 45 parts)."""
+    args = args or segment.parse_args(['--group_sizes', '8', '4', '4', '--head', 'small'])
+    return segment.build_segmenter(TINY, args, 13, 45)
+
+
 def test_pretrained_encoder_loads_strictly_ours_and_the_authors(pretrain_checkpoint):
-    args = segment.parse_args(['--data', 'shapenetpart'])
-    args.group_sizes, args.head = (8, 4, 4), 'small'
-    checkpoint = torch.load(pretrain_checkpoint, weights_only=False)
-    model = segment.build_segmenter(ModelConfig(**checkpoint['model_config']), args, 16, 50)
-    skipped = segment.load_pretrained_encoder(model, checkpoint, 'last.pt')
-    loaded = {**{f'encoder.{k}': v for k, v in model.encoder.state_dict().items()},
-              **{f'encoder_norms.{k}': v for k, v in model.encoder_norms.state_dict().items()}}
-    assert loaded.keys() == {k for k in checkpoint['model'] if k.startswith('encoder')} and len(loaded) > 0
-    for key, value in loaded.items():                  # every tensor by value, BatchNorm statistics included
+    """model.load_weights, the one loader: every encoder and per-scale LayerNorm tensor by value, the
+    pre-training parts skipped, the head new; anything missing, of another shape or a fine-tuned
+    classifier (ours or theirs) stops with the reason."""
+    checkpoint = torch.load(pretrain_checkpoint, weights_only=True)
+    model = tiny_segmenter()
+    skipped = load_weights(model, checkpoint, 'last.pt', fine_tune=True)
+    pretrained = {k: v for k, v in model.state_dict().items() if k.startswith(('encoder.', 'encoder_norms.'))}
+    assert pretrained.keys() == {k for k in checkpoint['model'] if k.startswith('encoder')} and len(pretrained) > 0
+    for key, value in pretrained.items():                 # every tensor by value, BatchNorm statistics included
         assert torch.equal(value, checkpoint['model'][key]), key
-    assert skipped and all(k.startswith(('decoder', 'token_propagation', 'head_', 'mask_token')) for k in skipped)
+    new = {k for k in model.state_dict() if k.startswith(segment.PartSegmenter.NEW_KEYS)}
+    assert {k for k, why in skipped.items() if why.startswith('new in the segmenter')} == new
+    assert all(k.startswith(('decoder', 'token_propagation', 'head_', 'mask_token')) for k in skipped.keys() - new)
+    with pytest.raises(SystemExit, match=r'last.pt is a pre-training checkpoint \(ours\): it has no segmenter head'):
+        load_weights(model, checkpoint, 'last.pt')       # --test_only needs a segmentation run's weights
     del checkpoint['model']['encoder_norms.1.bias']
     with pytest.raises(SystemExit, match='missing key encoder_norms.1.bias'):
-        segment.load_pretrained_encoder(model, checkpoint, 'last.pt')
-    with pytest.raises(SystemExit, match='fine-tuned classifier'):
-        segment.load_pretrained_encoder(model, {**checkpoint, 'num_classes': 40, 'model': Classifier(TINY, 40).state_dict()},
-                                        'last.pt')
-    with pytest.raises(SystemExit, match='fine-tuned classifier'):   # theirs
-        segment.load_pretrained_encoder(model, {'base_model': official_state_dict('official_keys_finetune_modelnet40.txt')},
-                                        'modelnet_1k.pth')
+        load_weights(model, checkpoint, 'last.pt', fine_tune=True)
+    with pytest.raises(SystemExit, match=r'last.pt is a fine-tuned classifier \(ours\)'):
+        load_weights(model, {**checkpoint, 'num_classes': 40, 'model': Classifier(TINY, 40).state_dict()},
+                     'last.pt', fine_tune=True)
+    with pytest.raises(SystemExit, match=r"modelnet_1k.pth is a fine-tuned classifier \(the authors'\)"):
+        load_weights(model, {'base_model': official_state_dict('official_keys_finetune_modelnet40.txt')},
+                     'modelnet_1k.pth', fine_tune=True)
     theirs = official_state_dict('official_keys_pretrain.txt')           # 'module.' prefixes, as saved on one GPU
     full = segment.build_segmenter(ModelConfig(), segment.parse_args(['--data', 'shapenetpart']), 16, 50)
-    skipped = segment.load_pretrained_encoder(full, {'base_model': theirs}, 'pre-train.pth')
+    skipped = load_weights(full, {'base_model': theirs}, 'pre-train.pth', fine_tune=True)
     for key, value in theirs.items():
         name = official_to_ours(key)
         if name.startswith(('encoder.', 'encoder_norms.')):
             assert torch.equal(full.state_dict()[name], value), key
         else:
-            assert name in skipped
-    with pytest.raises(SystemExit, match=r'shape of encoder.pos_embed.2.0.weight: checkpoint \(384, 3\), model \(64, 3\)'):
-        segment.load_pretrained_encoder(model, {'base_model': theirs}, 'pre-train.pth')
+            assert key in skipped
+    with pytest.raises(SystemExit, match=r'shape of module.h_encoder.encoder_pos_embeds.2.0.weight .ours: '
+                                         r'encoder.pos_embed.2.0.weight.: file \(384, 3\), model \(64, 3\)'):
+        load_weights(model, {'base_model': theirs}, 'pre-train.pth', fine_tune=True)
 
 
 def subset(split, idx):
@@ -2534,23 +2546,31 @@ def subset(split, idx):
                           categories=split.categories[idx])
 
 
-def test_tiny_segmenter_learns_the_synthetic_parts():
-    """Tables, chairs, stools and benches (seat or top, legs, back, ...): 5 epochs of 124 shapes."""
-    torch.manual_seed(0)
+@lru_cache(maxsize=None)
+def four_category_parts():
+    """Tables, chairs, stools and benches of the synthetic test split, 128 points each."""
     split = data.load_part_split('synthetic', 'test', num_points=128)
-    four = (split.categories < 4).nonzero()[:, 0]
-    train, test = subset(split, four[:124]), subset(split, four[124:])
-    args = segment.parse_args(['--points', '64', '--batch_size', '8', '--lr', '3e-3'])
-    args.amp, args.group_sizes, args.drop_path_rate = False, (8, 4, 4), 0.0
-    model = segment.build_segmenter(replace(TINY, local_radius=args.local_radius), args, 13, 45)
+    return subset(split, (split.categories < 4).nonzero()[:, 0])
+
+
+def test_tiny_segmenter_learns_the_synthetic_parts(tmp_path):
+    """Tables, chairs, stools and benches (seat or top, legs, back, ...): 5 epochs of 120 shapes."""
+    torch.manual_seed(0)
+    shapes = four_category_parts()
+    train, test = subset(shapes, torch.arange(120)), subset(shapes, torch.arange(120, len(shapes.points)))
+    args = segment.parse_args(['--points', '64', '--batch_size', '8', '--lr', '1e-2', '--group_sizes', '8', '4', '4',
+                               '--drop_path_rate', '0', '--head', 'small', '--log_every', '100'])
+    args.amp = False
+    model = segment.build_segmenter(TINY, args, 13, 45)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
-    steps, step_calls = 0, []
+    step_calls, steps = [], len(train.points) // args.batch_size
     optimizer.step = lambda step=optimizer.step: (step_calls.append(1), step())[1]
     for epoch in range(5):
-        batches = torch.randperm(len(train.points)).split(args.batch_size)
-        steps += len(batches)
-        sums = segment.train_one_epoch(model, optimizer, train, batches, args, torch.device('cpu'))
-    assert len(step_calls) == steps                                 # ONE optimizer step per iteration
+        sums = torch.zeros(3, dtype=torch.float64)
+        model.train()
+        segment.train_one_epoch(model, optimizer, train, epoch, 0, steps, sums, args, Run(str(tmp_path), CPU),
+                                training.StopOnSignal(CPU))
+    assert len(step_calls) == 5 * steps                              # ONE optimizer step per iteration
     assert sums[2] == len(train.points) * args.points
     xyz, parts = segment.fixed_test_points(test, args.points)
     metrics = segment.evaluate(model, xyz, parts, test.categories, test.category_parts, test.category_names)
@@ -2559,7 +2579,156 @@ def test_tiny_segmenter_learns_the_synthetic_parts():
                             for c in range(4)])[test.categories]     # each category's most common part, everywhere
     baseline = 100 * segment.shape_ious(majority[:, None].expand_as(parts), parts, test.categories, table).mean()
     print(f'\ntiny segmenter, 5 epochs: mIoU_I {metrics["miou_i"]:.1f}% vs one part per category {baseline:.1f}%')
-    assert metrics['miou_i'] > baseline + 15, (metrics, baseline)   # measured: 72.5% vs 40.7%
+    assert metrics['miou_i'] > baseline + 15, (metrics, baseline)   # measured: 72.7% vs 42.3%
+
+
+# segment.py's runs: the TINY encoder and the small head on 32 training and 8 test shapes of 48 points,
+# 2 epochs of 4 steps (the run's flags must fit the tiny pre-training checkpoint's encoder)
+SEGMENT_FLAGS = ['--points', '48', '--group_sizes', '8', '4', '4', '--head', 'small', '--batch_size', '8',
+                 '--epochs', '2', '--log_every', '1', '--gpu', '-1']
+
+
+def small_part_splits():
+    """32 training and 8 test shapes of four_category_parts."""
+    shapes = four_category_parts()
+    return subset(shapes, torch.arange(32)), subset(shapes, torch.arange(120, 128))
+
+
+def use_small_part_splits(patch):
+    train, test = small_part_splits()
+    patch.setattr(segment, 'load_part_split', lambda name, split, *a, **k: test if split == 'test' else train)
+
+
+def segment_run(name, ckpt, *flags):
+    """A segmentation run in runs/<name> from the tiny pre-training checkpoint, on the small splits."""
+    return segment.main(segment.parse_args(['--ckpt', ckpt, *SEGMENT_FLAGS, '--run_name', name, *flags]))
+
+
+@pytest.fixture(scope='module')
+def straight_segment(pretrain_checkpoint, tmp_path_factory):
+    """(folder, result) of a segment_run never interrupted: what interrupted runs must retrace."""
+    folder = tmp_path_factory.mktemp('segment')
+    with pytest.MonkeyPatch.context() as patch:
+        use_small_part_splits(patch)
+        patch.chdir(folder)
+        result = segment_run('straight', pretrain_checkpoint)
+    return folder, result
+
+
+def test_segment_run_writes_checkpoint_log_and_picture_and_reports_the_final_epoch(straight_segment,
+                                                                                      pretrain_checkpoint, monkeypatch):
+    folder, result = straight_segment
+    run = folder / 'runs' / 'straight'
+    saved = torch.load(run / 'last.pt', weights_only=True)
+    assert (saved['epoch'], saved['step_in_epoch'], saved['num_categories'], saved['num_parts']) == (2, 0, 13, 45)
+    assert saved['model_config'] == asdict(replace(TINY, local_radius=(0.32, 0.64, 1.28))) and saved['args']['head'] == 'small'
+    *epochs, final = read_log(run)
+    assert [r['epoch'] for r in epochs] == [0, 1] and all('test_miou_c' in r for r in epochs)   # --test_every 1
+    for key in ('test_miou_c', 'test_miou_i', 'test_accuracy'):                   # THE number: the last epoch's
+        assert final[key] == epochs[-1][key] == result[key]
+    assert final['max_test_miou_c_over_epochs'] == max(r['test_miou_c'] for r in epochs)
+    assert sorted(final['per_category']) == ['bench', 'chair', 'stool', 'table']
+    assert all(shapes == 2 for _, shapes in final['per_category'].values())
+    from PIL import Image
+    from pictures import grid_size
+    for path in (run / 'segment.png', folder / 'runs' / 'demo' / 'segment.png'):   # 4 categories: 4 columns
+        assert Image.open(path).size == grid_size(2, 4, row_labels=True, col_labels=True, tile_labels=True)
+    monkeypatch.chdir(folder)
+    with pytest.raises(SystemExit, match='runs/straight holds another run'):   # unless --resume or --overwrite
+        segment_run('straight', pretrain_checkpoint)
+
+
+def test_ctrl_c_inside_a_segmentation_step_then_resume_is_bit_identical(straight_segment, pretrain_checkpoint,
+                                                                        tmp_path, monkeypatch):
+    """As for pre-training and fine-tuning: after the data draw, inside the segmenter, after
+    optimizer.step(); the same final weights and the same log, every record once."""
+    monkeypatch.chdir(tmp_path)
+    use_small_part_splits(monkeypatch)
+    resume, positions = ('--resume', 'runs/cut/last.pt'), []
+    with monkeypatch.context() as patch:   # epoch 0, second step: after the data draw
+        patch.setattr(segment, 'training_batch', after(segment.training_batch, signal_at_call(2)))
+        interrupted(segment_run, 'cut', pretrain_checkpoint)
+    positions.append(position('runs/cut/last.pt'))
+    with monkeypatch.context() as patch:   # epoch 0, its last step: inside the segmenter
+        patch.setattr(segment.PartSegmenter, 'point_features',
+                      before(segment.PartSegmenter.point_features, signal_at_call(2)))
+        interrupted(segment_run, 'cut', pretrain_checkpoint, *resume)
+    positions.append(position('runs/cut/last.pt'))
+    hook = signal_at_call(1)               # epoch 1, first step: after optimizer.step()
+    handle = register_optimizer_step_post_hook(lambda *a: hook())
+    try:
+        interrupted(segment_run, 'cut', pretrain_checkpoint, *resume)
+    finally:
+        handle.remove()
+    positions.append(position('runs/cut/last.pt'))
+    segment_run('cut', pretrain_checkpoint, *resume)
+    straight = straight_segment[0] / 'runs' / 'straight'
+    assert_same_weights(saved_weights(straight / 'last.pt'), saved_weights('runs/cut/last.pt'))
+    assert log_records('runs/cut') == log_records(straight)
+    assert positions == [(0, 2), (1, 0), (1, 1)]
+
+
+def test_segment_without_a_checkpoint_says_to_pretrain_and_tests_its_own_runs(straight_segment, tmp_path,
+                                                                              monkeypatch):
+    """`python segment.py` before `python pretrain.py` says what to do; --test_only scores a segmentation
+    run's last.pt (its head widths from the file) as the run's final epoch did, and refuses a pre-training file."""
+    monkeypatch.chdir(tmp_path)
+    use_small_part_splits(monkeypatch)
+    with pytest.raises(SystemExit, match=r'(?s)runs/pretrain-synthetic/last.pt: no such file.*python pretrain.py'
+                                         r'.*--from_scratch'):
+        segment.main(segment.parse_args(['--gpu', '-1']))
+    folder, result = straight_segment
+    tested = segment.main(segment.parse_args(['--ckpt', str(folder / 'runs' / 'straight' / 'last.pt'), *SEGMENT_FLAGS,
+                                              '--test_only', '--head', 'full']))   # the head comes from the file
+    assert tested == {k: v for k, v in result.items() if not k.startswith('max_')}
+    with pytest.raises(SystemExit, match=r'pre.pt is a pre-training checkpoint \(ours\): it has no segmenter head'):
+        segment.main(segment.parse_args(['--ckpt', write_tiny_pretrain_checkpoint(str(tmp_path / 'pre.pt')),
+                                         *SEGMENT_FLAGS, '--test_only']))
+
+
+def test_svm_eval_passes_over_segmentation_runs_for_the_newest_pretraining_checkpoint(straight_segment,
+                                                                                       pretrain_checkpoint, tmp_path):
+    runs = tmp_path / 'runs'
+    for run, source in (('pretrain-synthetic', pretrain_checkpoint),   # then a newer segmentation run
+                        ('segment-synthetic', straight_segment[0] / 'runs' / 'straight' / 'last.pt')):
+        os.makedirs(runs / run)
+        shutil.copy(source, runs / run / 'last.pt')
+    assert svm_eval.newest_checkpoint(str(runs)) == str(runs / 'pretrain-synthetic' / 'last.pt')
+
+
+def segment_in_two_processes(ckpt, rank, patch):
+    """two_process_child's segmentation run (DDP, 2 x 4 shapes per step). Rank 1 notes whether rank 0 had
+    read the data before it began to (read_splits' order: rank 0 writes ShapeNetPart's cache first)."""
+    use_small_part_splits(patch)
+    small, first = segment.load_part_split, []
+
+    def load(name, split, *args, **kwargs):
+        if rank > 0 and not first:
+            first.append(os.path.exists('segment_data_read_by_rank0'))
+        loaded = small(name, split, *args, **kwargs)
+        if rank == 0:
+            open('segment_data_read_by_rank0', 'w').close()
+        return loaded
+    patch.setattr(segment, 'load_part_split', load)
+    result = segment_run('seg', ckpt)
+    return dict(test_miou_i=result['test_miou_i'], test_accuracy=result['test_accuracy'], rank0_first=first)
+
+
+def test_two_processes_segment_with_evaluation_summed_over_both(two_processes):
+    """Each process scores half of the test shapes; the sums are added, so both report the mIoU of the
+    whole test split, which one process computes from the saved weights. Rank 1 reads the data after rank 0."""
+    ranks, stdout, out = two_processes
+    first, second = (results['segment']['value'] for results in ranks)
+    assert first['test_miou_i'] == second['test_miou_i'] and second['rank0_first'] == [True]
+    model = tiny_segmenter()
+    model.load_state_dict(saved_weights(out / 'runs' / 'seg' / 'last.pt'))
+    _, test = small_part_splits()
+    xyz, parts = segment.fixed_test_points(test, 48)
+    alone = segment.evaluate(model, xyz, parts, test.categories, test.category_parts, test.category_names)
+    assert alone['miou_i'] == pytest.approx(first['test_miou_i'], abs=1e-4)
+    assert alone['accuracy'] == pytest.approx(first['test_accuracy'], abs=1e-4)
+    assert (out / 'runs' / 'seg' / 'segment.png').exists()
+
 
 if __name__ == '__main__':
     if sys.argv[1:2] == ['--two-process-child']:
