@@ -44,7 +44,7 @@ from synthetic import SYNTHETIC_CLASSES, SYNTHETIC_PARTS, synthetic_clouds, synt
 # (linear SVM), ScanObjectNN OBJ-BG / OBJ-ONLY / PB-T50-RS (the hardest)
 DATASET_NAMES = ('synthetic', 'shapenet', 'modelnet40', 'modelnet40_svm',
                  'scan_objbg', 'scan_objonly', 'scan_hardest')
-# the standard shape_names order (label 0..39), SPEC section 9
+# the standard shape_names order (label 0..39), README "Real datasets"
 MODELNET40_CLASSES = [
     'airplane', 'bathtub', 'bed', 'bench', 'bookshelf', 'bottle', 'bowl', 'car', 'chair', 'cone',
     'cup', 'curtain', 'desk', 'door', 'dresser', 'flower_pot', 'glass_box', 'guitar', 'keyboard',
@@ -217,7 +217,7 @@ def check_split(split, allowed=('train', 'test')):
         raise ValueError(f'split must be one of {allowed}, got {split!r}')
 
 
-# ---------------------------------------------------------------- real datasets (SPEC section 9)
+# ---------------------------------------------------------------- real datasets (README: "Real datasets")
 
 def read_shapenet55(data_root, split, num_points=2048, seed=0):
     """ShapeNet-55 pre-training pool: a random num_points-subset of each 8192-point npy, normalised.
@@ -689,7 +689,7 @@ def scale_and_translate(xyz, scale_low=2 / 3, scale_high=3 / 2, translate=0.2, g
 
 def rotate_about_up_axis(xyz, generator=None):
     """(B, N, 3) -> (B, N, 3): ONE angle ~ U(-pi, pi) for the whole batch, about the y axis
-    (the ScanObjectNN fine-tuning rotation, SPEC section 8.3)."""
+    (the ScanObjectNN fine-tuning rotation, docs/authors_code.md section 10)."""
     angle = (torch.rand((), generator=generator, device=xyz.device) * 2 - 1) * math.pi
     c, s = torch.cos(angle), torch.sin(angle)
     zero, one = torch.zeros_like(c), torch.ones_like(c)

@@ -454,7 +454,8 @@ def main(args):
                 + (f'\n   voting: {r["vote_mean"]:.2f} ± {r["vote_std"]:.2f}% (mean ± std of {args.vote_runs} runs)'
                    if 'vote_mean' in r else '')
                 + (f'\n   for comparison only: best test epoch {r["max_test_accuracy_over_epochs"]:.2f}% (the paper\'s '
-                   f'convention, chosen on the test set)' if r.get('max_test_accuracy_over_epochs') is not None else ''),
+                   f'convention, chosen on the test set)' if r.get('max_test_accuracy_over_epochs') is not None else '')
+                + f'\n   {(time.time() - run.session_start) / 60:.1f} min in all (this session)',
                 **{k: v for k, v in r.items() if k != 'history'})
     end_process(process)
     return result

@@ -1,6 +1,6 @@
 """
 mask.py: 2D-guided masking and its propagation down the token hierarchy
-(I2P-MAE paper, section "2D-guided Masking"; SPEC.md section 5).
+(I2P-MAE paper, section "2D-guided Masking"; docs/authors_code.md section 5).
 
 Tokens the frozen 2D teacher finds salient stay visible more often: we draw the
 coarse tokens one by one without replacement with probabilities softmax(saliency);
@@ -48,7 +48,7 @@ def propagate_mask(is_masked_coarse, neighbor_idx, num_fine):
     """Fine-scale mask (B, num_fine): visible iff a neighbour of a visible coarse token.
 
     is_masked_coarse (B, Gc) bool; neighbor_idx (B, Gc, K) indices into the fine tokens.
-    deviation: the authors also always unmask sample 0's token 0 (the index-0 leak, SPEC B1);
+    deviation: the authors also always unmask sample 0's token 0 (the index-0 leak, docs/authors_code.md B1);
     we apply the rule per sample, so one sample's mask never depends on another's.
     """
     B, Gc, K = neighbor_idx.shape

@@ -1,7 +1,7 @@
 """
 model.py: the hierarchical point transformer, its decoder, the two losses and the
 classifier (I2P-MAE paper, sections "Hierarchical Encoder-Decoder", "2D-semantic
-Reconstruction" and "Downstream"; SPEC.md sections 2.2-2.3, 6, 7, 8.3).
+Reconstruction" and "Downstream"; docs/authors_code.md sections 2, 6, 7, 10).
 
   encoder   for each scale 0 (fine) .. 2 (coarse): embed every token with a mini-PointNet
             (scale 0: its K points; scale i: its K finer tokens' features), keep the visible
@@ -50,7 +50,7 @@ class ModelConfig:
     feat_dim_2d: int = 768                   # teacher width (768 = torchvision ViT-B/16); 0 = no 2D target
     num_views: int = 3                       # depth views whose teacher features the 2D head predicts
     point_embed_dims: tuple = (128, 256, 512)  # widths of the scale-0 mini-PointNet (smaller only for CPU demos)
-    official_radius_bug: bool = False        # pre-training only: AND the radius with padding as the authors (SPEC B5)
+    official_radius_bug: bool = False        # pre-training only: AND the radius with padding as the authors (docs/authors_code.md B5)
 
     def __post_init__(self):
         """Refuse a configuration whose lists do not fit together, naming the field, before any layer is built."""
@@ -259,7 +259,7 @@ def attention_bias(is_pad, centers, radius, radius_and_padding=False):
     blocked = is_pad[:, :, None] | is_pad[:, None, :]
     if radius > 0:
         far = torch.cdist(centers, centers) >= radius
-        # deviation: the authors' pre-training encoder ANDs the two (SPEC B5, dead code at their radius 0),
+        # deviation: the authors' pre-training encoder ANDs the two (docs/authors_code.md B5, dead code at their radius 0),
         # which ignores the radius between real tokens and opens nearby padding; we OR them
         blocked = (blocked & far) if radius_and_padding else (blocked | far)
     return (blocked.to(centers.dtype) * BLOCKED)[:, None]

@@ -145,9 +145,9 @@ def picture_teacher(weights='demo'):
     """(teacher, description) for the demo pictures of teacher.py and mask.py.
 
     'demo': the trained demo teacher (DEMO_TEACHER_PATH, python teacher.py --train) if there is one, else 'tiny';
-    'tiny': the small random ViT of pretrain.py's demo: 224-pixel images, 16-pixel patches (14 x 14, as
-    ViT-B/16), 4 layers, 64 wide, seed 0;
-    anything else goes to teacher.build_teacher (imagenet, random, auto or a weights file).
+    'tiny': a small random ViT: 224-pixel images, 16-pixel patches (14 x 14, as ViT-B/16), 4 layers, 64 wide,
+    seed 0 (quick, nothing to train);
+    anything else goes to teacher.build_teacher (imagenet, random, auto, demo-random or a weights file).
     """
     note = ''
     if weights == 'demo':
@@ -155,7 +155,7 @@ def picture_teacher(weights='demo'):
         weights, note = (DEMO_TEACHER_PATH, '') if found else ('tiny', f' (no trained demo teacher at {DEMO_TEACHER_PATH})')
     if weights != 'tiny':
         return build_teacher(weights)
-    vit = tiny_teacher(image_size=TILE, patch_size=16, num_layers=4, hidden_dim=64)   # as pretrain.py's demo
+    vit = tiny_teacher(image_size=TILE, patch_size=16, num_layers=4, hidden_dim=64)
     return vit, (f'small RANDOM ViT ({len(vit.encoder.layers)} layers, {vit.hidden_dim} wide, seed 0), '
                  f'no pretrained knowledge{note}')
 

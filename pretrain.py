@@ -22,9 +22,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 from tokenizer import build_token_hierarchy, gather_points
 from project import VIEWS, project_depth_images, back_project
-from teacher import build_teacher, normalize_images, teacher_features_and_saliency, tiny_teacher
+from teacher import DEMO_TEACHER_PATH, build_teacher, demo_teacher, normalize_images, teacher_features_and_saliency
 from mask import guided_mask, random_mask, hierarchical_masks
-from model import I2PMAE, ModelConfig, SMALL_CONFIG, pack_visible
+from model import I2PMAE, ModelConfig, SMALL_CONFIG, pack_visible, read_checkpoint
 from data import load_split, random_point_subset, scale_and_translate
 from training import (ArgumentParser, Run, StopOnSignal, add_run_flags, check_ranks_agree, cosine_lr, end_process,
                       epoch_batches, file_sha256, fill_preset, non_negative_float, non_negative_int, param_groups,
@@ -33,15 +33,18 @@ from training import (ArgumentParser, Run, StopOnSignal, add_run_flags, check_ra
 # The official settings (cfgs/pre-training/i2p-mae.yaml of the authors); flags the user gives override them.
 # Real data needs a real teacher: `--teacher_weights random` must be asked for (auto is refused there).
 SHAPENET = dict(config='full', num_points=2048, epochs=300, cosine_epochs=400, warmup_epochs=10, batch_size=64,
-                teacher_weights='imagenet', small_random_teacher=False, svm_every=0)
-# `python pretrain.py`: the synthetic demo, a small model for a CPU, and its teacher named explicitly: the small
-# random ViT (nothing is downloaded; `--teacher_weights auto` would fetch the 330 MB ImageNet ViT-B/16 when online)
+                teacher_weights='imagenet', svm_every=0)
+# `python pretrain.py`: the synthetic demo, a small model for a CPU, and the demo's own 2D teacher (a small ViT
+# trained with labels on depth images of other synthetic shapes: teacher.py --train; trained first if absent)
 PRESETS = {'shapenet': SHAPENET,
-           'synthetic': dict(SHAPENET, config='small', num_points=512, epochs=12, cosine_epochs=12, warmup_epochs=1,
-                             batch_size=32, teacher_weights='random', small_random_teacher=True, svm_every=4)}
+           'synthetic': dict(SHAPENET, config='small', num_points=512, epochs=6, cosine_epochs=6, warmup_epochs=1,
+                             batch_size=32, teacher_weights='demo', svm_every=3)}
+# what to run next on the pre-trained encoder (the end of a run says so)
+SVM_DATA_FOR, FINETUNE_DATA_FOR = {'shapenet': 'modelnet40', 'synthetic': 'synthetic'}, \
+    {'shapenet': 'scan_hardest', 'synthetic': 'synthetic'}
 # flags that may change on --resume: they do not change what the run computes
 MAY_DIFFER = ('epochs', 'resume', 'reseed', 'overwrite', 'run_name', 'gpu', 'data_root', 'log_every', 'svm_every',
-              'deterministic', 'benchmark', 'benchmark_steps', 'teacher_weights', 'teacher_arch', 'small_random_teacher',
+              'deterministic', 'benchmark', 'benchmark_steps', 'teacher_weights', 'teacher_arch',
               'save_every', 'tensorboard')
 
 
@@ -64,16 +67,14 @@ def parse_args(argv=None):
     m.add_argument('--views', type=int, default=3, choices=[1, 2, 3],
                    help='depth views shown to the teacher: the first 1, 2 or 3 of (x,y,z), (z,x,y), (y,z,x) (official: 3)')
     m.add_argument('--no_2d_target', action='store_true', help='drop the 2D target: 3D-only reconstruction (Point-M2AE)')
-    m.add_argument('--teacher_weights', help='imagenet, random, a state_dict path, or auto (ImageNet if it can be '
+    m.add_argument('--teacher_weights', help='imagenet, random (ViT-B/16), a weights file, auto (ImageNet if it can be '
                                              'had: from the torch hub cache, or downloaded (330 MB) on a connected '
-                                             'machine; else random; synthetic only) (preset: imagenet; synthetic '
-                                             'random, i.e. the small random ViT: nothing downloaded)')
+                                             'machine; else random; synthetic only), demo (the synthetic demo\'s '
+                                             f'trained teacher, {DEMO_TEACHER_PATH}, trained first if absent) or '
+                                             'demo-random (its architecture, untrained) (preset: imagenet; synthetic demo)')
     m.add_argument('--teacher_arch', default='vit_b_16', help='torchvision ViT constructor (official: ViT-B/16)')
-    m.add_argument('--small_random_teacher', action=argparse.BooleanOptionalAction,
-                   help='if the teacher ends up random, use a small random ViT instead (no less knowledge, much '
-                        'faster) (preset: off; synthetic on)')
     o = p.add_argument_group('optimisation')
-    o.add_argument('--epochs', type=positive_int, help='epochs to train (official: 300; synthetic 12)')
+    o.add_argument('--epochs', type=positive_int, help='epochs to train (official: 300; synthetic 6)')
     o.add_argument('--cosine_epochs', type=positive_int,
                    help='length of the cosine schedule (official: 400, longer than the run, so it ends near 1.5e-4)')
     o.add_argument('--warmup_epochs', type=non_negative_int, help='linear warm-up from 1e-6 (official: 10; synthetic 1)')
@@ -82,7 +83,7 @@ def parse_args(argv=None):
     o.add_argument('--min_lr', type=non_negative_float, default=1e-6, help='floor and warm-up start (official: 1e-6)')
     o.add_argument('--weight_decay', type=non_negative_float, default=0.05, help='AdamW weight decay (official: 0.05)')
     s = add_run_flags(p, 'pretrain')
-    s.add_argument('--svm_every', type=non_negative_int, help='epochs between linear-SVM checks (0 = off; synthetic 4); '
+    s.add_argument('--svm_every', type=non_negative_int, help='epochs between linear-SVM checks (0 = off; synthetic 3); '
                                                  'monitoring only, never picks a checkpoint')
     s.add_argument('--max_steps_per_epoch', type=non_negative_int, default=0, help='cut epochs short (tests, quick looks)')
     s.add_argument('--benchmark', action='store_true', help='time the stages of one step and exit')
@@ -175,12 +176,13 @@ def train_one_epoch(model, teacher, optimizer, points, epoch, first_step, steps,
         optimizer.step()
         sums += torch.stack([loss_3d.detach().double(), loss_2d.detach().double(), sums.new_ones(())])
         ticked += 1
+        run.session_steps += 1
         if (step + 1) % args.log_every == 0 or step + 1 == steps:   # every process logs at the same steps
             losses = run.step_numbers(dict(loss_3d=loss_3d, loss_2d=loss_2d), stop, f'epoch {epoch} step {step + 1}')
             rate = args.batch_size * ticked / (time.time() - tick)
             left = (args.epochs - epoch) * steps - step - 1
             run.log(f'epoch {epoch} step {step + 1}/{steps} loss_3d {losses["loss_3d"]:.4f} loss_2d {losses["loss_2d"]:.4f} '
-                    f'lr {lr:.2e} {rate:.1f} samples/s ETA {left * args.batch_size / rate / 60:.1f} min',
+                    f'lr {lr:.2e} {rate:.1f} samples/s ETA {run.eta_minutes(left):.1f} min',
                     epoch=epoch, step=step + 1, global_step=epoch * steps + step + 1, **losses, lr=lr, samples_per_s=rate)
             tick, ticked = time.time(), 0
         if stop.now(run.process):
@@ -191,48 +193,54 @@ def train_one_epoch(model, teacher, optimizer, points, epoch, first_step, steps,
 # ---------------------------------------------------------------- main
 
 
-def build(args, device):
+def build(args, process):
     """The frozen teacher (outside the student), what it is (a description, and an identity a resume must
     match: the SHA-256 of a weights file, else the description), and the student."""
     teacher, described, weights_file = None, 'none (random masking, no 2D target)', None
     if args.mask == 'guided' or not args.no_2d_target:
-        if not (args.small_random_teacher and args.teacher_weights == 'random'):
-            try:
-                teacher, described = build_teacher(args.teacher_weights, args.teacher_arch)
-            except (RuntimeError, ValueError, FileNotFoundError) as error:
-                raise SystemExit(f'--teacher_weights {args.teacher_weights}: {error}') from None
-            weights_file = args.teacher_weights if os.path.isfile(args.teacher_weights) else None
-        if args.small_random_teacher and weights_file is None and (teacher is None or 'random' in described):
-            teacher = tiny_teacher(image_size=224, patch_size=16, num_layers=4, hidden_dim=64)
-            described = 'small random ViT (4 layers, width 64, 16-pixel patches): no pretrained knowledge'
-        teacher = teacher.to(device)
+        weights_file = DEMO_TEACHER_PATH if args.teacher_weights == 'demo' else args.teacher_weights
+        if args.teacher_weights == 'demo' and not os.path.isfile(weights_file):
+            if process.world > 1:
+                raise SystemExit(f'--teacher_weights demo: no {weights_file} yet; train it once, before starting '
+                                 f'several processes: python teacher.py --train')
+            demo_teacher(process.device)   # trains it, saying so
+        try:
+            teacher, described = build_teacher(weights_file, args.teacher_arch)
+        except (RuntimeError, ValueError, FileNotFoundError) as error:
+            raise SystemExit(f'--teacher_weights {args.teacher_weights}: {error}') from None
+        weights_file = weights_file if os.path.isfile(weights_file) else None
+        teacher = teacher.to(process.device)
     identity = f'sha256 {file_sha256(weights_file)}' if weights_file else described
     base = SMALL_CONFIG if args.config == 'small' else ModelConfig()
     cfg = ModelConfig(**{**asdict(base), 'feat_dim_2d': 0 if args.no_2d_target else teacher.hidden_dim,
                          'num_views': args.views})
-    return teacher, described, identity, I2PMAE(cfg).to(device)
+    return teacher, described, identity, I2PMAE(cfg).to(process.device)
 
 
 def main(args):
     process = setup_process(args)
     device, world = process.device, process.world
-    teacher, described, teacher_identity, student = build(args, device)
-    if args.benchmark:   # benchmark.py times this step; it is not part of training
-        from benchmark import benchmark_pretrain_step
-        return benchmark_pretrain_step(args, device, teacher, student)
-    fewest = max(student.cfg.num_groups[0], student.cfg.group_sizes[0])
+    cfg = SMALL_CONFIG if args.config == 'small' else ModelConfig()   # checks first: the teacher may train for minutes
+    fewest = max(cfg.num_groups[0], cfg.group_sizes[0])
     if args.num_points < fewest:
         raise SystemExit(f'--num_points {args.num_points}: the --config {args.config} model groups {fewest} points '
-                         f'per cloud at its finest scale (num_groups {student.cfg.num_groups[0]}, group_sizes '
-                         f'{student.cfg.group_sizes[0]}): use at least {fewest}')
-    hidden, tokens = int(args.mask_ratio * student.cfg.num_groups[-1]), student.cfg.num_groups[-1]
+                         f'per cloud at its finest scale (num_groups {cfg.num_groups[0]}, group_sizes '
+                         f'{cfg.group_sizes[0]}): use at least {fewest}')
+    hidden, tokens = int(args.mask_ratio * cfg.num_groups[-1]), cfg.num_groups[-1]
     if hidden == 0:
         raise SystemExit(f'--mask_ratio {args.mask_ratio} hides int({args.mask_ratio} x {tokens}) = 0 of the {tokens} '
                          f'coarsest tokens: nothing to reconstruct (use at least {1 / tokens:.3f})')
     if args.batch_size % world:
         raise SystemExit(f'--batch_size {args.batch_size} must be divisible by the {world} processes')
+    if args.benchmark:   # benchmark.py times this step; it is not part of training
+        from benchmark import benchmark_pretrain_step
+        teacher, _, _, student = build(args, process)
+        return benchmark_pretrain_step(args, device, teacher, student)
     run = Run(os.path.join('runs', args.run_name), process)
     run.claim(args.resume, args.overwrite)
+    if args.resume:
+        read_checkpoint(args.resume, '--resume')   # a file that is no checkpoint is named before the teacher is built
+    teacher, described, teacher_identity, student = build(args, process)
     checkpoint = run.resume(args.resume, args, MAY_DIFFER, model_config=asdict(student.cfg),
                             teacher_identity=teacher_identity)
     refuse_finished(checkpoint, args)
@@ -283,6 +291,10 @@ def main(args):
                 raise SystemExit(130)
     if world > 1:
         check_ranks_agree(student, process, run.log)
+    run.log(f'pre-training done in {(time.time() - run.session_start) / 60:.1f} min (this session). Next: the '
+            f'frozen encoder\'s linear SVM, python svm_eval.py --data {SVM_DATA_FOR[args.data]} --ckpt '
+            f'{run.path("last.pt")}, or fine-tuning, python finetune.py --data {FINETUNE_DATA_FOR[args.data]} '
+            f'--ckpt {run.path("last.pt")}')
     end_process(process)
     return student
 

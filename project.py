@@ -1,6 +1,6 @@
 """
 project.py: multi-view depth projection and image-to-point back-projection
-(I2P-MAE paper, section "Efficient Projection"; SPEC.md section 3).
+(I2P-MAE paper, section "Efficient Projection"; docs/authors_code.md section 3).
 
 Point to image. Each of V = 3 views permutes (x, y, z) into (row, column, depth).
 A point paints the 5 x 5 pixels around its cell with its depth; a pixel holds the

@@ -81,8 +81,8 @@ def build_teacher(weights='auto', arch='vit_b_16'):
     """The frozen teacher and a short description of where its weights came from.
 
     weights: 'imagenet' (torchvision IMAGENET1K_V1, vit_b_16 only), 'random',
-    a path to a state_dict file, or 'auto' (imagenet if it can be had, else random
-    with a loud warning). `arch` names a torchvision ViT constructor (vit_b_16, vit_b_32, ...);
+    a path to a state_dict file, 'auto' (imagenet if it can be had, else random
+    with a loud warning), or 'demo-random' (the demo teacher's architecture before its training). `arch` names a torchvision ViT constructor (vit_b_16, vit_b_32, ...);
     a file written by save_teacher carries its own architecture, and `arch` is then not used.
     """
     if weights in ('imagenet', 'auto'):
@@ -100,9 +100,13 @@ def build_teacher(weights='auto', arch='vit_b_16'):
             weights = 'random'
     if weights == 'random':
         return freeze(torchvision_vit(arch)), f'{arch} random init (no pretrained knowledge)'
+    if weights == 'demo-random':
+        vit, config = untrained_demo_teacher()
+        return freeze(vit), (f'the demo teacher\'s small ViT ({config["num_layers"]} layers, width {config["hidden_dim"]}, '
+                             f'{config["image_size"]}-pixel images) with random weights, untrained: no knowledge')
     if not os.path.isfile(weights):
         raise FileNotFoundError(f'--teacher_weights {weights!r}: no such file (expected imagenet, '
-                                'random, auto or a state_dict path)')
+                                'random, auto, demo, demo-random or a weights file)')
     state = torch.load(weights, map_location='cpu', weights_only=True)
     if isinstance(state, dict) and 'config' in state:   # a file that carries its architecture (save_teacher)
         vit = vit_from_config(state['config'])
@@ -216,6 +220,17 @@ def view_accuracy(vit, xyz, labels, batch_size=128):
     return (100 * correct / len(xyz)).tolist()
 
 
+def untrained_demo_teacher(cfg=DEMO_TEACHER):
+    """The demo teacher before its training -> (ViT, its architecture): weights drawn from seed cfg['seed']
+    (the global random stream is left as it was). Frozen, it is the ablation's random teacher."""
+    arch = dict(image_size=cfg['image_size'], patch_size=cfg['patch_size'], num_layers=cfg['num_layers'],
+                num_heads=cfg['num_heads'], hidden_dim=cfg['hidden_dim'], mlp_dim=4 * cfg['hidden_dim'],
+                num_classes=len(SYNTHETIC_CLASSES), stem_channels=list(cfg['stem_channels']))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg['seed'])
+        return vit_from_config(arch), arch
+
+
 def train_demo_teacher(device='cpu', log=print, **settings):
     """Train the demo teacher from scratch -> (frozen ViT, record of its configuration and accuracy).
 
@@ -226,12 +241,8 @@ def train_demo_teacher(device='cpu', log=print, **settings):
     if unknown:
         raise ValueError(f'unknown teacher setting(s) {sorted(unknown)}; known: {sorted(DEMO_TEACHER)}')
     start = time.time()
-    arch = dict(image_size=cfg['image_size'], patch_size=cfg['patch_size'], num_layers=cfg['num_layers'],
-                num_heads=cfg['num_heads'], hidden_dim=cfg['hidden_dim'], mlp_dim=4 * cfg['hidden_dim'],
-                num_classes=len(SYNTHETIC_CLASSES), stem_channels=list(cfg['stem_channels']))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg['seed'])
-        vit = vit_from_config(arch).to(device)
+    vit, arch = untrained_demo_teacher(cfg)
+    vit = vit.to(device)
     generator = torch.Generator(device).manual_seed(cfg['seed'])
     # twice the points a view shows, so every epoch draws a different subset of each shape
     train_xyz, train_y = (t.to(device) for t in teacher_shapes(cfg['train_shapes'], 2 * cfg['num_points'], 0, cfg['data_seed']))

@@ -68,7 +68,7 @@ def reference_config(c):
         decoder_depths=tuple(c.get('decoder_depths', default.decoder_depths)),
         decoder_up_blocks=tuple(c.get('decoder_up_blocks', default.decoder_up_blocks)),
         feat_dim_2d=c.get('feat_dim_2d', 0),
-        # the authors' pre-training mask ANDs radius and padding (SPEC B5); only a radius > 0 shows it
+        # the authors' pre-training mask ANDs radius and padding (docs/authors_code.md B5); only a radius > 0 shows it
         official_radius_bug='decoder_dims' in c and any(r > 0 for r in c['local_radius']))
 
 
@@ -178,7 +178,7 @@ def test_tokenizer_rejects_bad_input(bad, message):
 def test_reference_fps_knn_and_chamfer_ops():
     ops = load_reference('ops_cases.pt')['tensors']
     n = ops['fps.idx'].shape[1]
-    # with the CUDA kernel's near-origin skip (SPEC B2) every index matches
+    # with the CUDA kernel's near-origin skip (docs/authors_code.md B2) every index matches
     assert_close(farthest_point_sample(ops['fps.points'], n, skip_near_origin=True), ops['fps.idx'], 'fps.idx')
     # our default (no skip) matches wherever no near-origin point would be picked: sample 0 here
     plain = farthest_point_sample(ops['fps.points'], n)
@@ -277,7 +277,7 @@ def test_reference_back_projection(pretrain_reference):
 
 
 def test_back_projection_works_for_a_single_sample():
-    # deviation: the authors' squeeze() breaks at B = 1 (SPEC B3); we keep every dimension
+    # deviation: the authors' squeeze() breaks at B = 1 (docs/authors_code.md B3); we keep every dimension
     xyz = torch.rand(1, 100, 3)
     _, geometry = project_depth_images(xyz, 32)
     assert back_project(xyz[:, :10], geometry, torch.rand(3, 1, 4, 4), 32).shape == (1, 10, 3)
@@ -468,7 +468,7 @@ def test_attention_bias_blocks_padding_or_far_centres():
     is_pad = torch.tensor([[False, False, True]])
     ours = attention_bias(is_pad, centers, 0.5)[0, 0] < 0
     assert ours.tolist() == [[False, True, True], [True, False, True], [True, True, True]]
-    theirs = attention_bias(is_pad, centers, 0.5, radius_and_padding=True)[0, 0] < 0   # SPEC B5
+    theirs = attention_bias(is_pad, centers, 0.5, radius_and_padding=True)[0, 0] < 0   # docs/authors_code.md B5
     assert theirs.tolist() == [[False, False, False], [False, False, True], [False, True, False]]
     assert not (attention_bias(is_pad[:, :2], centers[:, :2], 0.0) < 0).any()
 
@@ -1230,8 +1230,8 @@ from data import PointSplit, load_split, random_point_subset, scale_and_translat
 from pretrain import parse_args, pretrain_step
 from training import Process, Run, cosine_lr, param_groups
 
-PRETRAIN_FLAGS = ['--config', 'small', '--num_points', '128', '--batch_size', '4', '--teacher_weights', 'random',
-                  '--small_random_teacher', '--log_every', '1', '--gpu', '-1']
+PRETRAIN_FLAGS = ['--config', 'small', '--num_points', '128', '--batch_size', '4', '--teacher_weights', 'demo-random',
+                  '--log_every', '1', '--gpu', '-1']
 TIMING = {'samples_per_s', 'minutes'}   # log fields that measure the machine, not the run
 
 
@@ -1299,7 +1299,7 @@ def test_presets_fill_only_unset_flags_and_abbreviations_are_honoured():
     assert demo.config == 'small' and demo.epochs == pretrain.PRESETS['synthetic']['epochs']
     assert parse_args(['--epochs', '3']).epochs == 3
     assert parse_args(['--epoch', '3']).epochs == 3 and parse_args(['--batch', '16']).batch_size == 16
-    assert parse_args(['--no-small_random_teacher']).small_random_teacher is False
+    assert demo.teacher_weights == 'demo' and paper.teacher_weights == 'imagenet'
     assert (paper.config, paper.epochs, paper.batch_size, paper.lr, paper.mask_ratio, paper.num_points) == \
         ('full', 300, 64, 1e-3, 0.8, 2048)
 
@@ -1510,7 +1510,7 @@ def test_resume_at_an_epoch_end_reproduces_the_uninterrupted_run(straight_pretra
     checkpoint = torch.load('runs/cut/last.pt', weights_only=True)
     assert not any(k.startswith(('teacher', 'vit', 'clip')) for k in checkpoint['model'])
     assert checkpoint['epoch'] == 2 and checkpoint['model_config']['feat_dim_2d'] == 64
-    assert 'small random ViT' in checkpoint['teacher'] and 'resume' in checkpoint['about']
+    assert 'random weights, untrained' in checkpoint['teacher'] and 'resume' in checkpoint['about']
     cfg = ModelConfig(**checkpoint['model_config'])
     I2PMAE(cfg).load_state_dict(checkpoint['model'], strict=True)
     skipped = load_weights(Classifier(cfg, 13), checkpoint, fine_tune=True)
@@ -1544,7 +1544,7 @@ def test_a_run_folder_holds_its_arguments_a_header_curves_and_snapshots(tmp_path
     saved = json.load(open('runs/folder/args.json'))
     assert saved['args'] == {**vars(parse_args(PRETRAIN_FLAGS + ['--epochs', '2', '--max_steps_per_epoch', '2',
                                                                  '--run_name', 'folder', '--save_every', '1'])), 'amp': False}
-    assert saved['model_config']['num_groups'] == [128, 64, 16] and 'small random ViT' in saved['teacher']
+    assert saved['model_config']['num_groups'] == [128, 64, 16] and 'random weights, untrained' in saved['teacher']
     header = json.loads(open('runs/folder/log.jsonl').readline())
     assert (header['header'], header['torch'], header['world_size'], header['device'], header['teacher']) == \
         (True, torch.__version__, 1, 'cpu', saved['teacher'])
@@ -1590,7 +1590,7 @@ def test_resume_refuses_another_teacher(tmp_path, monkeypatch, small_pool):
     teacher = tiny_teacher(image_size=224, patch_size=16, num_layers=4, hidden_dim=64)
     offline = {'auto': 'vit_b_16 ImageNet (torchvision IMAGENET1K_V1)'}
     monkeypatch.setattr(pretrain, 'build_teacher', lambda weights, arch: (teacher, offline.get(weights, f'{arch} from {weights}')))
-    flags = ('--no-small_random_teacher', '--teacher_weights')
+    flags = ('--teacher_weights',)
     pretrain_run('auto', *flags, 'auto', epochs=1, steps=1)
     offline['auto'] = 'vit_b_16 random init (no pretrained knowledge)'     # the same flag, offline this time
     with pytest.raises(SystemExit, match=r"teacher_identity: checkpoint 'vit_b_16 ImageNet.*now 'vit_b_16 random init"):
@@ -1617,9 +1617,9 @@ def test_resume_with_another_number_of_processes_is_refused_unless_reseed(tmp_pa
 
 def test_seed_changes_the_demo_initial_weights_and_losses():
     def first_step(seed):
-        args = parse_args(['--seed', str(seed), '--teacher_weights', 'random', '--gpu', '-1'])   # the demo preset
+        args = parse_args(['--seed', str(seed), '--teacher_weights', 'demo-random', '--gpu', '-1'])   # the demo preset
         process = training.setup_process(args)
-        teacher, _, _, student = pretrain.build(args, process.device)
+        teacher, _, _, student = pretrain.build(args, process)
         xyz = pretrain_pool(args.num_points)[:2]
         return student.state_dict(), [l.item() for l in pretrain_step(student, teacher, xyz, args)]
     (init0, losses0), (init1, losses1), (again0, losses_again0) = first_step(0), first_step(1), first_step(0)

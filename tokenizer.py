@@ -61,7 +61,7 @@ def farthest_point_sample(xyz, n_samples, skip_near_origin=False):
     B, N, _ = xyz.shape
     idx = torch.zeros(B, n_samples, dtype=torch.long, device=xyz.device)
     min_dist = torch.full((B, N), 1e10, dtype=xyz.dtype, device=xyz.device)
-    # deviation: the authors' kernel skips points near the origin (SPEC B2); we do not by default
+    # deviation: the authors' kernel skips points near the origin (docs/authors_code.md B2); we do not by default
     never_pick = (xyz ** 2).sum(-1) <= 1e-3 if skip_near_origin else None
     farthest = torch.zeros(B, dtype=torch.long, device=xyz.device)
     for i in range(n_samples):  # inherently sequential; each step is batched over B x N

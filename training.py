@@ -78,6 +78,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from typing import NamedTuple
 
 import numpy as np
@@ -488,6 +489,12 @@ class Run:
         self.folder, self.process = folder, process
         self.records, self.last_saved = 0, 'no checkpoint of this run saved yet'
         self.tensorboard = None   # a SummaryWriter, with --tensorboard (Run.start)
+        self.session_start, self.session_steps = time.time(), 0   # for eta_minutes
+
+    def eta_minutes(self, steps_left):
+        """Minutes left at this session's mean pace so far (count steps in session_steps): the pace of the
+        last logging window alone swings several-fold on a shared machine."""
+        return (time.time() - self.session_start) / max(self.session_steps, 1) * steps_left / 60
 
     def path(self, name):
         return os.path.join(self.folder, name)

@@ -1,0 +1,145 @@
+"""
+ablation.py: the paper's ablation (its Table 6: which of 2D-guided masking and 2D-semantic targets
+helps), measured on the synthetic demo with the demo's trained 2D teacher.
+
+Each row pre-trains the small encoder with pretrain.py's synthetic preset (one schedule for every
+row) and seed, scores the frozen encoder with a linear SVM on the synthetic test split (svm_eval.py,
+C by 5-fold cross-validation on the training features), and, for the rows in --finetune_rows,
+fine-tunes it (finetune.py's synthetic preset) next to a run from scratch. It prints a markdown
+table of mean ± std over the seeds (the std of the seeds, ddof 1), every seed's number beside it,
+and writes the table to runs/ablation/table.md.
+
+Every run keeps its folder under runs/ (ablation-<row>-s<seed>, ...-svm, ...-ft): a run whose
+result is already there is not redone, an interrupted one is resumed, so the loop can be stopped
+with Ctrl-C and started again.
+
+    python ablation.py                                   # all rows, seeds 0 1 2: hours on 2 CPU cores
+    python ablation.py --rows i2p-mae 3d-only --seeds 0  # a part of it
+    python ablation.py --table_only                      # the table of what has been measured so far
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+from pretrain import PRESETS
+
+# name: (what the row is, mask, 2D target, teacher, pretrain.py flags); None: no pre-training at all
+ROWS = {
+    'untrained': ('untrained encoder (BatchNorm calibrated)', '-', '-', '-', None),
+    '3d-only': ('3D-only (Point-M2AE)', 'random', 'no', '-', ['--mask', 'random', '--no_2d_target']),
+    '2d-target': ('+ 2D target', 'random', 'yes', 'trained', ['--mask', 'random']),
+    'guided-mask': ('+ 2D-guided mask', 'guided', 'no', 'trained', ['--no_2d_target']),
+    'i2p-mae': ('I2P-MAE', 'guided', 'yes', 'trained', []),
+    'random-teacher': ('I2P-MAE, random teacher', 'guided', 'yes', 'random', ['--teacher_weights', 'tiny']),
+}
+FINETUNE_ROWS = ['3d-only', 'i2p-mae', 'scratch']   # 'scratch': finetune.py --from_scratch
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--rows', nargs='+', default=list(ROWS), choices=list(ROWS), help='rows to measure (default: all)')
+    p.add_argument('--seeds', nargs='+', type=int, default=[0, 1, 2], help='seeds (default: 0 1 2)')
+    p.add_argument('--finetune_rows', nargs='*', default=FINETUNE_ROWS, choices=list(ROWS) + ['scratch'],
+                   help=f'rows also fine-tuned, "scratch" for no pre-training (default: {" ".join(FINETUNE_ROWS)}; '
+                        'none: leave the flag empty)')
+    p.add_argument('--table_only', action='store_true', help='print the table of the results found, run nothing')
+    return p.parse_args(argv)
+
+
+def folder(name):
+    return os.path.join('runs', name)
+
+
+def last_record_with(name, key):
+    """The last log.jsonl record of runs/<name>/ that has `key`, or None."""
+    path = os.path.join(folder(name), 'log.jsonl')
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        records = [json.loads(line) for line in f if line.endswith('\n')]
+    found = [r for r in records if key in r]
+    return found[-1] if found else None
+
+
+def run(script, flags, name):
+    """python <script> <flags> --run_name <name>, continuing an interrupted run of that name."""
+    command = [sys.executable, script, *flags, '--run_name', name]
+    if os.path.isfile(os.path.join(folder(name), 'last.pt')):
+        command += ['--resume', os.path.join(folder(name), 'last.pt')]
+    elif os.path.isdir(folder(name)):
+        command += ['--overwrite']   # a run that died before its first checkpoint: start it again
+    print('$', ' '.join(command[1:]), flush=True)
+    subprocess.run(command, check=True)
+
+
+def pretrained(row, seed):
+    """runs/ablation-<row>-s<seed>/last.pt, pre-training it first if it is not finished."""
+    name = f'ablation-{row}-s{seed}'
+    last_epoch = last_record_with(name, 'mean_loss_3d')
+    if last_epoch is None or last_epoch['epoch'] + 1 < PRESETS['synthetic']['epochs']:
+        run('pretrain.py', ROWS[row][4] + ['--seed', str(seed), '--svm_every', '0'], name)
+    return os.path.join(folder(name), 'last.pt')
+
+
+def svm_accuracy(row, seed):
+    name = f'ablation-{row}-s{seed}-svm'
+    if last_record_with(name, 'accuracy') is None:
+        # the untrained row takes the 3D-only checkpoint's shape and draws new weights with this seed
+        flags = ['--random_init', '--seed', str(seed)] if row == 'untrained' else []
+        checkpoint = pretrained('3d-only' if row == 'untrained' else row, seed)
+        run('svm_eval.py', ['--ckpt', checkpoint, '--cv', '--overwrite', *flags], name)
+    return last_record_with(name, 'accuracy')['accuracy']
+
+
+def finetune_accuracy(row, seed):
+    name = f'ablation-{row}-s{seed}-ft'
+    if last_record_with(name, 'test_accuracy') is None:
+        start = ['--from_scratch'] if row == 'scratch' else ['--ckpt', pretrained(row, seed)]
+        run('finetune.py', [*start, '--seed', str(seed), '--test_every', '100'], name)
+    return last_record_with(name, 'test_accuracy')['test_accuracy']
+
+
+def cell(values):
+    """'mean ± std (a / b / c)' of what has been measured, '' if nothing."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return ''
+    spread = f' ± {np.std(values, ddof=1):.1f}' if len(values) > 1 else ''
+    return f'{np.mean(values):.1f}{spread} ({" / ".join(f"{v:.1f}" for v in values)})'
+
+
+def table(rows, seeds, finetune_rows, measure):
+    """Markdown table; measure(kind, row, seed) -> accuracy or None."""
+    lines = ['| row | mask | 2D target | teacher | linear SVM, % | fine-tuned, % |', '|---|---|---|---|---|---|']
+    for row in rows + (['scratch'] if 'scratch' in finetune_rows else []):
+        what, mask, target, teacher, _ = ROWS.get(row, ('from scratch (no pre-training)', '-', '-', '-', None))
+        svm = cell([measure('svm', row, s) for s in seeds]) if row in ROWS else ''
+        tuned = cell([measure('ft', row, s) for s in seeds]) if row in finetune_rows else ''
+        lines.append(f'| {what} | {mask} | {target} | {teacher} | {svm} | {tuned} |')
+    return '\n'.join(lines)
+
+
+def main(args):
+    def found(kind, row, seed):
+        record = last_record_with(f'ablation-{row}-s{seed}-{kind}', 'accuracy' if kind == 'svm' else 'test_accuracy')
+        return None if record is None else record['accuracy' if kind == 'svm' else 'test_accuracy']
+    if not args.table_only:
+        for seed in args.seeds:   # seed by seed: a partial loop still gives every row a number
+            for row in args.rows:
+                svm_accuracy(row, seed)
+            for row in args.finetune_rows:
+                finetune_accuracy(row, seed)
+    text = (f'seeds {" ".join(map(str, args.seeds))}: mean ± std over the seeds (each seed\'s number in brackets)\n\n'
+            + table(args.rows, args.seeds, args.finetune_rows, found))
+    os.makedirs(folder('ablation'), exist_ok=True)
+    with open(os.path.join(folder('ablation'), 'table.md'), 'w') as f:
+        f.write(text + '\n')
+    print(text)
+
+
+if __name__ == '__main__':
+    main(parse_args())
