@@ -310,56 +310,52 @@ def demo_teacher(device, log=print, path=DEMO_TEACHER_PATH):
 
 def main():
     import argparse
-    import time
     from data import make_synthetic
-    from project import project_depth_images
     from PIL import Image
-    from synthetic import SYNTHETIC_CLASSES
     from pictures import VIEW_NAMES, heat_colours, image_tile, picture_teacher, save_picture, titled_grid
 
-    parser = argparse.ArgumentParser(description="Run the frozen teacher on one cloud's depth images and "
-                                                 "draw its class-token attention.")
+    parser = argparse.ArgumentParser(description="Run the frozen teacher on a depth image of each synthetic class "
+                                                 "and draw its class-token attention.")
     parser.add_argument('--weights', default='demo',
                         help='demo (the trained demo teacher in runs/teacher-synthetic/ if there is one, '
                              'else tiny), tiny (a small random ViT), random (ViT-B/16, random), '
-                             'imagenet, auto, or a weights file (default: demo)')
-    parser.add_argument('--seed', type=int, default=0, help='seeds a random teacher (default: 0)')
-    parser.add_argument('--shape_seed', type=int, default=2, help='which synthetic shape (default: 2)')
+                             'imagenet, auto, demo-random, or a weights file (default: demo)')
+    parser.add_argument('--view', type=int, default=2, choices=[0, 1, 2], help='which of the 3 views (default: 2)')
+    parser.add_argument('--shape_seed', type=int, default=2, help='seed of the synthetic shapes (default: 2)')
     parser.add_argument('--out', default='runs/demo', help='folder for teacher.png (default: runs/demo)')
     parser.add_argument('--train', action='store_true',
-                        help=f'train the synthetic demo\'s teacher into {DEMO_TEACHER_PATH} first (about 3 CPU-minutes)')
+                        help=f'train the synthetic demo\'s teacher into {DEMO_TEACHER_PATH} first (a few CPU-minutes)')
     args = parser.parse_args()
     if args.train:
         train_and_save_demo_teacher()
     start = time.perf_counter()
-    torch.manual_seed(args.seed)   # a random teacher is drawn from the global stream: the same on every run
-    vit, described = picture_teacher(args.weights)
+    vit, described = picture_teacher(args.weights)   # a random one is seeded: the same picture on every run
     print('teacher:', described)
-    xyz, labels = make_synthetic(1, num_points=2048, seed=args.shape_seed)
-    images, _ = project_depth_images(xyz, img_size=vit.image_size)
+    xyz, labels = make_synthetic(13 * 16, num_points=2048, seed=args.shape_seed)
+    first = torch.stack([(labels == k).nonzero()[0, 0] for k in range(len(SYNTHETIC_CLASSES))])
+    images, _ = project_depth_images(xyz[first], img_size=vit.image_size)      # (3 * 13, 3, S, S), view by view
     features, saliency = teacher_features_and_saliency(vit, normalize_images(images))
-    V, h, w = saliency.shape
-    low, high, uniform = saliency.min().item(), saliency.max().item(), 1 / (h * w)
+    C = len(first)
+    depth, attention = images[args.view * C:(args.view + 1) * C, 0], saliency[args.view * C:(args.view + 1) * C]
+    _, h, w = attention.shape
+    low, high, uniform = attention.min().item(), attention.max().item(), 1 / (h * w)
     print(f'images {tuple(images.shape)} -> features {tuple(features.shape)}, saliency {tuple(saliency.shape)}')
-    print(f'class-token attention per patch: {low:.4f} to {high:.4f} (uniform: 1/{h * w} = {uniform:.4f}, '
-          f'largest/smallest = {high / low:.2f})')
-    # one colour scale for all views, from 0: colours are proportional to the attention
-    heat = heat_colours(saliency / high)                                          # (V, h, w, 3)
-    tiles = []
-    for v in range(V):
-        depth = image_tile(images[v, 0], view=v, resample=Image.BILINEAR)
-        attention = image_tile(heat[v], view=v)                                    # nearest: one block per patch
-        tiles.append([depth, attention, Image.blend(depth, attention, 0.5)])
+    print(f'class-token attention per patch ({VIEW_NAMES[args.view]}): {low:.4f} to {high:.4f} (uniform: '
+          f'1/{h * w} = {uniform:.4f}; the largest is {high / uniform:.1f} x uniform)')
+    heat = heat_colours(attention / high)                                       # one scale for every class, from 0
+    tiles = [Image.blend(image_tile(d, view=args.view, resample=Image.BILINEAR), image_tile(a, view=args.view), 0.5)
+             for d, a in zip(depth, heat)]
+    tiles += [None] * (-len(tiles) % 7)
+    names = list(SYNTHETIC_CLASSES) + [''] * (-len(SYNTHETIC_CLASSES) % 7)
     picture = titled_grid(
-        tiles, f'teacher.py: class-token attention of the last block ({h} x {w} patches) on a synthetic '
-               f'{SYNTHETIC_CLASSES[labels[0]]}',
-        col_labels=['depth image (teacher input)', 'attention per patch', 'attention over the depth image'],
-        row_labels=list(VIEW_NAMES),
+        [tiles[:7], tiles[7:]], f'teacher.py: class-token attention ({h} x {w} patches) over the depth image of each '
+                                f'synthetic class, {VIEW_NAMES[args.view]}',
+        tile_labels=[names[:7], names[7:]],
         heat_scale=(0, high, {0: '0', uniform: f'uniform 1/{h * w}', high: f'max {high:.4f}'}),
-        caption=f'Teacher: {described}. Attention from {low:.4f} to {high:.4f} per patch (each view sums to 1; '
-                f'largest/smallest = {high / low:.2f}); one scale for every view, from 0 to the largest.')
+        caption=f'Teacher: {described}. Attention from {low:.4f} to {high:.4f} per patch (each image sums to 1; '
+                f'the largest is {high / uniform:.1f} x uniform); one scale for every class, from 0 to the largest.')
     path = save_picture(picture, os.path.join(args.out, 'teacher.png'))
-    print(f'wrote {path} (rows: views; columns: depth image, attention, both) '
+    print(f'wrote {path} (one shape per class: attention blended over its depth image) '
           f'in {time.perf_counter() - start:.1f} s')
 
 

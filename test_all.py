@@ -732,7 +732,7 @@ from model import SMALL_CONFIG
 DEMOS = {
     'tokenizer': (['--config', 'small'], 'tokenizer.png', (3, 4, True, True, False), 12),
     'project': (['--samples', '2'], 'project.png', (2, 3, True, True, False), 6),
-    'teacher': (['--weights', 'tiny'], 'teacher.png', (3, 3, True, True, False), 9),
+    'teacher': (['--weights', 'tiny'], 'teacher.png', (2, 7, False, False, True), 13),   # 13 classes
     'mask': (['--mask_ratio', '0.6', '--config', 'small', '--teacher_weights', 'tiny'], 'mask.png',
              (2, 5, True, True, False), 10),
     'model': (['--ckpt', 'none', '--steps', '2'], 'model.png', (3, 3, True, True, False), 9),
@@ -820,9 +820,11 @@ def test_teacher_demo_is_the_same_on_every_run_and_states_the_real_range(demo_ou
     stdout, image = demo_output('teacher')
     run_demo('teacher', tmp_path, DEMOS['teacher'][0])
     assert np.array_equal(np.asarray(Image.open(tmp_path / 'teacher.png').convert('RGB')), image)
-    xyz, _ = data.make_synthetic(1, num_points=2048, seed=2)
+    xyz, labels = data.make_synthetic(13 * 16, num_points=2048, seed=2)
+    one_per_class = xyz[[labels.tolist().index(k) for k in range(13)]]
     vit, _ = pictures.picture_teacher('tiny')
-    _, saliency = teacher_features_and_saliency(vit, normalize_images(project_depth_images(xyz, vit.image_size)[0]))
+    images = project_depth_images(one_per_class, vit.image_size)[0][2 * 13:]     # the third view of each
+    _, saliency = teacher_features_and_saliency(vit, normalize_images(images))
     assert f'{saliency.min():.4f} to {saliency.max():.4f}' in stdout
 
 
