@@ -353,6 +353,7 @@ def finetune(classifier, train, test, args, run, resume=None, extra=None):
                 save('best.pt', epoch + 1, 0)
             sums.zero_()
             save('last.pt', epoch + 1, 0)
+            run.keep_snapshot(epoch + 1, args.save_every)
             if stop.now(process):
                 run.log(f'stopped after epoch {epoch}; continue with --resume {run.path("last.pt")}')
                 raise SystemExit(130)

@@ -206,8 +206,9 @@ def build(args, process):
             demo_teacher(process.device)   # trains it, saying so
         try:
             teacher, described = build_teacher(weights_file, args.teacher_arch)
-        except (RuntimeError, ValueError, FileNotFoundError) as error:
-            raise SystemExit(f'--teacher_weights {args.teacher_weights}: {error}') from None
+        except Exception as error:   # no weights, a file torch.load cannot read, a state_dict of another ViT ...
+            raise SystemExit(f'--teacher_weights {args.teacher_weights}: {type(error).__name__}: '
+                             f'{str(error).splitlines()[0] if str(error) else "unreadable"}') from None
         weights_file = weights_file if os.path.isfile(weights_file) else None
         teacher = teacher.to(process.device)
     identity = f'sha256 {file_sha256(weights_file)}' if weights_file else described

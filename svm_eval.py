@@ -231,9 +231,11 @@ def main(args):
     run = None
     if args.run_name:   # an SVM run folder: args.json, log.jsonl (a header record, then the result)
         run = Run(os.path.join('runs', args.run_name), Process(device))
-        run.claim(overwrite=args.overwrite)
-        run.start(args, model_config=asdict(student.cfg), checkpoint=path, checkpoint_sha256=file_sha256(path),
-                  trained_with=trained_with)
+        if os.path.realpath(os.path.dirname(path)) == os.path.realpath(run.folder):
+            raise SystemExit(f'--run_name {args.run_name}: {path} is in that folder; keep the SVM result in another '
+                             f'one (e.g. --run_name {args.run_name}-svm)')
+        run.claim(overwrite=args.overwrite)   # checks (and --overwrite clears) the folder; written after the SVM,
+        checkpoint_sha256 = file_sha256(path)  # so a failed evaluation leaves nothing that blocks a retry
     print(f'linear SVM on {args.data} with the {"RANDOMLY INITIALISED" if args.random_init else "pre-trained"} '
           f'encoder of {path}\n  model {asdict(student.cfg)}')
     start = time.time()
@@ -247,6 +249,8 @@ def main(args):
     if run is None:
         print(line)
     else:
+        run.start(args, model_config=asdict(student.cfg), checkpoint=path, checkpoint_sha256=checkpoint_sha256,
+                  trained_with=trained_with)
         run.log(line, accuracy=accuracy, C=C, C_by_cross_validation=chosen, n_train=n_train, n_test=n_test,
                 seconds=time.time() - start, checkpoint=path, features=args.save_features)
     return accuracy

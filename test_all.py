@@ -1724,6 +1724,14 @@ def finetune_run(name, ckpt, *flags):
                                               '--val_fraction', '0.25', '--log_every', '1', '--run_name', name, *flags]))
 
 
+def test_finetune_save_every_keeps_a_snapshot_equal_to_that_epoch_last_pt(pretrain_checkpoint, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    use_small_splits(monkeypatch)
+    finetune_run('snap', pretrain_checkpoint, '--save_every', '1', '--epochs', '1')
+    assert sorted(f for f in os.listdir('runs/snap') if f.endswith('.pt')) == ['best.pt', 'epoch-1.pt', 'last.pt']
+    assert_same_weights(saved_weights('runs/snap/epoch-1.pt'), saved_weights('runs/snap/last.pt'))
+
+
 def test_ctrl_c_inside_a_finetuning_step_then_resume_is_bit_identical(pretrain_checkpoint, tmp_path, monkeypatch):
     """As for pre-training: after the data draw, inside the classifier, after optimizer.step();
     the same final weights (last.pt and best.pt) and the same log, every record once."""
@@ -1821,6 +1829,9 @@ def test_fewshot_runs_every_fold_and_reports_mean_and_std(pretrain_checkpoint, t
     assert mean == pytest.approx(np.mean(accuracies)) and std == pytest.approx(np.std(accuracies))
     out = capsys.readouterr().out
     assert f'3-way 4-shot: {mean:.2f} ± {std:.2f}' in out and out.count('final-epoch test accuracy') == 3
+    # as Point-MAE's few-shot config: a 40-way head whatever the fold's way (labels 0..way-1)
+    checkpoint = read_checkpoint('runs/finetune-fewshot/last.pt')
+    assert checkpoint['num_classes'] == 40 and checkpoint['model']['cls_head.8.weight'].shape[0] == 40
 
 
 def test_finetune_bad_inputs_are_explained(pretrain_checkpoint, tmp_path, monkeypatch, capsys):
@@ -1879,6 +1890,36 @@ def test_random_init_baseline_gets_batchnorm_statistics_of_the_data_without_stoc
     assert torch.allclose(bn.running_var, x.var(1), rtol=1e-4)   # unbiased, as BatchNorm keeps it
     assert block_modes == [False]                                # drop-path off while calibrating
     assert not student.training
+
+
+def test_scanobjectnn_svm_training_clouds_are_shuffled_point_wise_by_the_seed():
+    clouds = torch.arange(2 * 5 * 3, dtype=torch.float32).view(2, 5, 3)
+    once, again, other = (svm_eval.shuffle_points(clouds, seed) for seed in (0, 0, 1))
+    assert torch.equal(once, again) and not torch.equal(once, other) and not torch.equal(once, clouds)
+    for shuffled in (once, other):   # each cloud keeps its own points, rows intact, in another order
+        for cloud, original in zip(shuffled, clouds):
+            assert sorted(map(tuple, cloud.tolist())) == sorted(map(tuple, original.tolist()))
+
+
+def test_svm_eval_run_folder_keeps_the_result_and_never_the_checkpoint_it_reads(pretrain_checkpoint, tmp_path,
+                                                                                monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    os.makedirs('runs/pre')
+    shutil.copy(pretrain_checkpoint, 'runs/pre/last.pt')
+    flags = ['--ckpt', 'runs/pre/last.pt', '--num_points', '64', '--C', '1', '--gpu', '-1']
+    with pytest.raises(SystemExit, match='runs/pre/last.pt is in that folder'):
+        svm_eval.main(svm_eval.parse_args([*flags, '--run_name', 'pre', '--overwrite']))
+    assert os.path.isfile('runs/pre/last.pt')
+    with monkeypatch.context() as patch:   # an evaluation that fails leaves nothing that blocks a retry
+        patch.setattr(svm_eval, 'evaluate', lambda *a, **k: (_ for _ in ()).throw(RuntimeError('out of memory')))
+        with pytest.raises(RuntimeError):
+            svm_eval.main(svm_eval.parse_args([*flags, '--run_name', 'svm']))
+    accuracy = svm_eval.main(svm_eval.parse_args([*flags, '--run_name', 'svm', '--save_features', 'f.npz']))
+    records = [json.loads(line) for line in open('runs/svm/log.jsonl')]
+    assert [bool(r.get('header')) for r in records] == [True, False]   # the failed attempt wrote nothing
+    assert records[-1]['accuracy'] == accuracy and records[-1]['C'] == 1
+    features = np.load('f.npz')
+    assert features['train_x'].shape[1] == TINY.encoder_dims[-1] and len(features['test_y']) == records[-1]['n_test']
 
 
 def test_svm_eval_without_a_checkpoint_says_to_pretrain(tmp_path, monkeypatch):
