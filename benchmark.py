@@ -1,17 +1,110 @@
 """
-benchmark.py: where the time and memory of one pre-training step go (`python pretrain.py --benchmark`).
+benchmark.py: where the time, the kernel launches, the host-device syncs and the memory of one
+pre-training step go (`python pretrain.py --benchmark`).
 
 Runs `pretrain.pretrain_step` on random clouds with the configuration pretrain.py's flags give,
 2 warm-up steps then --benchmark_steps timed ones, and prints milliseconds per stage
 (tokenize / project / teacher / mask / student forward / backward / optimizer), samples/s and
-peak memory. Numbers measured with it are in the README ("Speed and memory").
+peak memory. One more step then runs under two counters, stage by stage:
+  ATen ops      every operation PyTorch dispatches (a TorchDispatchMode), split into ops that
+                launch work on the device and views/metadata ops that launch nothing
+  host syncs    calls that make the host wait for the device (a TorchFunctionMode): .item(),
+                .tolist(), bool()/int()/float() of a tensor, boolean-mask indexing, nonzero,
+                multinomial (it checks its input on the host), .cpu()/.numpy(), tensors made from
+                Python data on a device, ... On a CPU nothing really waits, so this counts the calls
+                that would sync on a GPU; on a GPU, torch.cuda.set_sync_debug_mode counts as well.
+Numbers measured with it are in the README ("Speed and memory").
 """
 import resource
 import time
+import warnings
+from collections import Counter
 
 import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from pretrain import param_groups, pretrain_step
+
+# ATen ops that allocate or relabel memory without launching a kernel (besides views)
+NO_KERNEL = {'empty', 'empty_strided', 'detach', 'lift_fresh', '_unsafe_view', 'alias', 'set_', 'resize_',
+             '_reshape_alias', 'sym_size', 'sym_stride', 'sym_numel', 'is_same_size', '_local_scalar_dense'}
+# Python-level calls that read a device tensor's value or size on the host
+SYNC_CALLS = {'item', 'tolist', '__bool__', '__int__', '__float__', '__index__', 'numpy', 'cpu', 'nonzero',
+              'argwhere', 'masked_select', 'unique', 'unique_consecutive', 'multinomial', 'equal', 'allclose',
+              'bincount', 'histc', 'nonzero_static'}
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts dispatched ATen ops: `kernels` launch work on the device, `views` only relabel memory."""
+    def __init__(self):
+        super().__init__()
+        self.kernels, self.views = 0, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.is_view or func.overloadpacket.__name__ in NO_KERNEL:
+            self.views += 1
+        else:
+            self.kernels += 1
+        return func(*args, **(kwargs or {}))
+
+
+def has_bool_index(index):
+    items = index if isinstance(index, (tuple, list)) else (index,)
+    return any(torch.is_tensor(i) and i.dtype in (torch.bool, torch.uint8) for i in items)
+
+
+class SyncCounter(TorchFunctionMode):
+    """Counts the Python-level calls that wait for the device, by name (see the file docstring)."""
+    def __init__(self):
+        super().__init__()
+        self.calls = Counter()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, '__name__', '')
+        if (name in SYNC_CALLS
+                or (name in ('__getitem__', '__setitem__') and has_bool_index(args[1]))
+                or (name in ('tensor', 'as_tensor') and kwargs.get('device') is not None)
+                or (name == 'to' and any(str(a) == 'cpu' for a in list(args[1:]) + list(kwargs.values())))
+                or (name == 'repeat_interleave' and 'output_size' not in kwargs and torch.is_tensor(args[-1]))):
+            self.calls[name] += 1
+        return func(*args, **kwargs)
+
+    @property
+    def total(self):
+        return sum(self.calls.values())
+
+
+class StageCounts:
+    """Ops and syncs per stage: `clock(stage)` books what ran since the previous call to `stage`."""
+    def __init__(self, device):
+        self.ops, self.syncs = OpCounter(), SyncCounter()
+        self.device, self.cuda_syncs = device, []
+        self.table, self.last = {}, (0, 0, Counter(), 0)
+
+    def __enter__(self):
+        if self.device.type == 'cuda':
+            self.caught = warnings.catch_warnings(record=True)
+            self.cuda_syncs = self.caught.__enter__()
+            warnings.simplefilter('always')
+            torch.cuda.set_sync_debug_mode('warn')
+        self.ops.__enter__()
+        self.syncs.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.syncs.__exit__(*exc)
+        self.ops.__exit__(*exc)
+        if self.device.type == 'cuda':
+            torch.cuda.set_sync_debug_mode(0)
+            self.caught.__exit__(*exc)
+
+    def __call__(self, stage):
+        now = (self.ops.kernels, self.ops.views, self.syncs.calls.copy(), len(self.cuda_syncs))
+        kernels, views, calls, cuda = (a - b for a, b in zip(now, self.last))
+        self.table[stage] = (kernels, views, calls, cuda)
+        self.last = (now[0], now[1], now[2], now[3])
 
 
 def peak_memory_mb(device):
@@ -21,7 +114,8 @@ def peak_memory_mb(device):
 
 
 def benchmark_pretrain_step(args, device, teacher, student):
-    """Milliseconds per stage of one training step, samples/s and peak memory, on random clouds."""
+    """Milliseconds per stage of one training step, samples/s and peak memory, on random clouds;
+    then ATen ops and host syncs per stage of one more step."""
     optimizer = torch.optim.AdamW(param_groups(student, args.weight_decay), lr=args.lr)
     sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
     times = {}
@@ -31,15 +125,8 @@ def benchmark_pretrain_step(args, device, teacher, student):
         now = time.perf_counter()
         times[stage] = times.get(stage, 0.0) + now - clock.last
         clock.last = now
-    xyz = torch.randn(args.batch_size, args.num_points, 3, device=device)
-    xyz = xyz / xyz.norm(dim=-1).amax(1)[:, None, None]
-    for step in range(2 + args.benchmark_steps):
-        if step == 2:
-            times.clear()
-            if device.type == 'cuda':
-                torch.cuda.reset_peak_memory_stats(device)
-        sync()
-        clock.last = time.perf_counter()
+
+    def step(clock):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
             loss_3d, loss_2d = pretrain_step(student, teacher, xyz, args, clock)
             clock('student forward')
@@ -48,14 +135,37 @@ def benchmark_pretrain_step(args, device, teacher, student):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         clock('optimizer')
+    xyz = torch.randn(args.batch_size, args.num_points, 3, device=device)
+    xyz = xyz / xyz.norm(dim=-1).amax(1)[:, None, None]
+    for i in range(2 + args.benchmark_steps):
+        if i == 2:
+            times.clear()
+            if device.type == 'cuda':
+                torch.cuda.reset_peak_memory_stats(device)
+        sync()
+        clock.last = time.perf_counter()
+        step(clock)
+    memory = peak_memory_mb(device)
+    with StageCounts(device) as counts:
+        step(counts)
     n = args.benchmark_steps
     total = sum(times.values()) / n
     print(f'\nbenchmark: config {args.config}, batch {args.batch_size}, {args.num_points} points, '
           f'{device}, amp {args.amp}, {torch.get_num_threads()} threads, mean of {n} steps')
-    print(f'{"stage":<18}{"ms / step":>12}')
+    print(f'{"stage":<18}{"ms / step":>12}{"ATen ops":>10}{"(views)":>9}{"syncs":>7}  sync calls')
     for stage, seconds in times.items():
-        print(f'{stage:<18}{1000 * seconds / n:>12.1f}')
+        kernels, views, calls, _ = counts.table[stage]
+        print(f'{stage:<18}{1000 * seconds / n:>12.1f}{kernels:>10}{views:>9}{sum(calls.values()):>7}  '
+              + ', '.join(f'{k} x{v}' for k, v in sorted(calls.items())))
+    rows = [v for stage, v in counts.table.items() if stage != 'teacher']
+    kernels, views, syncs = (sum(r[0] for r in rows), sum(r[1] for r in rows), sum(sum(r[2].values()) for r in rows))
     print(f'{"step":<18}{1000 * total:>12.1f}')
-    print(f'{"step w/o teacher":<18}{1000 * (total - times.get("teacher", 0) / n):>12.1f}')
-    print(f'samples/s {args.batch_size / total:.1f}; peak memory {peak_memory_mb(device):.0f} MB '
+    print(f'{"step w/o teacher":<18}{1000 * (total - times.get("teacher", 0) / n):>12.1f}{kernels:>10}{views:>9}{syncs:>7}')
+    print(f'samples/s {args.batch_size / total:.1f}; peak memory {memory:.0f} MB '
           f'({"GPU allocated" if device.type == "cuda" else "process RSS"})')
+    print('ATen ops: dispatched operations counted by a TorchDispatchMode in one more step (forward, backward, '
+          'optimizer); "(views)" launch no kernel and are not in the count before them.')
+    print('syncs: calls that make the host wait for the device (.item, .tolist, bool/int of a tensor, boolean-mask '
+          'indexing, nonzero, multinomial, tensors from Python data on a device ...), counted by a TorchFunctionMode'
+          + (f'; CUDA sync debug mode saw {sum(r[3] for r in rows)} (teacher excluded)' if device.type == 'cuda'
+             else '; on a CPU nothing waits: these are the calls that would sync on a GPU'))
