@@ -24,6 +24,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from tokenizer import farthest_point_sample
 from pretrain import param_groups, pretrain_step
 
 # ATen ops that allocate or relabel memory without launching a kernel (besides views)
@@ -116,7 +117,8 @@ def peak_memory_mb(device):
 def benchmark_pretrain_step(args, device, teacher, student):
     """Milliseconds per stage of one training step, samples/s and peak memory, on random clouds;
     then ATen ops and host syncs per stage of one more step."""
-    optimizer = torch.optim.AdamW(param_groups(student, args.weight_decay), lr=args.lr)
+    # fused: one kernel per step for all parameters (a loop over them would launch ~10 per tensor)
+    optimizer = torch.optim.AdamW(param_groups(student, args.weight_decay), lr=args.lr, fused=True)
     sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
     times = {}
 
@@ -148,6 +150,9 @@ def benchmark_pretrain_step(args, device, teacher, student):
     memory = peak_memory_mb(device)
     with StageCounts(device) as counts:
         step(counts)
+    with torch.no_grad(), StageCounts(device) as fps:   # the FPS loop alone, as the tokenizer runs it
+        farthest_point_sample(xyz, student.cfg.num_groups[0])
+        fps('fps')
     n = args.benchmark_steps
     total = sum(times.values()) / n
     print(f'\nbenchmark: config {args.config}, batch {args.batch_size}, {args.num_points} points, '
@@ -163,9 +168,13 @@ def benchmark_pretrain_step(args, device, teacher, student):
     print(f'{"step w/o teacher":<18}{1000 * (total - times.get("teacher", 0) / n):>12.1f}{kernels:>10}{views:>9}{syncs:>7}')
     print(f'samples/s {args.batch_size / total:.1f}; peak memory {memory:.0f} MB '
           f'({"GPU allocated" if device.type == "cuda" else "process RSS"})')
-    print('ATen ops: dispatched operations counted by a TorchDispatchMode in one more step (forward, backward, '
-          'optimizer); "(views)" launch no kernel and are not in the count before them.')
+    fps_kernels = fps.table['fps'][0]
+    print(f'ATen ops: operations dispatched in one more step (tokens, mask, forward, backward, AdamW(fused=True); '
+          f'the teacher on its own line), counted by a TorchDispatchMode; "(views)" launch no kernel and are not '
+          f'counted before them. The FPS loop makes {fps_kernels} of them'
+          + (f' (on a GPU it is one CUDA graph replay, so the step launches about {kernels - fps_kernels + 3})'
+             if device.type != 'cuda' else ' (one CUDA graph replay)') + '.')
     print('syncs: calls that make the host wait for the device (.item, .tolist, bool/int of a tensor, boolean-mask '
           'indexing, nonzero, multinomial, tensors from Python data on a device ...), counted by a TorchFunctionMode'
           + (f'; CUDA sync debug mode saw {sum(r[3] for r in rows)} (teacher excluded)' if device.type == 'cuda'
-             else '; on a CPU nothing waits: these are the calls that would sync on a GPU'))
+             else '; on a CPU nothing waits: these are the calls that would sync on a GPU') + '.')

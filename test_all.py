@@ -496,6 +496,18 @@ def test_3nn_interpolation_is_exact_at_shared_centres_far_from_the_origin():
         assert torch.allclose(interpolate_3nn(fine, coarse_xyz, coarse)[:, ::4].float(), coarse, atol=1e-2)
 
 
+def test_token_embedding_applies_the_concat_conv_in_halves_exactly_enough():
+    """Convolving [max; member] equals the max half once per token plus the member half per member."""
+    from model import TokenEmbed, init_encoder_weights
+    torch.manual_seed(0)
+    embed = TokenEmbed(3, 16, 32, 64, 24).apply(init_encoder_weights)
+    members = torch.randn(2, 10, 8, 3, dtype=torch.float64) * 0.1
+    embed = embed.double().train()
+    x = embed.first_conv(members.reshape(20, 8, 3).transpose(1, 2))
+    whole = embed.second_conv(torch.cat([x.max(2, keepdim=True).values.expand(-1, -1, 8), x], 1)).max(2).values
+    assert torch.allclose(embed(members), whole.view(2, 10, 24), rtol=0, atol=1e-12)
+
+
 def test_attention_bias_blocks_padding_or_far_centres():
     from model import attention_bias
     centers = torch.tensor([[[0.0, 0, 0], [1.0, 0, 0], [0.0, 0, 0]]])     # token 2 is padding
@@ -749,6 +761,34 @@ def test_shapenet_reader_reads_npy_list_and_normalises(tmp_path):
         data.load_split('shapenet', 'test', data_root=str(tmp_path))
 
 
+def write_shapenet(root, names, num_points=100, seed=0):
+    rng = np.random.default_rng(seed)
+    (root / 'ShapeNet55-34' / 'shapenet_pc').mkdir(parents=True, exist_ok=True)
+    (root / 'ShapeNet55-34' / 'ShapeNet-55').mkdir(exist_ok=True)
+    for name in names:
+        np.save(root / 'ShapeNet55-34' / 'shapenet_pc' / name, rng.normal(size=(num_points, 3)).astype(np.float32))
+    (root / 'ShapeNet55-34' / 'ShapeNet-55' / 'train.txt').write_text('\n'.join(names) + '\n')
+
+
+def test_shapenet_is_read_once_into_one_memory_mapped_array(tmp_path, monkeypatch):
+    names = [f'02691156-{i:03d}.npy' for i in range(5)]
+    write_shapenet(tmp_path, names)
+    first = data.load_split('shapenet', 'train', data_root=str(tmp_path), num_points=64, seed=3)
+    folder = tmp_path / 'ShapeNet55-34'
+    written = sorted(p.name for p in folder.iterdir() if p.is_file())
+    assert len(written) == 1 and written[0].startswith('shapenet55_train_64pts_seed3_') and written[0].endswith('.npy')
+    monkeypatch.setattr(data, 'read_npy', lambda *a: pytest.fail('read a shape file again'))
+    again = data.load_split('shapenet', 'train', data_root=str(tmp_path), num_points=64, seed=3)
+    assert torch.equal(again.points, first.points)                       # the same tensor, bit for bit
+    if os.path.exists('/proc/self/maps'):                                # mapped, not read into this process
+        assert str(folder / written[0]) in open('/proc/self/maps').read()
+    monkeypatch.undo()
+    (folder / 'ShapeNet-55' / 'train.txt').write_text('\n'.join(names[:4]) + '\n')   # another list: another file
+    assert len(data.load_split('shapenet', 'train', data_root=str(tmp_path), num_points=64, seed=3).points) == 4
+    assert len([p for p in folder.iterdir() if p.suffix == '.npy']) == 2
+    assert not [p for p in folder.iterdir() if p.name.endswith('.tmp')]
+
+
 def test_modelnet40_dat_reader_drops_normals(tmp_path):
     rng = np.random.default_rng(1)
     folder = tmp_path / 'ModelNet' / 'modelnet40_normal_resampled'
@@ -968,6 +1008,35 @@ def test_fps_subsample_gathers_farthest_point_sample():
     xyz = torch.randn(3, 100, 3)
     expected = torch.stack([xyz[b, tokenizer.farthest_point_sample(xyz, 16)[b]] for b in range(3)])
     assert torch.equal(data.fps_subsample(xyz, 16), expected)
+
+
+def test_fps_pool_holds_official_fps_samplings_from_random_starts():
+    """Each pooled sampling is FPS (from index 0) of a randomly shuffled cloud, as the official loader's."""
+    points = torch.randn(5, 300, 3, generator=torch.Generator().manual_seed(0))
+    pool = data.fps_pool(points, 40, pool_size=6, seed=1, batch_size=2)
+    assert pool.shape == (5, 6, 40)
+    for s in range(5):
+        for p in range(6):
+            picked = pool[s, p]
+            assert len(set(picked.tolist())) == 40
+            # FPS from the sampling's own first point picks the same points (ties aside: none here)
+            shuffled = torch.cat([points[s, picked[:1]], points[s]])             # start at that point
+            again = farthest_point_sample(shuffled[None], 40)[0] - 1
+            again[0] = picked[0]
+            assert torch.equal(again, picked)
+    assert len(set(pool[:, :, 0].flatten().tolist())) > 20                       # the starts differ
+    assert torch.equal(pool, data.fps_pool(points, 40, pool_size=6, seed=1))     # seeded, batch size aside
+
+
+def test_draw_from_fps_pool_picks_each_pooled_sampling_uniformly():
+    points = torch.randn(2, 50, 3)
+    pool = torch.stack([torch.arange(10) + 10 * p for p in range(4)])[None].expand(2, -1, -1)   # (2, 4, 10)
+    g = torch.Generator().manual_seed(0)
+    drawn = [data.draw_from_fps_pool(points, pool, generator=g) for _ in range(2000)]
+    which = torch.stack([torch.cdist(d[:, :1], points).argmin(-1)[:, 0] // 10 for d in drawn])   # (2000, 2)
+    assert torch.equal(drawn[0][1], points[1, pool[1, which[0, 1]]])
+    counts = torch.bincount(which.flatten(), minlength=4).float() / which.numel()
+    assert (counts - 0.25).abs().max() < 0.03
 
 
 # ---------------------------------------------------------------- pretrain.py
