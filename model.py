@@ -383,9 +383,19 @@ class I2PMAE(nn.Module):
             return loss_3d, torch.zeros_like(loss_3d)
         visible = true_positions(~masks[h], sum(counts[h]))                    # (L_visible,)
         rec_2d = self.head_2d(x[visible]).view(-1, K, target_2d.shape[-1])     # (L_visible, K, V*C)
-        return loss_3d, F.mse_loss(rec_2d, target_2d)
+        return loss_3d, ((rec_2d - target_2d) ** 2).mean()   # F.mse_loss, keeping only the difference for backward
 
     forward = pretrain_losses   # so DistributedDataParallel can wrap the student
+
+
+def compile_student(model):
+    """torch.compile for the student's forward and backward (the flag --compile): returns the
+    compiled module, which shares its parameters with `model` (save and load `model` itself).
+
+    The student's forward has no graph breaks. Each step's visible-token counts change some
+    shapes, so the first steps compile a few times until torch marks those sizes dynamic.
+    """
+    return torch.compile(model)
 
 
 # ------------------------------------------------------------------ fine-tuning model

@@ -1218,8 +1218,34 @@ def test_ddp_two_cpu_processes_agree_on_the_weights(tmp_path):
 def test_benchmark_prints_a_stage_table(capsys):
     pretrain.main(parse_args(PRETRAIN_FLAGS + ['--benchmark', '--benchmark_steps', '1']))
     out = capsys.readouterr().out
-    for stage in ('tokenize', 'project', 'teacher', 'mask', 'student forward', 'backward', 'optimizer', 'samples/s'):
+    for stage in ('tokenize', 'project', 'teacher', 'mask', 'student forward', 'backward', 'optimizer', 'samples/s',
+                  'ATen ops', 'syncs', 'FPS loop'):
         assert stage in out
+    step_row = next(line for line in out.splitlines() if line.startswith('step w/o teacher')).split()
+    assert int(step_row[-1]) == 1                                       # the visible-count read
+
+
+def test_pretrain_step_waits_for_the_device_once():
+    """One read per step (the visible-token counts); the old step made ~28 (checks, packing, indexing)."""
+    from benchmark import SyncCounter
+    student, teacher = tiny_student_and_teacher()
+    for flags in ([], ['--mask', 'random'], ['--no_2d_target']):
+        with SyncCounter() as syncs:
+            loss_3d, loss_2d = pretrain_step(student, teacher, torch.rand(3, 128, 3), parse_args(['--data', 'shapenet'] + flags))
+            (loss_3d + loss_2d).backward()
+        assert dict(syncs.calls) == {'tolist': 1}, flags
+
+
+def test_benchmark_svm_and_fps_modes_print_their_numbers(capsys, monkeypatch):
+    import benchmark
+    monkeypatch.setattr(sys, 'argv', ['benchmark.py', 'svm', '--config', 'small', '--batch_size', '2',
+                                      '--num_points', '256', '--steps', '1', '--gpu', '-1'])
+    benchmark.main()
+    monkeypatch.setattr(sys, 'argv', ['benchmark.py', 'fps', '--batch_size', '2', '--num_points', '300',
+                                      '--samples', '40', '--pool_size', '2', '--steps', '1', '--gpu', '-1'])
+    benchmark.main()
+    out = capsys.readouterr().out
+    assert 'shapes/s' in out and 'syncs per batch' in out and 'draw from the pool' in out
 
 
 # ---------------------------------------------------------------- svm_eval.py and finetune.py
