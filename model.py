@@ -151,7 +151,7 @@ class TokenEmbed(nn.Module):
         pooled = x.max(dim=2, keepdim=True).values                             # (B*G, c_mid, 1)
         concat_conv, *rest = self.second_conv                                  # applied to [pooled; x]
         w_pooled, w_member = concat_conv.weight.split(x.shape[1], dim=1)
-        x = F.conv1d(x, w_member) + F.conv1d(pooled, w_pooled, concat_conv.bias)   # (B*G, hidden2, K)
+        x = F.conv1d(x, w_member).add_(F.conv1d(pooled, w_pooled, concat_conv.bias))   # (B*G, hidden2, K)
         for layer in rest:
             x = layer(x)
         return x.max(dim=2).values.view(B, G, -1)                             # (B*G, c_out) per token
@@ -383,19 +383,23 @@ class I2PMAE(nn.Module):
             return loss_3d, torch.zeros_like(loss_3d)
         visible = true_positions(~masks[h], sum(counts[h]))                    # (L_visible,)
         rec_2d = self.head_2d(x[visible]).view(-1, K, target_2d.shape[-1])     # (L_visible, K, V*C)
-        return loss_3d, ((rec_2d - target_2d) ** 2).mean()   # F.mse_loss, keeping only the difference for backward
+        return loss_3d, F.mse_loss(rec_2d, target_2d)
 
     forward = pretrain_losses   # so DistributedDataParallel can wrap the student
 
 
 def compile_student(model):
-    """torch.compile for the student's forward and backward (the flag --compile): returns the
-    compiled module, which shares its parameters with `model` (save and load `model` itself).
+    """torch.compile the parts of the student whose shapes are the same at every step (the flag
+    --compile): the token embeddings, which hold most of a step's arithmetic, and the decoder's
+    upsampling. In place (the state_dict keeps its keys); returns the model.
 
-    The student's forward has no graph breaks. Each step's visible-token counts change some
-    shapes, so the first steps compile a few times until torch marks those sizes dynamic.
+    The encoder's transformer blocks see a different number of visible tokens at every step, and
+    compiling them (or the whole student: it has no graph breaks) recompiles for new sizes.
     """
-    return torch.compile(model)
+    for module in model.modules():
+        if isinstance(module, (TokenEmbed, TokenPropagation)):
+            module.compile(dynamic=False)
+    return model
 
 
 # ------------------------------------------------------------------ fine-tuning model

@@ -1014,7 +1014,8 @@ def test_fps_pool_holds_official_fps_samplings_from_random_starts():
     """Each pooled sampling is FPS (from index 0) of a randomly shuffled cloud, as the official loader's."""
     points = torch.randn(5, 300, 3, generator=torch.Generator().manual_seed(0))
     pool = data.fps_pool(points, 40, pool_size=6, seed=1, batch_size=2)
-    assert pool.shape == (5, 6, 40)
+    assert pool.shape == (5, 6, 40) and pool.dtype == torch.int16
+    pool = pool.long()
     for s in range(5):
         for p in range(6):
             picked = pool[s, p]
@@ -1025,7 +1026,7 @@ def test_fps_pool_holds_official_fps_samplings_from_random_starts():
             again[0] = picked[0]
             assert torch.equal(again, picked)
     assert len(set(pool[:, :, 0].flatten().tolist())) > 20                       # the starts differ
-    assert torch.equal(pool, data.fps_pool(points, 40, pool_size=6, seed=1))     # seeded, batch size aside
+    assert torch.equal(pool, data.fps_pool(points, 40, pool_size=6, seed=1).long())   # seeded, batch size aside
 
 
 def test_draw_from_fps_pool_picks_each_pooled_sampling_uniformly():
