@@ -393,8 +393,10 @@ def compile_student(model):
     --compile): the token embeddings, which hold most of a step's arithmetic, and the decoder's
     upsampling. In place (the state_dict keeps its keys); returns the model.
 
-    The encoder's transformer blocks see a different number of visible tokens at every step, and
-    compiling them (or the whole student: it has no graph breaks) recompiles for new sizes.
+    The encoder's transformer blocks see a different number of visible tokens at every step.
+    Compiling the whole student (its forward has no graph breaks) fails in torch 2.14 once those
+    numbers become symbolic sizes, so only the fixed-shape parts are compiled. On a CPU it gains
+    nothing (README, "Speed and memory").
     """
     for module in model.modules():
         if isinstance(module, (TokenEmbed, TokenPropagation)):

@@ -99,9 +99,9 @@ def fps_cuda_graph(shape, dtype, device, n_samples, skip_near_origin):
     It reads from one fixed input buffer and writes to one fixed output buffer, so each call
     copies its points in and the indices out.
     """
-    static_xyz = torch.zeros(shape, dtype=dtype, device=device)
-    try:
-        with torch.no_grad(), torch.autocast('cuda', enabled=False):
+    try:   # plain tensors even if the first call comes under inference_mode (later calls may not)
+        with torch.inference_mode(False), torch.no_grad(), torch.autocast('cuda', enabled=False):
+            static_xyz = torch.zeros(shape, dtype=dtype, device=device)
             side = torch.cuda.Stream(device)   # warm up off the main stream, as recording requires
             side.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(side):
@@ -128,9 +128,9 @@ def square_distance(query, ref):
     so that ties and near-ties order the same way.
     """
     B, M, N = query.shape[0], query.shape[1], ref.shape[1]
-    per_axis = [F.mse_loss(query[:, :, None, c].expand(B, M, N), ref[:, None, :, c].expand(B, M, N),
-                           reduction='none') for c in range(3)]      # (q_c - r_c)^2, one op each
-    return per_axis[0] + per_axis[1] + per_axis[2]
+    x, y, z = (F.mse_loss(query[:, :, None, c].expand(B, M, N), ref[:, None, :, c].expand(B, M, N),
+                          reduction='none') for c in range(3))        # (q_c - r_c)^2, one op each
+    return x.add_(y).add_(z)                                          # (x + y) + z, in place
 
 
 def knn_indices(query, ref, k):
