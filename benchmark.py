@@ -232,7 +232,7 @@ def benchmark_finetune_fps(args, device):
     """Fine-tuning's per-step FPS (samples of points, from a random start) against a draw from fps_pool."""
     points = random_clouds(args.batch_size, args.num_points, device)
     sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
-    shuffle = torch.rand(args.batch_size, args.num_points, device=device).argsort(dim=1)
+    shuffle = torch.rand(args.batch_size, args.num_points, generator=torch.Generator().manual_seed(1)).argsort(dim=1).to(device)
 
     def per_step():   # what finetune.py does today: shuffle, FPS from index 0
         shuffled = points.gather(1, shuffle[..., None].expand(-1, -1, 3))
@@ -242,7 +242,8 @@ def benchmark_finetune_fps(args, device):
     sync()
     built = time.perf_counter() - start
     timings = {}
-    for name, f in (('per-step FPS', per_step), ('draw from the pool', lambda: draw_from_fps_pool(points, pool))):
+    draws = torch.Generator(device=device).manual_seed(2)
+    for name, f in (('per-step FPS', per_step), ('draw from the pool', lambda: draw_from_fps_pool(points, pool, draws))):
         f()
         sync()
         start = time.perf_counter()
