@@ -31,7 +31,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from tokenizer import farthest_point_sample
-from model import I2PMAE, ModelConfig, SMALL_CONFIG, compile_student
+from model import I2PMAE, ModelConfig, SMALL_CONFIG
 from data import draw_from_fps_pool, fps_pool
 from pretrain import param_groups, pretrain_step
 
@@ -140,7 +140,6 @@ def benchmark_pretrain_step(args, device, teacher, student):
     before = peak_memory_mb(device)
     # fused: one kernel per step for all parameters (a loop over them would launch ~10 per tensor)
     optimizer = torch.optim.AdamW(param_groups(student, args.weight_decay), lr=args.lr, fused=True)
-    model = compile_student(student) if getattr(args, 'compile', False) else student
     sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
     times = {}
 
@@ -152,7 +151,7 @@ def benchmark_pretrain_step(args, device, teacher, student):
 
     def step(clock):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
-            loss_3d, loss_2d = pretrain_step(model, teacher, xyz, args, clock)
+            loss_3d, loss_2d = pretrain_step(student, teacher, xyz, args, clock)
             clock('student forward')
         (loss_3d + loss_2d).backward()
         clock('backward')

@@ -24,7 +24,7 @@ from tokenizer import build_token_hierarchy, gather_points
 from project import VIEWS, project_depth_images, back_project
 from teacher import build_teacher, normalize_images, teacher_features_and_saliency, tiny_teacher
 from mask import guided_mask, random_mask, hierarchical_masks, visible_counts
-from model import I2PMAE, ModelConfig, SMALL_CONFIG, pack_visible, true_positions
+from model import I2PMAE, ModelConfig, SMALL_CONFIG, compile_student, pack_visible, true_positions
 from data import load_split, random_point_subset, scale_and_translate
 from training import (ArgumentParser, Run, StopOnSignal, add_run_flags, check_ranks_agree, cosine_lr, end_process,
                       epoch_batches, file_sha256, fill_preset, non_negative_float, non_negative_int, param_groups,
@@ -42,7 +42,7 @@ PRESETS = {'shapenet': SHAPENET,
 # flags that may change on --resume: they do not change what the run computes
 MAY_DIFFER = ('epochs', 'resume', 'reseed', 'overwrite', 'run_name', 'gpu', 'data_root', 'log_every', 'svm_every',
               'deterministic', 'benchmark', 'benchmark_steps', 'teacher_weights', 'teacher_arch', 'small_random_teacher',
-              'save_every', 'tensorboard')
+              'save_every', 'tensorboard', 'compile')
 
 
 def parse_args(argv=None):
@@ -87,6 +87,8 @@ def parse_args(argv=None):
     s.add_argument('--max_steps_per_epoch', type=non_negative_int, default=0, help='cut epochs short (tests, quick looks)')
     s.add_argument('--benchmark', action='store_true', help='time the stages of one step and exit')
     s.add_argument('--benchmark_steps', type=positive_int, default=5, help='timed steps after 2 warm-up steps')
+    s.add_argument('--compile', action='store_true', help='torch.compile the student\'s fixed-shape parts (model.'
+                                                          'compile_student): for GPUs; no gain on a CPU')
     args = p.parse_args(argv)
     given_teacher = args.teacher_weights
     fill_preset(args, PRESETS[args.data])
@@ -221,6 +223,8 @@ def main(args):
     process = setup_process(args)
     device, world = process.device, process.world
     teacher, described, teacher_identity, student = build(args, device)
+    if args.compile:   # in place: the state_dict keeps its keys, checkpoints do not change
+        compile_student(student)
     if args.benchmark:   # benchmark.py times this step; it is not part of training
         from benchmark import benchmark_pretrain_step
         return benchmark_pretrain_step(args, device, teacher, student)

@@ -1809,6 +1809,23 @@ def test_benchmark_prints_a_stage_table(capsys):
     assert int(step_row[-1]) == 1                                       # the visible-count read
 
 
+def test_compile_flag_compiles_only_the_fixed_shape_parts_in_place(monkeypatch, capsys):
+    """--compile (off by default) hands the student to model.compile_student, which marks the token
+    embeddings and the decoder's propagation for torch.compile and keeps the state_dict's keys.
+    (Not compiled for real here: that takes ~40 s on a CPU.)"""
+    from model import compile_student
+    assert not parse_args([]).compile
+    handed = []
+    monkeypatch.setattr(pretrain, 'compile_student', handed.append)
+    pretrain.main(parse_args(PRETRAIN_FLAGS + ['--compile', '--benchmark', '--benchmark_steps', '1']))
+    assert len(handed) == 1 and isinstance(handed[0], I2PMAE) and 'student compiled' in capsys.readouterr().out
+    student, _ = tiny_student_and_teacher()
+    keys = list(student.state_dict())
+    assert compile_student(student) is student and list(student.state_dict()) == keys
+    marked = {type(m).__name__ for m in student.modules() if getattr(m, '_compiled_call_impl', None) is not None}
+    assert marked == {'TokenEmbed', 'TokenPropagation'}
+
+
 def test_pretrain_step_waits_for_the_device_once():
     """One read per step (the visible-token counts); the old step made ~28 (checks, packing, indexing)."""
     from benchmark import SyncCounter
@@ -1901,6 +1918,36 @@ def test_finetune_loads_every_pretrained_encoder_tensor_and_learns(pretrain_chec
     assert np.mean(accuracy[-2:]) > accuracy[0] + 15, accuracy
     assert result['test_accuracy'] == result['history'][-1]['test_accuracy']   # the final epoch, not the best
     assert os.path.exists(tmp_path / 'last.pt')
+
+
+def brute_force_fps(cloud, n, start):
+    """Farthest point sampling of one (N, 3) numpy cloud from point `start`, one point at a time."""
+    picked, nearest = [start], np.full(len(cloud), np.inf)
+    for _ in range(n - 1):
+        nearest = np.minimum(nearest, ((cloud - cloud[picked[-1]]) ** 2).sum(axis=1))
+        picked.append(int(nearest.argmax()))
+    return picked
+
+
+def test_finetune_draws_its_train_fps_from_a_pool_of_fps_samplings_built_once(tmp_path, monkeypatch):
+    """--train_fps: the pool of FPS samplings is computed once per run (not per step), and every training
+    read is an exact FPS of its cloud from some start point (brute force, float64: no near-ties)."""
+    generator = torch.Generator().manual_seed(0)
+    split = PointSplit(torch.randn(32, 64, 3, generator=generator), torch.arange(32) % 4, ['a', 'b', 'c', 'd'])
+    args = finetune.parse_args([*TINY_FLAGS, '--config', 'small', '--epochs', '2', '--batch_size', '16',
+                                '--val_fraction', '0', '--test_every', '100', '--warmup_epochs', '0'])
+    args.amp = False
+    built, drawn = [], []
+    monkeypatch.setattr(finetune, 'fps_pool', lambda *a, **k: built.append(1) or data.fps_pool(*a, **k))
+    monkeypatch.setattr(finetune, 'draw_from_fps_pool',
+                        lambda clouds, pool: drawn.append((clouds, data.draw_from_fps_pool(clouds, pool))) or drawn[-1][1])
+    finetune.finetune(Classifier(TINY, 4), split, split, args, Run(str(tmp_path), CPU))
+    assert len(built) == 1 and len(drawn) == 4                                    # 2 epochs x 2 steps, one pool
+    for clouds, views in drawn:
+        assert views.shape == (16, 56, 3)
+        for cloud, view in zip(clouds.double().numpy(), views.double().numpy()):
+            start = int(np.abs(cloud - view[0]).sum(axis=1).argmin())
+            assert np.array_equal(cloud[brute_force_fps(cloud, 56, start)], view)
 
 
 def finetune_run(name, ckpt, *flags):
