@@ -80,6 +80,8 @@ FEWSHOT_CLASSES = 40
 # a fresh BatchNorm's running statistics are 0.9^steps away from their start at momentum 0.1: eval-mode accuracy
 # of a short run can sit at chance until they catch up (finetune says so when it sees it)
 BATCHNORM_CATCH_UP_STEPS = 100
+# FPS samplings per training cloud with --train_fps (training_pool): each read draws one of them
+FPS_POOL_SIZE = 16
 
 
 def parse_args(argv=None):
@@ -189,18 +191,20 @@ def build_classifier(args, num_classes, resume=None):
 
 
 def training_pool(points, args, device):
-    """With --train_fps, the FPS samplings a training read draws from (data.fps_pool): (S, 16, train_fps)
+    """With --train_fps, the FPS samplings a training read draws from (data.fps_pool): (S, P, train_fps)
     point indices on the host, computed once per run on `device`; None without --train_fps.
 
     The official loader shuffles each cloud at every read, so its FPS (from index 0) starts anywhere.
-    Running that FPS (ModelNet40: 1200 of 8192) at every step was ~85% of a step; 16 samplings per
-    cloud from random starts, computed once, keep the moving start at 16/epochs of that cost.
-    deviation: each cloud's FPS start is one of 16 random points drawn once (seeded by --seed), not
+    Running that FPS (ModelNet40: 1200 of 8192) at every step was ~85% of a step; P = 16 samplings
+    per cloud from random starts, computed once, keep the moving start at 16/300 of that cost. A run
+    of fewer epochs gets P = epochs: never more FPS work than one per read.
+    deviation: each cloud's FPS start is one of P random points drawn once (seeded by --seed), not
     a fresh one at every read; the random `points`-subset and the augmentation still vary every read.
     """
     if not args.train_fps:
         return None
-    return fps_pool(points.to(device), args.train_fps, seed=args.seed).cpu()   # ModelNet40: 378 MB of int16
+    samplings = min(FPS_POOL_SIZE, args.epochs)
+    return fps_pool(points.to(device), args.train_fps, samplings, seed=args.seed).cpu()   # ModelNet40: 378 MB of int16
 
 
 def training_view(xyz, args):
