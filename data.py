@@ -19,6 +19,7 @@ Part segmentation (segment.py) reads its own splits, with a part label per point
       the M rows is padding), categories (S,), category_names, category_parts (the part table)
     'synthetic' (the same clouds as load_split's, with parts) or 'shapenetpart' (its text files,
     parsed once and cached); draw_part_points draws the points a step sees, with replacement.
+Fine-tuning on ModelNet40 draws its per-step FPS from a pool computed once: fps_pool, draw_from_fps_pool.
 Demo: python data.py          Shapes: synthetic.py      Tests: test_all.py, sections "data.py", "segment.py"
 """
 import argparse
@@ -29,6 +30,7 @@ import math
 import os
 import pickle
 import time
+import warnings
 import zipfile
 from typing import List, NamedTuple, Optional
 
@@ -225,14 +227,51 @@ def read_shapenet55(data_root, split, num_points=2048, seed=0):
     deviation: the official loader draws a fresh 2048-of-8192 subset every time a shape
     is read; we draw it once at load time (seeded), since keeping all 8192 points of
     ~42k shapes would take 4 GB. Pass num_points=8192 to keep them and subsample per step.
+
+    The first run that reads a split writes the result next to the data as ONE array file,
+    ShapeNet55-34/shapenet55_<split>_<n>pts_seed<seed>_<hash of the list>.npy (atomically:
+    a temporary file, then a rename). Later runs, and every process of a multi-GPU run, map
+    that file into memory instead of reading ~42k files: the operating system keeps one copy
+    of its pages for all processes of a node. Delete it to rebuild it; if the folder is not
+    writable, the split is read file by file as before, with a warning.
     """
     check_split(split)
     root = os.path.join(data_root, 'ShapeNet55-34')
     list_path = require_path(os.path.join(root, 'ShapeNet-55', f'{split}.txt'), SHAPENET_LAYOUT)
-    with open(list_path) as f:
-        names = [line.strip() for line in f if line.strip()]
+    with open(list_path, 'rb') as f:
+        listing = f.read()
+    names = [line.strip() for line in listing.decode().splitlines() if line.strip()]
     if not names:
         raise DataError(f'{list_path}: the split is empty')
+    digest = hashlib.sha1(listing).hexdigest()[:12]          # another list, another file
+    consolidated = os.path.join(root, f'shapenet55_{split}_{num_points}pts_seed{seed}_{digest}.npy')
+    if not os.path.exists(consolidated):
+        clouds = read_shapenet55_files(root, list_path, names, num_points, seed)
+        try:
+            save_array_atomically(consolidated, clouds)
+        except OSError as err:
+            warnings.warn(f'could not write {consolidated} ({err}); every run will read the '
+                          f'{len(names)} files of the split again')
+            return PointSplit(torch.from_numpy(clouds), None, [])
+    # copy-on-write mapping: pages are shared until written (nothing here writes them)
+    return PointSplit(torch.from_numpy(np.load(consolidated, mmap_mode='c')), None, [])
+
+
+def save_array_atomically(path, array):
+    """np.save to a temporary file beside `path`, then rename: readers never see half a file."""
+    temporary = f'{path}.{os.getpid()}.tmp'
+    try:
+        with open(temporary, 'wb') as f:
+            np.save(f, array)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+
+
+def read_shapenet55_files(root, list_path, names, num_points, seed):
+    """The ~42k reads: (S, num_points, 3) float32, each a seeded random subset of its npy, checked
+    (check_clouds) and normalised."""
     rng = np.random.default_rng(seed)
     clouds = np.empty((len(names), num_points, 3), np.float32)       # (S, num_points, 3)
     for i, name in enumerate(names):                                  # load time, not the training loop
@@ -244,7 +283,7 @@ def read_shapenet55(data_root, split, num_points=2048, seed=0):
             raise DataError(f'{path}: {len(cloud)} points, fewer than the {num_points} requested')
         clouds[i] = cloud[rng.permutation(len(cloud))[:num_points]]   # shuffle, keep the first n
     check_clouds(clouds, list_path, [os.path.join(root, 'shapenet_pc', os.path.basename(n)) for n in names])
-    return PointSplit(normalize_unit_sphere(torch.from_numpy(clouds)), None, [])
+    return normalize_unit_sphere(torch.from_numpy(clouds)).numpy()
 
 
 def read_modelnet40_dat(data_root, split, num_points=None):
@@ -711,6 +750,40 @@ def random_point_subset(xyz, n, generator=None):
 def fps_subsample(xyz, n):
     """(B, N, 3) -> (B, n, 3): deterministic farthest point sampling (test-time inputs)."""
     return gather_points(xyz, farthest_point_sample(xyz, n))
+
+
+def fps_pool(points, n, pool_size=16, seed=0, batch_size=256):
+    """(S, N, 3) clouds -> (S, pool_size, n) point indices (int16 where N allows it: ModelNet40's
+    9843 clouds x 16 x 1200 take 378 MB): pool_size farthest-point samplings of n points per cloud,
+    each from a random start, computed once (on the device of `points`).
+
+    The official fine-tuning loader shuffles a cloud at every read and then runs FPS from index 0,
+    so each read's FPS starts at a random point. Running that FPS (ModelNet40: 1200 of 8192, ~85%
+    of a fine-tuning step) every step is the cost this pool removes: each training read draws one
+    of the pool's samplings instead (draw_from_fps_pool). Each pooled sampling is exactly an
+    official one (a random permutation, then FPS from its first point, ties to the earlier point
+    of the permutation).
+    deviation: a cloud's FPS start is one of pool_size drawn once (seeded), not one of all N drawn
+    at every read; the random n-subset and the scaling that follow still vary at every read.
+    """
+    generator = torch.Generator(device=points.device).manual_seed(seed)
+    S, N, _ = points.shape
+    pool = torch.empty(S, pool_size, n, dtype=torch.int16 if N <= 2 ** 15 else torch.int32, device=points.device)
+    for p in range(pool_size):
+        shuffles = torch.rand(S, N, generator=generator, device=points.device).argsort(dim=1)   # (S, N)
+        for start in range(0, S, batch_size):   # batches of clouds bound the memory, not the result
+            shuffle = shuffles[start:start + batch_size]
+            picked = farthest_point_sample(gather_points(points[start:start + batch_size], shuffle), n)
+            pool[start:start + batch_size, p] = shuffle.gather(1, picked).to(pool.dtype)   # shuffle positions -> points
+    return pool
+
+
+def draw_from_fps_pool(xyz, pool, generator=None):
+    """xyz (B, N, 3) and its clouds' pools (B, P, n) -> (B, n, 3): one of each cloud's P pooled
+    samplings, uniformly at random, in its FPS order."""
+    B, P, n = pool.shape
+    choice = torch.randint(P, (B, 1, 1), generator=generator, device=pool.device).expand(-1, -1, n)
+    return gather_points(xyz, pool.gather(1, choice)[:, 0].to(xyz.device, torch.long))
 
 
 # ---------------------------------------------------------------- demo: baselines and a picture

@@ -29,12 +29,19 @@ def mask_from_visible(visible_idx, num_tokens):
 
 
 def guided_mask(saliency, mask_ratio=0.8, generator=None):
-    """2D-guided mask (B, G) bool: sample without replacement from softmax(saliency)."""
-    if saliency.dim() != 2 or not torch.isfinite(saliency).all():
-        raise ValueError(f'saliency must be a finite (B, G) tensor, got shape {tuple(saliency.shape)}')
+    """2D-guided mask (B, G) bool: sample without replacement from softmax(saliency).
+
+    The draw is torch.multinomial's own (the same numbers from the same random stream):
+    token g gets an exponential waiting time q_g ~ Exp(1), and the n largest p_g / q_g are
+    the first n drawn. Written out, because multinomial also checks its input on the host,
+    which waits for the GPU.
+    """
+    if saliency.dim() != 2:
+        raise ValueError(f'saliency must be a (B, G) tensor, got shape {tuple(saliency.shape)}')
     B, G = saliency.shape
     probs = torch.softmax(saliency.float(), dim=1)   # no temperature, as the authors
-    first_drawn = torch.multinomial(probs, num_visible(G, mask_ratio), replacement=False, generator=generator)
+    waiting = torch.empty_like(probs).exponential_(generator=generator)
+    first_drawn = (probs / waiting).topk(num_visible(G, mask_ratio), dim=1).indices
     return mask_from_visible(first_drawn, G)
 
 
@@ -57,6 +64,15 @@ def propagate_mask(is_masked_coarse, neighbor_idx, num_fine):
     votes = (~is_masked_coarse)[:, :, None].expand(-1, -1, K).reshape(B, -1).float()   # (B, Gc*K)
     covered = torch.zeros(B, num_fine, device=neighbor_idx.device).scatter_add_(1, neighbor_idx.reshape(B, -1), votes)
     return covered == 0
+
+
+def visible_counts(masks):
+    """Visible tokens per scale and sample as Python ints, [[n_0, n_1, ...] for each scale].
+
+    Packing the visible tokens needs these sizes on the host; reading them is the one time a
+    training step waits for the GPU, so it is done once, for every scale together.
+    """
+    return torch.stack([(~m).sum(dim=1) for m in masks]).tolist()
 
 
 def hierarchical_masks(is_masked_top, groups):

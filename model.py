@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tokenizer import build_token_hierarchy, gather_points, square_distance
-from mask import hierarchical_masks
+from mask import hierarchical_masks, visible_counts
 
 BLOCKED = -100000.0   # additive attention logit of a blocked pair, as the authors (not -inf: padded rows stay finite)
 
@@ -223,18 +223,25 @@ class TokenEmbed(nn.Module):
     """Mini-PointNet over each token's K members: (B, G, K, C_in) -> (B, G, C_out).
 
     per member: conv, BN, ReLU, conv -> max over K -> concat [max, member] -> conv, BN, ReLU, conv -> max over K
+    The conv after the concat is applied in two halves: the max half is the same for all K members
+    of a token, so its product is computed once per token, not K times (the same sum, added in
+    another order: equal to 1e-7; the scale-0 embedding is most of a step's arithmetic).
     """
     def __init__(self, c_in, hidden, c_mid, hidden2, c_out):
         super().__init__()
-        self.first_conv = nn.Sequential(*conv_bn(c_in, hidden, nn.ReLU()), nn.Conv1d(hidden, c_mid, 1))
-        self.second_conv = nn.Sequential(*conv_bn(2 * c_mid, hidden2, nn.ReLU()), nn.Conv1d(hidden2, c_out, 1))
+        self.first_conv = nn.Sequential(*conv_bn(c_in, hidden, nn.ReLU(inplace=True)), nn.Conv1d(hidden, c_mid, 1))
+        self.second_conv = nn.Sequential(*conv_bn(2 * c_mid, hidden2, nn.ReLU(inplace=True)), nn.Conv1d(hidden2, c_out, 1))
 
     def forward(self, members):
         B, G, K, C = members.shape
         x = self.first_conv(members.reshape(B * G, K, C).transpose(1, 2))     # (B*G, c_mid, K)
-        pooled = x.max(dim=2, keepdim=True).values.expand(-1, -1, K)
-        x = self.second_conv(torch.cat([pooled, x], dim=1))                    # (B*G, c_out, K)
-        return x.max(dim=2).values.view(B, G, -1)
+        pooled = x.max(dim=2, keepdim=True).values                             # (B*G, c_mid, 1)
+        concat_conv, *rest = self.second_conv                                  # applied to [pooled; x]
+        w_pooled, w_member = concat_conv.weight.split(x.shape[1], dim=1)
+        x = F.conv1d(x, w_member).add_(F.conv1d(pooled, w_pooled, concat_conv.bias))   # (B*G, hidden2, K)
+        for layer in rest:
+            x = layer(x)
+        return x.max(dim=2).values.view(B, G, -1)                             # (B*G, c_out) per token
 
 
 class Encoded(NamedTuple):
@@ -244,14 +251,20 @@ class Encoded(NamedTuple):
     order: torch.Tensor    # (B, L) long: token index of each row
 
 
-def pack_visible(is_masked):
+def pack_visible(is_masked, length):
     """Row order (B, L) that brings each sample's visible tokens to the front in index order, and is_pad (B, L).
 
-    L is the largest visible count in the batch (reading it syncs with the GPU, once per scale).
+    length L: the largest visible count in the batch (mask.visible_counts reads it, once per step).
     """
-    L = int((~is_masked).sum(dim=1).max())
-    order = is_masked.byte().argsort(dim=1, stable=True)[:, :L]
+    order = is_masked.byte().argsort(dim=1, stable=True)[:, :length]
     return order, is_masked.gather(1, order)
+
+
+def true_positions(flags, count):
+    """Flat positions (count,) of the True entries of a bool tensor, in row-major order: what
+    flags.flatten().nonzero() gives, but with the size known on the host, so nothing waits for the GPU
+    (a stable sort brings the Trues first, in order)."""
+    return flags.flatten().byte().argsort(descending=True, stable=True)[:count]
 
 
 def attention_bias(is_pad, centers, radius, radius_and_padding=False):
@@ -277,18 +290,26 @@ class Encoder(nn.Module):
         self.blocks = transformer_stages(dims, cfg.encoder_depths, cfg.num_heads, cfg.drop_path_rate)
         self.apply(init_encoder_weights)
 
-    def forward(self, groups, masks):
-        """groups: Groups finest first; masks: (B, G_i) bool is_masked per scale -> list of Encoded."""
+    def forward(self, groups, masks, counts=None):
+        """groups: Groups finest first; masks: (B, G_i) bool is_masked per scale -> list of Encoded.
+
+        counts: mask.visible_counts(masks), if the caller has them (else they are read here).
+        """
+        counts = visible_counts(masks) if counts is None else counts
         outputs, full = [], None   # full: the previous scale's features for every token (B, G, C)
         for i, (group, is_masked) in enumerate(zip(groups, masks)):
             # scale 0 embeds points; scale i embeds its members' features from scale i - 1
             members = group.relative if i == 0 else gather_points(full, group.idx)   # (B, G, K, C)
             tokens = self.token_embed[i](members)                                     # (B, G, C_i)
-            order, is_pad = pack_visible(is_masked)
-            x = gather_points(tokens, order).masked_fill(is_pad[..., None], 0)       # (B, L, C_i)
-            centers = gather_points(group.centers, order).masked_fill(is_pad[..., None], 0)
+            order, is_pad = pack_visible(is_masked, max(counts[i]))
+            x, centers = gather_points(tokens, order), gather_points(group.centers, order)   # (B, L, C_i), (B, L, 3)
+            padded = min(counts[i]) < max(counts[i])
+            if padded:
+                x, centers = x.masked_fill(is_pad[..., None], 0), centers.masked_fill(is_pad[..., None], 0)
             pos = self.pos_embed[i](centers)
-            bias = attention_bias(is_pad, centers, self.local_radius[i], self.radius_and_padding)
+            # no bias where nothing is blocked: the fused attention kernels then apply
+            bias = (attention_bias(is_pad, centers, self.local_radius[i], self.radius_and_padding)
+                    if padded or self.local_radius[i] > 0 else None)
             for block in self.blocks[i]:
                 x = block(x + pos, bias)   # positions are re-added before every block
             outputs.append(Encoded(x, is_pad, order))
@@ -393,9 +414,9 @@ class I2PMAE(nn.Module):
         self.head_3d = nn.Linear(dims[-1], K * 3)
         self.head_2d = nn.Linear(dims[-1], K * cfg.num_views * cfg.feat_dim_2d) if cfg.feat_dim_2d else None
 
-    def encode(self, groups, masks):
+    def encode(self, groups, masks, counts=None):
         """Encoder outputs per scale, each after its own LayerNorm."""
-        return [e._replace(x=norm(e.x)) for e, norm in zip(self.encoder(groups, masks), self.encoder_norms)]
+        return [e._replace(x=norm(e.x)) for e, norm in zip(self.encoder(groups, masks, counts), self.encoder_norms)]
 
     def svm_features(self, xyz):
         """(B, N, 3) -> (B, C_top): max over the coarsest tokens, nothing masked at the top.
@@ -407,12 +428,13 @@ class I2PMAE(nn.Module):
         top = torch.zeros(xyz.shape[0], self.cfg.num_groups[-1], dtype=torch.bool, device=xyz.device)
         return self.encode(groups, hierarchical_masks(top, groups))[-1].x.max(dim=1).values
 
-    def decode(self, groups, masks, encoded):
+    def decode(self, groups, masks, encoded, counts=None):
         """Decoder output (B, G_h, D) at the head scale, tokens in their original order."""
         top = len(groups) - 1
         coarse = encoded[top]
-        if coarse.is_pad.any():
-            raise ValueError('every sample must keep the same number of visible coarsest tokens')
+        counts = visible_counts(masks) if counts is None else counts
+        if min(counts[top]) != max(counts[top]):
+            raise ValueError(f'every sample must keep the same number of visible coarsest tokens, got {counts[top]}')
         # stage 0: [visible tokens; one mask token per hidden one], centres in the same order
         order = masks[top].byte().argsort(dim=1, stable=True)                  # (B, G_top)
         B, G = order.shape
@@ -430,31 +452,49 @@ class I2PMAE(nn.Module):
                 x = block(x + pos)
         return self.decoder_norm(x)
 
-    def pretrain_losses(self, groups, masks, target_2d=None):
+    def pretrain_losses(self, groups, masks, target_2d=None, counts=None):
         """(loss_3d, loss_2d) for one batch.
 
         groups, masks: from tokenizer.build_token_hierarchy and mask.hierarchical_masks;
         target_2d (L_visible, K_h, V * feat_dim_2d): teacher features at each member of each
         visible head-scale token, in (sample, token) order, or None to train without the 2D
-        target (loss_2d = 0).
+        target (loss_2d = 0); counts: mask.visible_counts(masks), if the caller has them.
         """
         check_tokens(groups, masks, self.cfg, self.mask_token.dtype)
         K, width = self.cfg.group_sizes[self.head_scale], self.cfg.num_views * self.cfg.feat_dim_2d
         if target_2d is not None and (self.head_2d is None or target_2d.dim() != 3 or target_2d.shape[1:] != (K, width)):
             raise ValueError(f'target_2d {tuple(target_2d.shape)}: ' + ('this model has no 2D head (feat_dim_2d 0)'
                              if self.head_2d is None else f'expected (L_visible, {K}, {width}) (K, views x feat_dim_2d)'))
-        encoded = self.encode(groups, masks)
-        x = self.decode(groups, masks, encoded)                                 # (B, G_h, D)
-        is_masked, group = masks[self.head_scale], groups[self.head_scale]
-        K = group.idx.shape[-1]
-        rec_3d = self.head_3d(x[is_masked]).view(-1, K, 3)                      # (L_masked, K, 3)
-        loss_3d = chamfer_l2(rec_3d, group.relative[is_masked])
+        counts = visible_counts(masks) if counts is None else counts
+        encoded = self.encode(groups, masks, counts)
+        x = self.decode(groups, masks, encoded, counts).flatten(0, 1)          # (B * G_h, D)
+        h, group = self.head_scale, groups[self.head_scale]
+        masked = true_positions(masks[h], masks[h].numel() - sum(counts[h]))   # (L_masked,) in (sample, token) order
+        rec_3d = self.head_3d(x[masked]).view(-1, K, 3)                        # (L_masked, K, 3)
+        loss_3d = chamfer_l2(rec_3d, group.relative.flatten(0, 1)[masked])
         if target_2d is None:
             return loss_3d, torch.zeros_like(loss_3d)
-        rec_2d = self.head_2d(x[~is_masked]).view(-1, K, target_2d.shape[-1])  # (L_visible, K, V*C)
+        visible = true_positions(~masks[h], sum(counts[h]))                    # (L_visible,)
+        rec_2d = self.head_2d(x[visible]).view(-1, K, target_2d.shape[-1])     # (L_visible, K, V*C)
         return loss_3d, F.mse_loss(rec_2d, target_2d)
 
     forward = pretrain_losses   # so DistributedDataParallel can wrap the student
+
+
+def compile_student(model):
+    """torch.compile the parts of the student whose shapes are the same at every step (the flag
+    --compile): the token embeddings, which hold most of a step's arithmetic, and the decoder's
+    upsampling. In place (the state_dict keeps its keys); returns the model.
+
+    The encoder's transformer blocks see a different number of visible tokens at every step.
+    Compiling the whole student (its forward has no graph breaks) fails in torch 2.14 once those
+    numbers become symbolic sizes, so only the fixed-shape parts are compiled. On a CPU it gains
+    nothing (README, "Speed and memory").
+    """
+    for module in model.modules():
+        if isinstance(module, (TokenEmbed, TokenPropagation)):
+            module.compile(dynamic=False)
+    return model
 
 
 # ------------------------------------------------------------------ fine-tuning model
@@ -485,7 +525,8 @@ class Classifier(nn.Module):
         check_clouds(xyz, self.cfg, self.norm.weight.dtype)
         groups = build_token_hierarchy(xyz, self.cfg.num_groups, self.cfg.group_sizes)
         masks = [torch.zeros(g.idx.shape[:2], dtype=torch.bool, device=xyz.device) for g in groups]
-        x = self.norm(self.encoder(groups, masks)[-1].x)                        # (B, G_top, C)
+        counts = [[g] * xyz.shape[0] for g in self.cfg.num_groups]              # every token visible
+        x = self.norm(self.encoder(groups, masks, counts)[-1].x)                # (B, G_top, C)
         mean, top = x.mean(dim=1), x.max(dim=1).values
         return mean + top if self.pooling == 'mean+max' else torch.cat([mean, top], dim=1)
 

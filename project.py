@@ -24,6 +24,7 @@ from tokenizer import check_points
 VIEWS = ((0, 1, 2), (2, 0, 1), (1, 2, 0))  # (row, column, depth) axes: (x,y,z), (z,x,y), (y,z,x)
 SPLAT = 2             # a point paints the (2 * SPLAT + 1)^2 = 5 x 5 pixels around its cell
 BICUBIC_A = -0.75     # PyTorch's bicubic kernel constant
+MIN_EXTENT = 1e-12     # smallest projected extent of a cloud (in cloud units), so the cell size is never 0
 
 
 class ViewGeometry(NamedTuple):
@@ -51,9 +52,9 @@ def project_depth_images(xyz, img_size=224, views=VIEWS):
     rowcol, depth = pts[..., :2], pts[..., 2]
     pc_min = rowcol.min(dim=1).values                                 # (V*B, 2)
     extent = (rowcol.max(dim=1).values - pc_min).max(dim=1).values    # (V*B,)
-    if not (extent > 0).all():
-        raise ValueError(f'xyz (shape {tuple(xyz.shape)}) has a cloud whose projected extent is '
-                         'zero in some view: all its points share two coordinates')
+    # a cloud whose points share their two coordinates in a view (a line seen end-on) has no
+    # extent there: give it a tiny one, so that it projects to a dot in the middle
+    extent = extent.clamp_min(MIN_EXTENT)
     # the 3 free pixels: the splat reaches 2 beyond the cell range [0, S-3], then shifts by +1
     geometry = ViewGeometry(pc_min, extent / (img_size - 3), None, tuple(views))
     cells = pixel_cells(rowcol, geometry)                             # (V*B, N, 2)

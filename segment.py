@@ -159,9 +159,10 @@ class PartSegmenter(nn.Module):
         """(B, N, 3) -> (B, 3 x out, N): every scale's tokens, propagated to every point."""
         groups = build_token_hierarchy(xyz, self.cfg.num_groups, self.cfg.group_sizes)
         nothing_masked = [torch.zeros(g.idx.shape[:2], dtype=torch.bool, device=xyz.device) for g in groups]
+        counts = [[g] * xyz.shape[0] for g in self.cfg.num_groups]      # every token visible: nothing to read back
         features = []
-        for group, encoded, norm, propagate in zip(groups, self.encoder(groups, nothing_masked), self.encoder_norms,
-                                                   self.propagation):
+        encoded_scales = self.encoder(groups, nothing_masked, counts)
+        for group, encoded, norm, propagate in zip(groups, encoded_scales, self.encoder_norms, self.propagation):
             tokens = norm(encoded.x)                                     # (B, G_i, C_i), in token order
             upsampled = interpolate_3nn(xyz, group.centers, tokens)      # (B, N, C_i)
             features.append(propagate(torch.cat([xyz, upsampled], dim=-1).transpose(1, 2)))   # (B, out, N)

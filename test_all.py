@@ -27,11 +27,12 @@ from dataclasses import asdict
 import scipy.spatial
 import torch.nn.functional as F
 
-from tokenizer import (build_token_hierarchy, farthest_point_sample, group_points, knn_indices)
+from tokenizer import (build_token_hierarchy, farthest_point_sample, gather_points, group_points,
+                       knn_indices, square_distance)
 from project import (VIEWS, back_project, bicubic_matrix, project_depth_images,
                      sample_upsampled)
 from teacher import normalize_images, teacher_features_and_saliency, tiny_teacher
-from mask import guided_mask, hierarchical_masks, propagate_mask, random_mask
+from mask import guided_mask, hierarchical_masks, propagate_mask, random_mask, visible_counts
 from model import (Classifier, I2PMAE, ModelConfig, chamfer_l2, checkpoint_config, load_weights,
                    official_to_ours, read_checkpoint)
 
@@ -168,11 +169,82 @@ def test_hierarchy_groups_previous_centres():
     (torch.rand(10, 3), 'xyz must be a \\(B, N, 3\\)'),
     (torch.rand(1, 10, 2), 'xyz must be a \\(B, N, 3\\)'),
     (torch.rand(1, 5, 3), 'need at least 8'),
-    (torch.tensor([[[0., 0, 0]] * 9 + [[float('nan'), 0, 0]]]), 'NaN or infinite'),
 ])
 def test_tokenizer_rejects_bad_input(bad, message):
     with pytest.raises(ValueError, match=message):
         group_points(bad, 8, 4)
+
+
+def plain_fps(xyz, n):
+    """The FPS loop as it was first written (one pick per step, distances ((xyz - last) ** 2).sum(-1))."""
+    B, N, _ = xyz.shape
+    idx = torch.zeros(B, n, dtype=torch.long)
+    min_dist = torch.full((B, N), 1e10, dtype=xyz.dtype)
+    farthest = torch.zeros(B, dtype=torch.long)
+    for i in range(n):
+        idx[:, i] = farthest
+        min_dist = torch.minimum(min_dist, ((xyz - xyz[torch.arange(B), farthest][:, None]) ** 2).sum(-1))
+        farthest = min_dist.argmax(dim=1)
+    return idx
+
+
+def tie_heavy_clouds():
+    """Clouds built for ties: integer lattices (many equal distances), duplicated points, and a cloud of
+    10 distinct points repeated (FPS runs out of new points and picks index 0 again)."""
+    g = torch.Generator().manual_seed(5)
+    lattice = torch.randint(-3, 4, (3, 256, 3), generator=g).float()
+    duplicated = torch.rand(3, 128, 3, generator=g).repeat(1, 2, 1)[:, torch.randperm(256, generator=g)]
+    few = torch.rand(3, 10, 3, generator=g)[:, torch.randint(0, 10, (256,), generator=g)]
+    return [lattice, duplicated, few, torch.randn(3, 256, 3, generator=g)]
+
+
+def test_fps_loop_picks_exactly_what_the_plain_loop_picks():
+    for xyz in tie_heavy_clouds() + [torch.rand(2, 300, 3, dtype=torch.float64)]:
+        assert torch.equal(farthest_point_sample(xyz, 64), plain_fps(xyz, 64))
+
+
+def test_fps_of_fps_centres_is_a_prefix_of_the_finer_fps():
+    """Why one FPS run serves every scale: FPS(FPS(x, 64), 32) picks the first 32 of FPS(x, 64) --
+    the same indices where all picks differ, the same points where FPS ran out of new points."""
+    for xyz in tie_heavy_clouds():
+        fine = gather_points(xyz, farthest_point_sample(xyz, 64))                 # (B, 64, 3)
+        coarse = gather_points(fine, farthest_point_sample(fine, 32))
+        assert torch.equal(coarse, fine[:, :32])
+    xyz = torch.randn(4, 2048, 3, generator=torch.Generator().manual_seed(0))
+    fine = gather_points(xyz, farthest_point_sample(xyz, 512))
+    assert torch.equal(farthest_point_sample(fine, 256), torch.arange(256).expand(4, -1))
+
+
+def test_hierarchy_from_one_fps_run_equals_fps_at_every_scale():
+    for xyz in tie_heavy_clouds():
+        groups, points = [], xyz
+        for n, k in zip((64, 32, 8), (16, 8, 8)):
+            groups.append(group_points(points, n, k))
+            points = groups[-1].centers
+        for ours, expected in zip(build_token_hierarchy(xyz, (64, 32, 8), (16, 8, 8)), groups):
+            assert all(torch.equal(a, b) for a, b in zip(ours, expected))
+
+
+def test_knn_topk_keeps_lowest_index_on_ties():
+    """topk promises no order among equal values; the (distance, index) key must give the stable sort's."""
+    g = torch.Generator().manual_seed(2)
+    for ref in tie_heavy_clouds() + [torch.zeros(2, 40, 3)]:                    # the last: all points equal
+        query = ref[:, torch.randperm(ref.shape[1], generator=g)[:30]]
+        for k in (1, 8, 16, ref.shape[1]):
+            expected = square_distance(query, ref).sort(dim=-1, stable=True).indices[..., :k]
+            assert torch.equal(knn_indices(query, ref, k), expected)
+    assert knn_indices(torch.zeros(1, 1, 3), torch.zeros(1, 5, 3), 5).tolist() == [[[0, 1, 2, 3, 4]]]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a GPU: the CUDA graph of the FPS loop')
+def test_fps_cuda_graph_replays_the_loop_exactly():
+    for xyz in tie_heavy_clouds():
+        for trial in range(2):   # the second call replays the recorded graph on new points
+            cloud = (xyz + trial).cuda()
+            assert torch.equal(farthest_point_sample(cloud, 64).cpu(), plain_fps(cloud.cpu(), 64))
+    first = farthest_point_sample(tie_heavy_clouds()[3].cuda(), 64)
+    farthest_point_sample(tie_heavy_clouds()[0].cuda(), 64)                     # same shape, other points
+    assert torch.equal(first.cpu(), plain_fps(tie_heavy_clouds()[3], 64))      # outputs are not aliased
 
 
 def test_reference_fps_knn_and_chamfer_ops():
@@ -239,11 +311,15 @@ def test_sparse_bicubic_equals_upsample_then_gather(h, size):
     assert torch.allclose(U @ maps @ U.T, full, atol=1e-5)
 
 
-def test_projection_rejects_degenerate_cloud():
-    with pytest.raises(ValueError, match='projected extent is zero'):
-        project_depth_images(torch.tensor([[[0.5, 0.5, 0.0], [0.5, 0.5, 1.0]]]))   # a line along z
-    with pytest.raises(ValueError, match='NaN or infinite'):
-        project_depth_images(torch.tensor([[[0.0, 0.0, 0.0], [1.0, float('inf'), 1.0]]]))
+def test_projection_of_a_line_seen_end_on_is_a_dot_in_the_middle():
+    line = torch.tensor([[[0.5, 0.5, 0.0], [0.5, 0.5, 1.0]]])                    # along z: no extent in view 1
+    images, geometry = project_depth_images(line, 224)
+    painted = (images[0, 0] != 0.5).nonzero()
+    assert painted.min(0).values.tolist() == [109, 109] and painted.max(0).values.tolist() == [113, 113]
+    assert images[0, 0, 111, 111] == torch.sigmoid(torch.tensor(1.0))           # both depths summed
+    assert torch.isfinite(geometry.cell).all() and (geometry.cell > 0).all()
+    with pytest.raises(ValueError, match='must be a \\(B, N, 3\\)'):
+        project_depth_images(torch.rand(2, 3))
 
 
 def test_reference_projection(pretrain_reference):
@@ -399,6 +475,15 @@ def test_guided_mask_hides_exact_ratio():
     assert (random_mask(5, 64, 0.8).sum(1) == 51).all()
 
 
+def test_guided_mask_draws_what_multinomial_draws():
+    """Written out to avoid multinomial's host-side check, the draw is still multinomial's own."""
+    saliency = torch.randn(6, 64, generator=torch.Generator().manual_seed(3))
+    for seed in range(3):
+        drawn = torch.multinomial(torch.softmax(saliency, 1), 13, generator=torch.Generator().manual_seed(seed))
+        expected = torch.ones(6, 64, dtype=torch.bool).scatter(1, drawn, False)
+        assert torch.equal(guided_mask(saliency, 0.8, generator=torch.Generator().manual_seed(seed)), expected)
+
+
 def test_salient_tokens_stay_visible_more_often():
     saliency = torch.zeros(4000, 8)
     saliency[:, 0] = 1.0                                     # weight e : 1 against every other token
@@ -407,6 +492,11 @@ def test_salient_tokens_stay_visible_more_often():
     assert rate[0] > 0.40 and (rate[1:] < 0.27).all()        # uniform would be 0.25 each
     uniform = (~random_mask(4000, 8, 0.75, generator=torch.Generator().manual_seed(0))).float().mean(0)
     assert (uniform - 0.25).abs().max() < 0.03
+
+
+def test_visible_counts_are_read_for_every_scale_at_once():
+    masks = [torch.tensor([[True, False, False], [False, False, False]]), torch.tensor([[True, False], [True, True]])]
+    assert visible_counts(masks) == [[2, 3], [1, 0]]
 
 
 def test_propagation_rule_on_a_hand_built_case():
@@ -460,6 +550,18 @@ def test_3nn_interpolation_is_exact_at_shared_centres_far_from_the_origin():
     assert torch.allclose(out[:, ::4], coarse, atol=1e-5)
     with torch.autocast('cpu', dtype=torch.bfloat16):                      # distances stay fp32
         assert torch.allclose(interpolate_3nn(fine, coarse_xyz, coarse)[:, ::4].float(), coarse, atol=1e-2)
+
+
+def test_token_embedding_applies_the_concat_conv_in_halves_exactly_enough():
+    """Convolving [max; member] equals the max half once per token plus the member half per member."""
+    from model import TokenEmbed, init_encoder_weights
+    torch.manual_seed(0)
+    embed = TokenEmbed(3, 16, 32, 64, 24).apply(init_encoder_weights)
+    members = torch.randn(2, 10, 8, 3, dtype=torch.float64) * 0.1
+    embed = embed.double().train()
+    x = embed.first_conv(members.reshape(20, 8, 3).transpose(1, 2))
+    whole = embed.second_conv(torch.cat([x.max(2, keepdim=True).values.expand(-1, -1, 8), x], 1)).max(2).values
+    assert torch.allclose(embed(members), whole.view(2, 10, 24), rtol=0, atol=1e-12)
 
 
 def test_attention_bias_blocks_padding_or_far_centres():
@@ -563,7 +665,8 @@ def test_reference_pretrain_forward(pretrain_reference, mode):
         assert_close(v[f'enc{i}.token_embed'], t[p + f'enc{i}.token_embed'], f'enc{i}.token_embed')
         assert_close(v[f'enc{i}.pos'], t[p + f'enc{i}.pos'], f'enc{i}.pos')
         assert_close(x_in, t[p + f'enc{i}.block_in'] + t[p + f'enc{i}.pos'], f'enc{i}.block_in + pos')
-        assert_close(bias[:, 0] / -1e5, t[p + f'enc{i}.attn_mask'], f'enc{i}.attn_mask')
+        blocked = torch.zeros_like(t[p + f'enc{i}.attn_mask']) if bias is None else bias[:, 0] / -1e5   # None: nothing blocked
+        assert_close(blocked, t[p + f'enc{i}.attn_mask'], f'enc{i}.attn_mask')
         assert_close(v[f'enc{i}.block_out'][valid], t[p + f'enc{i}.block_out'][valid], f'enc{i}.block_out')
     encoded = model.encode(ref['groups'], ref['masks'])
     for i, e in enumerate(encoded):
@@ -918,6 +1021,34 @@ def test_shapenet_reader_reads_npy_list_and_normalises(tmp_path):
         data.load_split('shapenet', 'test', data_root=str(tmp_path))
 
 
+def write_shapenet(root, names, num_points=100, seed=0):
+    rng = np.random.default_rng(seed)
+    (root / 'ShapeNet55-34' / 'shapenet_pc').mkdir(parents=True, exist_ok=True)
+    (root / 'ShapeNet55-34' / 'ShapeNet-55').mkdir(exist_ok=True)
+    for name in names:
+        np.save(root / 'ShapeNet55-34' / 'shapenet_pc' / name, rng.normal(size=(num_points, 3)).astype(np.float32))
+    (root / 'ShapeNet55-34' / 'ShapeNet-55' / 'train.txt').write_text('\n'.join(names) + '\n')
+
+
+def test_shapenet_is_read_once_into_one_memory_mapped_array(tmp_path, monkeypatch):
+    names = [f'02691156-{i:03d}.npy' for i in range(5)]
+    write_shapenet(tmp_path, names)
+    first = data.load_split('shapenet', 'train', data_root=str(tmp_path), num_points=64, seed=3)
+    folder = tmp_path / 'ShapeNet55-34'
+    written = sorted(p.name for p in folder.iterdir() if p.is_file())
+    assert len(written) == 1 and written[0].startswith('shapenet55_train_64pts_seed3_') and written[0].endswith('.npy')
+    monkeypatch.setattr(data, 'read_npy', lambda *a: pytest.fail('read a shape file again'))
+    again = data.load_split('shapenet', 'train', data_root=str(tmp_path), num_points=64, seed=3)
+    assert torch.equal(again.points, first.points)                       # the same tensor, bit for bit
+    if os.path.exists('/proc/self/maps'):                                # mapped, not read into this process
+        assert str(folder / written[0]) in open('/proc/self/maps').read()
+    monkeypatch.undo()
+    (folder / 'ShapeNet-55' / 'train.txt').write_text('\n'.join(names[:4]) + '\n')   # another list: another file
+    assert len(data.load_split('shapenet', 'train', data_root=str(tmp_path), num_points=64, seed=3).points) == 4
+    assert len([p for p in folder.iterdir() if p.suffix == '.npy']) == 2
+    assert not [p for p in folder.iterdir() if p.name.endswith('.tmp')]
+
+
 def test_modelnet40_dat_reader_drops_normals(tmp_path):
     rng = np.random.default_rng(1)
     folder = tmp_path / 'ModelNet' / 'modelnet40_normal_resampled'
@@ -1207,6 +1338,36 @@ def test_fps_subsample_gathers_farthest_point_sample():
     xyz = torch.randn(3, 100, 3)
     expected = torch.stack([xyz[b, tokenizer.farthest_point_sample(xyz, 16)[b]] for b in range(3)])
     assert torch.equal(data.fps_subsample(xyz, 16), expected)
+
+
+def test_fps_pool_holds_official_fps_samplings_from_random_starts():
+    """Each pooled sampling is FPS (from index 0) of a randomly shuffled cloud, as the official loader's."""
+    points = torch.randn(5, 300, 3, generator=torch.Generator().manual_seed(0))
+    pool = data.fps_pool(points, 40, pool_size=6, seed=1, batch_size=2)
+    assert pool.shape == (5, 6, 40) and pool.dtype == torch.int16
+    pool = pool.long()
+    for s in range(5):
+        for p in range(6):
+            picked = pool[s, p]
+            assert len(set(picked.tolist())) == 40
+            # FPS from the sampling's own first point picks the same points (ties aside: none here)
+            shuffled = torch.cat([points[s, picked[:1]], points[s]])             # start at that point
+            again = farthest_point_sample(shuffled[None], 40)[0] - 1
+            again[0] = picked[0]
+            assert torch.equal(again, picked)
+    assert len(set(pool[:, :, 0].flatten().tolist())) > 20                       # the starts differ
+    assert torch.equal(pool, data.fps_pool(points, 40, pool_size=6, seed=1).long())   # seeded, batch size aside
+
+
+def test_draw_from_fps_pool_picks_each_pooled_sampling_uniformly():
+    points = torch.randn(2, 50, 3)
+    pool = torch.stack([torch.arange(10) + 10 * p for p in range(4)])[None].expand(2, -1, -1)   # (2, 4, 10)
+    g = torch.Generator().manual_seed(0)
+    drawn = [data.draw_from_fps_pool(points, pool, generator=g) for _ in range(2000)]
+    which = torch.stack([torch.cdist(d[:, :1], points).argmin(-1)[:, 0] // 10 for d in drawn])   # (2000, 2)
+    assert torch.equal(drawn[0][1], points[1, pool[1, which[0, 1]]])
+    counts = torch.bincount(which.flatten(), minlength=4).float() / which.numel()
+    assert (counts - 0.25).abs().max() < 0.03
 
 
 # ---------------------------------------------------------------- pretrain.py
@@ -1643,8 +1804,51 @@ def test_load_points_draws_a_new_subset_every_step(tmp_path, monkeypatch, small_
 def test_benchmark_prints_a_stage_table(capsys):
     pretrain.main(parse_args(PRETRAIN_FLAGS + ['--benchmark', '--benchmark_steps', '1']))
     out = capsys.readouterr().out
-    for stage in ('tokenize', 'project', 'teacher', 'mask', 'student forward', 'backward', 'optimizer', 'samples/s'):
+    for stage in ('tokenize', 'project', 'teacher', 'mask', 'student forward', 'backward', 'optimizer', 'samples/s',
+                  'ATen ops', 'syncs', 'FPS loop'):
         assert stage in out
+    step_row = next(line for line in out.splitlines() if line.startswith('step w/o teacher')).split()
+    assert int(step_row[-1]) == 1                                       # the visible-count read
+
+
+def test_compile_flag_compiles_only_the_fixed_shape_parts_in_place(monkeypatch, capsys):
+    """--compile (off by default) hands the student to model.compile_student, which marks the token
+    embeddings and the decoder's propagation for torch.compile and keeps the state_dict's keys.
+    (Not compiled for real here: that takes ~40 s on a CPU.)"""
+    from model import compile_student
+    assert not parse_args([]).compile
+    handed = []
+    monkeypatch.setattr(pretrain, 'compile_student', handed.append)
+    pretrain.main(parse_args(PRETRAIN_FLAGS + ['--compile', '--benchmark', '--benchmark_steps', '1']))
+    assert len(handed) == 1 and isinstance(handed[0], I2PMAE) and 'student compiled' in capsys.readouterr().out
+    student, _ = tiny_student_and_teacher()
+    keys = list(student.state_dict())
+    assert compile_student(student) is student and list(student.state_dict()) == keys
+    marked = {type(m).__name__ for m in student.modules() if getattr(m, '_compiled_call_impl', None) is not None}
+    assert marked == {'TokenEmbed', 'TokenPropagation'}
+
+
+def test_pretrain_step_waits_for_the_device_once():
+    """One read per step (the visible-token counts); the old step made ~28 (checks, packing, indexing)."""
+    from benchmark import SyncCounter
+    student, teacher = tiny_student_and_teacher()
+    for flags in ([], ['--mask', 'random'], ['--no_2d_target']):
+        with SyncCounter() as syncs:
+            loss_3d, loss_2d = pretrain_step(student, teacher, torch.rand(3, 128, 3), parse_args(['--data', 'shapenet'] + flags))
+            (loss_3d + loss_2d).backward()
+        assert dict(syncs.calls) == {'tolist': 1}, flags
+
+
+def test_benchmark_svm_and_fps_modes_print_their_numbers(capsys, monkeypatch):
+    import benchmark
+    monkeypatch.setattr(sys, 'argv', ['benchmark.py', 'svm', '--config', 'small', '--batch_size', '2',
+                                      '--num_points', '256', '--steps', '1', '--gpu', '-1'])
+    benchmark.main()
+    monkeypatch.setattr(sys, 'argv', ['benchmark.py', 'fps', '--batch_size', '2', '--num_points', '300',
+                                      '--samples', '40', '--pool_size', '2', '--steps', '1', '--gpu', '-1'])
+    benchmark.main()
+    out = capsys.readouterr().out
+    assert 'shapes/s' in out and 'syncs per batch' in out and 'draw from the pool' in out
 
 
 # ---------------------------------------------------------------- svm_eval.py and finetune.py
@@ -1716,6 +1920,36 @@ def test_finetune_loads_every_pretrained_encoder_tensor_and_learns(pretrain_chec
     assert np.mean(accuracy[-2:]) > accuracy[0] + 15, accuracy
     assert result['test_accuracy'] == result['history'][-1]['test_accuracy']   # the final epoch, not the best
     assert os.path.exists(tmp_path / 'last.pt')
+
+
+def brute_force_fps(cloud, n, start):
+    """Farthest point sampling of one (N, 3) numpy cloud from point `start`, one point at a time."""
+    picked, nearest = [start], np.full(len(cloud), np.inf)
+    for _ in range(n - 1):
+        nearest = np.minimum(nearest, ((cloud - cloud[picked[-1]]) ** 2).sum(axis=1))
+        picked.append(int(nearest.argmax()))
+    return picked
+
+
+def test_finetune_draws_its_train_fps_from_a_pool_of_fps_samplings_built_once(tmp_path, monkeypatch):
+    """--train_fps: the pool of FPS samplings is computed once per run (not per step), and every training
+    read is an exact FPS of its cloud from some start point (brute force, float64: no near-ties)."""
+    generator = torch.Generator().manual_seed(0)
+    split = PointSplit(torch.randn(32, 64, 3, generator=generator), torch.arange(32) % 4, ['a', 'b', 'c', 'd'])
+    args = finetune.parse_args([*TINY_FLAGS, '--config', 'small', '--epochs', '2', '--batch_size', '16',
+                                '--val_fraction', '0', '--test_every', '100', '--warmup_epochs', '0'])
+    args.amp = False
+    built, drawn = [], []
+    monkeypatch.setattr(finetune, 'fps_pool', lambda *a, **k: built.append(1) or data.fps_pool(*a, **k))
+    monkeypatch.setattr(finetune, 'draw_from_fps_pool',
+                        lambda clouds, pool: drawn.append((clouds, data.draw_from_fps_pool(clouds, pool))) or drawn[-1][1])
+    finetune.finetune(Classifier(TINY, 4), split, split, args, Run(str(tmp_path), CPU))
+    assert len(built) == 1 and len(drawn) == 4                                    # 2 epochs x 2 steps, one pool
+    for clouds, views in drawn:
+        assert views.shape == (16, 56, 3)
+        for cloud, view in zip(clouds.double().numpy(), views.double().numpy()):
+            start = int(np.abs(cloud - view[0]).sum(axis=1).argmin())
+            assert np.array_equal(cloud[brute_force_fps(cloud, 56, start)], view)
 
 
 def finetune_run(name, ckpt, *flags):
