@@ -14,9 +14,13 @@ The encoder's architecture comes from the checkpoint; group sizes, radii and dro
 weight depends on, and the head's widths come from the preset. We report the FINAL-epoch test
 mIoU_C / mIoU_I and a per-category table; the authors reported the best test epoch: we print it
 only for comparison, labelled as chosen on test. Writes runs/<run_name>/last.pt (atomically,
-every epoch and on Ctrl-C), log.jsonl and segment.png (a few test shapes: true parts and
-prediction; also runs/demo/segment.png); a folder holding another run is refused (--overwrite
-starts over); `--resume runs/<run_name>/last.pt` continues exactly (training.py says how).
+every epoch and on Ctrl-C), log.jsonl (a header record per session), args.json, curves.png and
+segment.png (a few test shapes: true parts and prediction; also runs/demo/segment.png);
+--save_every, --tensorboard: more. A folder holding another run is refused (--overwrite starts
+over); `--resume runs/<run_name>/last.pt` continues exactly (training.py says how).
+--test_only scores a segmentation run's last.pt with the settings it was trained with (TRAINED_WITH,
+taken from the file) and writes its log and picture to runs/segment-<data>-test/, so that a test
+never adds records to the training run's log.jsonl nor replaces its picture.
 
 Its own script, not a finetune.py preset, because everything around the encoder differs from
 classification: the data (a part label per point, a category per shape, shapes of different sizes
