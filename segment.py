@@ -403,6 +403,9 @@ def read_pretrained(args):
     computes; returns the lines that say which changed."""
     if args.from_scratch:
         return None, []
+    if not os.path.isfile(args.ckpt) and args.test_only:
+        raise SystemExit(f'--ckpt {args.ckpt}: no such file; --test_only tests the last.pt of a segmentation run '
+                         f'(runs/segment-{args.data}/last.pt after python segment.py --data {args.data})')
     if not os.path.isfile(args.ckpt):
         raise SystemExit(f'--ckpt {args.ckpt}: no such file. Pre-train first (python pretrain.py), pass our last.pt '
                          f'or the authors\' pre-train.pth as --ckpt, or train with --from_scratch')

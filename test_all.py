@@ -2812,6 +2812,9 @@ def test_segment_test_only_uses_the_trained_settings_and_leaves_the_training_run
     assert header['header'] and header['args']['points'] == 48 and final['test_miou_i'] == result['test_miou_i']
     assert os.path.exists('runs/segment-synthetic-test/segment.png') and not os.path.exists('runs/demo')
     assert not os.path.exists('runs/segment-synthetic-test/args.json')
+    with pytest.raises(SystemExit, match=r'--ckpt nowhere.pt: no such file; --test_only tests the last.pt of a '
+                                         r'segmentation run \(runs/segment-synthetic/last.pt'):
+        segment.main(segment.parse_args(['--ckpt', 'nowhere.pt', '--gpu', '-1', '--test_only']))
     with pytest.raises(SystemExit, match=r'last.pt was trained on --data synthetic: test it with --data synthetic'):
         segment.main(segment.parse_args(['--ckpt', 'runs/segment-synthetic/last.pt', '--gpu', '-1', '--test_only',
                                          '--data', 'shapenetpart']))
