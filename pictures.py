@@ -278,7 +278,8 @@ PLOT_LEFT, PLOT_BOTTOM, PLOT_TOP = 62, 34, 26   # room for the y tick labels, th
 # log.jsonl numbers drawn in curves.png, panel by panel: (title, does a record key belong here, log scale)
 CURVE_PANELS = (('loss', lambda key: 'loss' in key, True),
                 ('learning rate', lambda key: key == 'lr', True),
-                ('accuracy (%)', lambda key: 'accuracy' in key, False))
+                ('accuracy (%)', lambda key: 'accuracy' in key, False),
+                ('test mIoU (%)', lambda key: 'miou' in key, False))   # segment.py: test_miou_c, test_miou_i
 
 
 def nice_ticks(low, high, log=False, count=5):

@@ -14,9 +14,13 @@ The encoder's architecture comes from the checkpoint; group sizes, radii and dro
 weight depends on, and the head's widths come from the preset. We report the FINAL-epoch test
 mIoU_C / mIoU_I and a per-category table; the authors reported the best test epoch: we print it
 only for comparison, labelled as chosen on test. Writes runs/<run_name>/last.pt (atomically,
-every epoch and on Ctrl-C), log.jsonl and segment.png (a few test shapes: true parts and
-prediction; also runs/demo/segment.png); a folder holding another run is refused (--overwrite
-starts over); `--resume runs/<run_name>/last.pt` continues exactly (training.py says how).
+every epoch and on Ctrl-C), log.jsonl (a header record per session), args.json, curves.png and
+segment.png (a few test shapes: true parts and prediction; also runs/demo/segment.png);
+--save_every, --tensorboard: more. A folder holding another run is refused (--overwrite starts
+over); `--resume runs/<run_name>/last.pt` continues exactly (training.py says how).
+--test_only scores a segmentation run's last.pt with the settings it was trained with (TRAINED_WITH,
+taken from the file) and writes its log and picture to runs/segment-<data>-test/, so that a test
+never adds records to the training run's log.jsonl nor replaces its picture.
 
 Its own script, not a finetune.py preset, because everything around the encoder differs from
 classification: the data (a part label per point, a category per shape, shapes of different sizes
@@ -52,8 +56,10 @@ from model import (Encoder, ModelConfig, SMALL_CONFIG, checkpoint_config, conv_b
                    read_checkpoint)
 from data import draw_part_points, load_part_split, scale_isotropic_and_shift
 from synthetic import SYNTHETIC_PART_NAMES
-from training import (Run, StopOnSignal, add_run_flags, barrier, check_ranks_agree, cosine_lr, end_process,
-                      epoch_batches, fill_preset, param_groups, set_lr, setup_process, sum_over_processes)
+from training import (ArgumentParser, Run, StopOnSignal, add_run_flags, check_ranks_agree, cosine_lr,
+                      end_process, epoch_batches, fill_preset, fraction, non_negative_float, non_negative_int,
+                      param_groups, positive_float, positive_int, refuse_finished, run_script, set_lr, setup_process,
+                      sum_over_processes)
 from pictures import VIEW_NAMES, Dots, cloud_frame, group_colours, points_tile, save_picture, titled_grid
 
 # The protocol of Point-M2AE's segmentation (main.py, Point_M2AE_SEG.py); --data picks a preset and
@@ -83,46 +89,66 @@ HEADS = {'full': dict(propagation_dims=(1536, 1024), label_dim=64, head_dims=(10
          'small': dict(propagation_dims=(128, 64), label_dim=16, head_dims=(128, 64, 32))}
 # flags that may change on --resume: they do not change what the run computes
 MAY_DIFFER = ('epochs', 'resume', 'reseed', 'overwrite', 'run_name', 'gpu', 'data_root', 'log_every', 'test_every',
-              'deterministic', 'ckpt', 'from_scratch', 'config', 'test_only')
+              'deterministic', 'ckpt', 'from_scratch', 'config', 'test_only', 'save_every', 'tensorboard')
+# what --test_only takes from a segmentation checkpoint's flags: the settings that change what the test computes
+# (the head's widths, the test points drawn per shape, the grouping and attention radii, the synthetic shapes)
+TRAINED_WITH = ('head', 'points', 'group_sizes', 'local_radius', 'load_points')
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     d = p.add_argument_group('data (flags without a default take the --data preset)')
     d.add_argument('--data', default='synthetic', choices=list(PRESETS), help='dataset and its preset (PRESETS)')
     d.add_argument('--data_root', default='./data', help='folder holding the datasets (README: data layout)')
-    d.add_argument('--load_points', type=int, help='synthetic points generated per shape (ShapeNetPart: all stored)')
-    d.add_argument('--points', type=int, help='points drawn per shape, with replacement (official: 2048)')
-    d.add_argument('--scale_low', type=float, help='isotropic scale augmentation, per shape (official: 0.8)')
-    d.add_argument('--scale_high', type=float, help='(official: 1.25)')
-    d.add_argument('--shift', type=float, help='per-axis shift augmentation, per shape (official: 0.1)')
+    d.add_argument('--load_points', type=non_negative_int, help='synthetic points generated per shape (synthetic: 1024; '
+                                                                'ShapeNetPart: 0, every stored point)')
+    d.add_argument('--points', type=positive_int, help='points drawn per shape, with replacement (official: 2048)')
+    d.add_argument('--scale_low', type=positive_float, help='isotropic scale augmentation, per shape (official: 0.8)')
+    d.add_argument('--scale_high', type=positive_float, help='(official: 1.25)')
+    d.add_argument('--shift', type=non_negative_float, help='per-axis shift augmentation, per shape (official: 0.1)')
     m = p.add_argument_group('model')
     m.add_argument('--ckpt', help="pretrain.py checkpoint or the authors' pre-training .pth "
                                   '(preset: runs/pretrain-shapenet/last.pt; synthetic: runs/pretrain-synthetic/last.pt)')
     m.add_argument('--from_scratch', action='store_true', help='random initialisation instead of --ckpt')
     m.add_argument('--config', choices=['full', 'small'], help='encoder with --from_scratch (preset: full; synthetic: small)')
     m.add_argument('--head', choices=list(HEADS), help='head widths (preset: full = Point-M2AE; synthetic: small)')
-    m.add_argument('--group_sizes', type=int, nargs=3, help='kNN sizes per scale (official: 16 8 8)')
-    m.add_argument('--local_radius', type=float, nargs=3, help='attention radii per scale (official: 0.32 0.64 1.28)')
-    m.add_argument('--drop_path_rate', type=float, help='stochastic depth of the encoder (official: 0.1)')
+    m.add_argument('--group_sizes', type=positive_int, nargs=3, help='kNN sizes per scale (official: 16 8 8)')
+    m.add_argument('--local_radius', type=non_negative_float, nargs=3,
+                   help='attention radii per scale (official: 0.32 0.64 1.28)')
+    m.add_argument('--drop_path_rate', type=fraction, help='stochastic depth of the encoder (official: 0.1)')
     o = p.add_argument_group('optimisation')
-    o.add_argument('--epochs', type=int, help='epochs (official: 300)')
-    o.add_argument('--cosine_epochs', type=int, help='length of the cosine schedule (official: = epochs)')
-    o.add_argument('--warmup_epochs', type=int, help='linear warm-up from --min_lr (official: 10)')
-    o.add_argument('--batch_size', type=int, help='total batch over all processes (official: 16)')
-    o.add_argument('--lr', type=float, help='peak learning rate (official: 2e-4)')
-    o.add_argument('--min_lr', type=float, help='floor and warm-up start (official: 1e-6)')
-    o.add_argument('--weight_decay', type=float, help='AdamW weight decay (official code: 0.05; the paper says 0.1)')
-    o.add_argument('--grad_clip', type=float, help='clip_grad_norm_ over all parameters (official: 10)')
+    o.add_argument('--epochs', type=positive_int, help='epochs (official: 300)')
+    o.add_argument('--cosine_epochs', type=positive_int, help='length of the cosine schedule (official: = epochs)')
+    o.add_argument('--warmup_epochs', type=non_negative_int, help='linear warm-up from --min_lr (official: 10)')
+    o.add_argument('--batch_size', type=positive_int,
+                   help='total batch over all processes, at least 2 per process for BatchNorm (official: 16)')
+    o.add_argument('--lr', type=positive_float, help='peak learning rate (official: 2e-4)')
+    o.add_argument('--min_lr', type=non_negative_float, help='floor and warm-up start (official: 1e-6)')
+    o.add_argument('--weight_decay', type=non_negative_float,
+                   help='AdamW weight decay (official code: 0.05; the paper says 0.1)')
+    o.add_argument('--grad_clip', type=positive_float, help='clip_grad_norm_ over all parameters (official: 10)')
     s = add_run_flags(p, 'segment')
-    s.add_argument('--test_only', action='store_true', help='evaluate a segmentation --ckpt (segment.py\'s last.pt), '
-                                                            'no training')
-    s.add_argument('--test_every', type=int, default=1, help='epochs between test evaluations (monitoring only)')
+    s.add_argument('--test_only', action='store_true',
+                   help="evaluate a segmentation --ckpt (segment.py's last.pt), no training: the settings it was trained "
+                        f'with ({", ".join(TRAINED_WITH)}) come from the file; writes runs/<run_name>/ '
+                        '(default: segment-<data>-test), never the training run\'s folder unless --run_name names it')
+    s.add_argument('--test_every', type=positive_int, default=1, help='epochs between test evaluations (monitoring only)')
     args = p.parse_args(argv)
     fill_preset(args, PRESETS[args.data])
+    if args.batch_size < 2:
+        p.error(f'--batch_size {args.batch_size}: BatchNorm in training mode needs at least 2 shapes per batch')
+    for low, high in (('scale_low', 'scale_high'), ('min_lr', 'lr')):
+        if getattr(args, low) > getattr(args, high):
+            p.error(f'--{low} {getattr(args, low)} is above --{high} {getattr(args, high)}')
+    if args.data != 'synthetic' and args.load_points:
+        p.error(f'--load_points {args.load_points}: for --data synthetic only ({args.data} keeps every stored point)')
+    if args.data == 'synthetic' and not args.load_points:
+        p.error('--load_points 0: --data synthetic generates a number of points per shape (preset: 1024)')
+    if args.test_only and args.resume:
+        p.error('--resume continues a training run; --test_only tests the weights of --ckpt')
     args.group_sizes, args.local_radius = tuple(args.group_sizes), tuple(args.local_radius)
     args.cosine_epochs = args.cosine_epochs or args.epochs   # the authors' cosine spans the run (timm t_initial)
-    args.run_name = args.run_name or f'segment-{args.data}'
+    args.run_name = args.run_name or f'segment-{args.data}' + ('-test' if args.test_only else '')
     return args
 
 
@@ -180,8 +206,15 @@ class PartSegmenter(nn.Module):
 def build_segmenter(encoder_config, args, num_categories, num_parts):
     """A PartSegmenter on `encoder_config` (a ModelConfig, e.g. a checkpoint's), with the preset's group
     sizes, local radii and drop path (no weight depends on them) and the preset's head widths."""
-    cfg = replace(encoder_config, group_sizes=args.group_sizes, local_radius=args.local_radius,
-                  drop_path_rate=args.drop_path_rate)
+    try:   # ModelConfig checks itself
+        cfg = replace(encoder_config, group_sizes=args.group_sizes, local_radius=args.local_radius,
+                      drop_path_rate=args.drop_path_rate)
+    except ValueError as error:
+        raise SystemExit(f'--group_sizes {args.group_sizes} / --local_radius {args.local_radius}: {error}') from None
+    fewest = max(cfg.num_groups[0], cfg.group_sizes[0])
+    if args.points < fewest:
+        raise SystemExit(f'--points {args.points}: the model groups {fewest} points per shape at its finest scale '
+                         f'(num_groups {cfg.num_groups[0]}, --group_sizes {cfg.group_sizes[0]}): use at least {fewest}')
     return PartSegmenter(cfg, num_categories, num_parts, **HEADS[args.head])
 
 
@@ -345,8 +378,16 @@ def read_splits(args, process):
     def read():
         return [load_part_split(args.data, split, args.data_root, args.load_points or None, seed=0)
                 for split in (TRAIN_SPLIT[args.data], 'test')]
-    splits = read() if process.rank == 0 else None
-    barrier(process)
+    splits, error = None, None
+    if process.rank == 0:
+        try:
+            splits = read()
+        except Exception as raised:   # said to every process: the others would wait for rank 0 until a timeout
+            error = raised
+    if sum_over_processes(torch.tensor(float(error is not None), device=process.device), process).item() > 0:
+        if error is not None:
+            raise error
+        raise SystemExit(f'rank {process.rank}: rank 0 could not read --data {args.data} (its message says why)')
     return splits or read()
 
 
@@ -357,20 +398,42 @@ def part_names(data_name, category_names, category_parts):
     return [f'{name} part {i}' for name, ids in zip(category_names, category_parts) for i in ids]
 
 
-def build_model(args, num_categories, num_parts, resume=None):
-    """(PartSegmenter, a line saying where its weights come from). The encoder's architecture is the checkpoint's."""
-    if resume is not None:   # train_segmenter loads its weights, with the optimizer
-        return build_segmenter(ModelConfig(**resume['model_config']), args, num_categories, num_parts), \
-            f'resumed from {args.resume}'
+def read_pretrained(args):
+    """The --ckpt file (None with --from_scratch), read once. With --test_only it must be a segmentation
+    run's, and the flags it was trained with (TRAINED_WITH) replace ours, as they change what the test
+    computes; returns the lines that say which changed."""
     if args.from_scratch:
-        return build_segmenter(fresh_encoder_config(args), args, num_categories, num_parts), \
-            f'random initialisation ({args.config} encoder)'
+        return None, []
+    if not os.path.isfile(args.ckpt) and args.test_only:
+        raise SystemExit(f'--ckpt {args.ckpt}: no such file; --test_only tests the last.pt of a segmentation run '
+                         f'(runs/segment-{args.data}/last.pt after python segment.py --data {args.data})')
     if not os.path.isfile(args.ckpt):
         raise SystemExit(f'--ckpt {args.ckpt}: no such file. Pre-train first (python pretrain.py), pass our last.pt '
                          f'or the authors\' pre-train.pth as --ckpt, or train with --from_scratch')
     checkpoint = read_checkpoint(args.ckpt, '--ckpt')
-    if args.test_only and 'head' in checkpoint.get('args', {}):   # a segmentation run's head widths
-        args.head = checkpoint['args']['head']
+    trained = checkpoint.get('args', {})
+    if not args.test_only or 'head' not in trained:   # not a segmentation run: load_weights says what it is
+        return checkpoint, []
+    if trained['data'] != args.data:
+        raise SystemExit(f'--ckpt {args.ckpt} was trained on --data {trained["data"]}: test it with --data {trained["data"]}')
+    changed = []
+    for key in TRAINED_WITH:
+        value = tuple(trained[key]) if isinstance(trained[key], list) else trained[key]
+        if value != getattr(args, key):
+            changed.append(f'--{key} {value} (the flags said {getattr(args, key)})')
+            setattr(args, key, value)
+    return checkpoint, changed
+
+
+def build_model(args, num_categories, num_parts, checkpoint=None, resume=None):
+    """(PartSegmenter, a line saying where its weights come from). The encoder's architecture is the checkpoint's
+    (`checkpoint`: read_pretrained's)."""
+    if resume is not None:   # train_segmenter loads its weights, with the optimizer
+        return build_segmenter(ModelConfig(**resume['model_config']), args, num_categories, num_parts), \
+            f'resumed from {args.resume}'
+    if checkpoint is None:
+        return build_segmenter(fresh_encoder_config(args), args, num_categories, num_parts), \
+            f'random initialisation ({args.config} encoder)'
     model = build_segmenter(checkpoint_config(checkpoint, args.ckpt), args, num_categories, num_parts)
     skipped = load_weights(model, checkpoint, args.ckpt, fine_tune=not args.test_only)
     reasons = {why: [k for k in skipped if skipped[k] == why] for why in skipped.values()}
@@ -462,28 +525,35 @@ def train_segmenter(segmenter, train, test, test_xyz, test_parts, args, run, res
                     f'{tested} lr {record["lr"]:.2e} {record["minutes"]:.1f} min', **record)
             sums.zero_()
             save(epoch + 1, 0)
+            run.keep_snapshot(epoch + 1, args.save_every)
             if stop.now(process):
                 run.log(f'stopped after epoch {epoch}; continue with --resume {run.path("last.pt")}')
                 raise SystemExit(130)
     if process.world > 1:
         check_ranks_agree(segmenter, process, run.log)
-    return history, metrics or test_metrics()   # resumed after the last epoch: test again
+    return history, metrics   # the last epoch always tests (main refuses to resume a finished run)
 
 
 def main(args):
     process = setup_process(args)
+    if args.batch_size % process.world or args.batch_size // process.world < 2:
+        raise SystemExit(f'--batch_size {args.batch_size} over {process.world} processes: each process needs an '
+                         f'equal share of at least 2 shapes (BatchNorm)')
     run = Run(os.path.join('runs', args.run_name), process)
-    if not args.test_only:
+    if not args.test_only:   # --test_only appends to its own folder's log (default runs/segment-<data>-test)
         run.claim(args.resume, args.overwrite)
-    run.log(f'I2P-MAE part segmentation on {process.device}, {process.world} process(es), settings:\n'
-            + '\n'.join(f'  --{k} {v}' for k, v in sorted(vars(args).items())))
-    if args.batch_size % process.world:
-        raise SystemExit(f'--batch_size {args.batch_size} must be divisible by the {process.world} processes')
     resume = run.resume(args.resume, args, MAY_DIFFER)
+    refuse_finished(resume, args)
+    checkpoint, changed = (None, []) if resume else read_pretrained(args)
     train, test = read_splits(args, process)
     num_parts = sum(len(ids) for ids in train.category_parts)
-    segmenter, described = build_model(args, len(train.category_names), num_parts, resume)
+    segmenter, described = build_model(args, len(train.category_names), num_parts, checkpoint, resume)
     segmenter.to(process.device)
+    run.start(args, args_file=not args.test_only, model_config=asdict(segmenter.cfg), weights=described,
+              num_categories=len(train.category_names), num_parts=num_parts, resumed_from=args.resume)
+    run.log(f'I2P-MAE part segmentation on {process.device}, {process.world} process(es), settings:\n'
+            + '\n'.join(f'  --{k} {v}' for k, v in sorted(vars(args).items()))
+            + ''.join(f'\n  from {args.ckpt}, as it was trained: {line}' for line in changed))
     run.log(f'{args.data}: {len(train.points)} train / {len(test.points)} test shapes, {len(train.category_names)} '
             f'categories, {num_parts} parts, {args.points} points drawn per shape; {described}\n'
             f'  model {asdict(segmenter.cfg)}, head {args.head} {HEADS[args.head]}')
@@ -511,12 +581,21 @@ def main(args):
             + f'Test mIoU_C {metrics["miou_c"]:.1f}%, mIoU_I {metrics["miou_i"]:.1f}% ({args.points} points drawn per '
               f'shape, once, seeded). Each category\'s parts take the colours in order; the prediction is an '
               f'argmax over the parts of the shape\'s true category (the protocol).')
-        for path in (run.path('segment.png'), os.path.join('runs', 'demo', 'segment.png')):
+        # the demo copy is a training run's: a test of some checkpoint leaves it alone
+        paths = [run.path('segment.png')] + ([] if args.test_only else [os.path.join('runs', 'demo', 'segment.png')])
+        for path in paths:
             save_picture(picture, path)
-        run.log(f'wrote {run.path("segment.png")} and runs/demo/segment.png (test shapes: true parts and prediction)')
+        run.log(f'wrote {" and ".join(paths)} (test shapes: true parts and prediction)')
+    minutes = (time.time() - run.session_start) / 60
+    if args.test_only:
+        run.log(f'tested in {minutes:.1f} min; the log: {run.path("log.jsonl")}')
+    else:
+        run.log(f'part segmentation done in {minutes:.1f} min (this session). Next: test these weights again, '
+                f'python segment.py --data {args.data} --test_only --ckpt {run.path("last.pt")} (into '
+                f'runs/segment-{args.data}-test/)')
     end_process(process)
     return result
 
 
 if __name__ == '__main__':
-    main(parse_args())
+    run_script(main, parse_args)

@@ -2963,6 +2963,138 @@ def test_segment_without_a_checkpoint_says_to_pretrain_and_tests_its_own_runs(st
                                          *SEGMENT_FLAGS, '--test_only']))
 
 
+# every segment.py flag whose domain is checked at parse time, with a value outside it: (flags, the flag named)
+SEGMENT_BAD_FLAGS = [(['--test_every', '0'], '--test_every'),      # was: ZeroDivisionError after the first epoch
+                     (['--points', '0'], '--points'), (['--batch_size', '1'], '--batch_size'), (['--lr', 'nan'], '--lr'),
+                     (['--min_lr', '-1'], '--min_lr'), (['--lr', '1e-3', '--min_lr', '1e-2'], '--min_lr'),
+                     (['--scale_low', '2'], '--scale_low'), (['--shift', '-0.1'], '--shift'),
+                     (['--group_sizes', '8', '0', '4'], '--group_sizes'), (['--local_radius', '-1', '0', '0'], '--local_radius'),
+                     (['--drop_path_rate', '1'], '--drop_path_rate'), (['--epochs', '0'], '--epochs'),
+                     (['--cosine_epochs', '0'], '--cosine_epochs'), (['--warmup_epochs', '-1'], '--warmup_epochs'),
+                     (['--grad_clip', '0'], '--grad_clip'), (['--weight_decay', 'inf'], '--weight_decay'),
+                     (['--load_points', '-1'], '--load_points'), (['--load_points', '0'], '--load_points'),
+                     (['--data', 'shapenetpart', '--load_points', '1024'], '--load_points'), (['--seed', '-1'], '--seed'),
+                     (['--save_every', '-1'], '--save_every'), (['--test_only', '--resume', 'last.pt'], '--resume')]
+
+
+@pytest.mark.parametrize('flags, flag', SEGMENT_BAD_FLAGS, ids=[' '.join(f) for f, _ in SEGMENT_BAD_FLAGS])
+def test_every_segment_flag_domain_is_checked_at_parse_time(capsys, flags, flag):
+    with pytest.raises(SystemExit) as stopped:
+        segment.parse_args(flags)
+    error = capsys.readouterr().err
+    assert stopped.value.code == 2 and len(error.strip().splitlines()) == 1 and flag in error, error
+
+
+def test_segment_group_sizes_and_points_that_do_not_fit_the_encoder_name_the_flag():
+    with pytest.raises(SystemExit, match=r'--group_sizes \(8, 4, 20\).*group_sizes\[2\] 20: a scale-2 token groups its '
+                                         r'nearest scale-1 centres, of which there are 16'):
+        segment.build_segmenter(TINY, segment.parse_args(['--group_sizes', '8', '4', '20']), 13, 45)
+    with pytest.raises(SystemExit, match=r'--points 16: the model groups 32 points per shape'):   # TINY: 32 tokens
+        segment.build_segmenter(TINY, segment.parse_args(['--group_sizes', '8', '4', '4', '--points', '16']), 13, 45)
+
+
+def test_segment_needs_two_shapes_per_process(tmp_path, monkeypatch):
+    """BatchNorm in training mode fails on one shape; as finetune.py, each process needs 2 (checked before
+    any collective: a run of 2 processes is declared, none is started)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(segment, 'setup_process', lambda args: Process(torch.device('cpu'), 0, 2))
+    for batch in ('2', '3'):
+        with pytest.raises(SystemExit, match=f'--batch_size {batch} over 2 processes: each process needs an equal '
+                                             f'share of at least 2 shapes'):
+            segment.main(segment.parse_args(['--batch_size', batch, '--gpu', '-1']))
+
+
+def test_python_segment_py_ends_a_bad_shapenetpart_file_in_one_line(tmp_path):
+    """`python segment.py` goes through training.run_script: a malformed data file is one line naming the
+    file and its line, exit code 1, no traceback."""
+    shapes = write_shapenetpart(tmp_path, shapes_per_category=(1, 0, 1))
+    synset, shape_id = next(iter(shapes))
+    bad = tmp_path / data.SHAPENETPART_DIR / synset / f'{shape_id}.txt'
+    lines = bad.read_text().splitlines()
+    bad.write_text('\n'.join(lines[:2] + ['0.1 0.2 0.3 0 0 1'] + lines[3:]) + '\n')
+    done = subprocess.run([sys.executable, os.path.join(HERE, 'segment.py'), '--data', 'shapenetpart', '--data_root',
+                           str(tmp_path), '--from_scratch', '--gpu', '-1'], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=600, env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    assert done.returncode == 1 and 'Traceback' not in done.stderr, done.stderr
+    assert done.stderr.strip().splitlines() == [f'error: {bad}, line 3: 6 numbers, expected 7 (x y z nx ny nz part)'], done.stderr
+
+
+class FakeSummaryWriter:
+    """What Run.log gives TensorBoard: (tag, value, step) of every scalar (the package is optional)."""
+    def __init__(self, folder):
+        self.folder, self.scalars = folder, []
+
+    def add_scalar(self, tag, value, step):
+        self.scalars.append((tag, value, step))
+
+    def flush(self):
+        pass
+
+
+def test_segment_from_scratch_keeps_args_header_snapshots_tensorboard_and_refuses_a_finished_resume(tmp_path,
+                                                                                                   monkeypatch, capsys):
+    """main() --from_scratch (the demo's encoder, here TINY): args.json and a header record per session,
+    curves.png with its test mIoU panel, the time and the next command at the end; a resume may add
+    --save_every and --tensorboard, which then work; a resume of a finished run has nothing to do."""
+    monkeypatch.chdir(tmp_path)
+    use_small_part_splits(monkeypatch)
+    monkeypatch.setattr(segment, 'SMALL_CONFIG', TINY)          # --from_scratch --config small builds the TINY encoder
+    writers = []
+    monkeypatch.setattr(training, 'tensorboard_writer', lambda folder: writers.append(FakeSummaryWriter(folder)) or writers[-1])
+    flags = [*SEGMENT_FLAGS, '--from_scratch', '--run_name', 'scratch', '--cosine_epochs', '2']
+    segment.main(segment.parse_args([*flags, '--epochs', '1']))
+    saved = json.load(open('runs/scratch/args.json'))
+    assert saved['args']['from_scratch'] and saved['weights'] == 'random initialisation (small encoder)'
+    assert saved['model_config'] == json.loads(json.dumps(asdict(replace(TINY, local_radius=(0.32, 0.64, 1.28)))))
+    assert (saved['num_categories'], saved['num_parts']) == (13, 45)
+    assert torch.load('runs/scratch/last.pt', weights_only=True)['model_config'] == asdict(
+        replace(TINY, local_radius=(0.32, 0.64, 1.28)))
+    assert re.search(r'part segmentation done in \d+\.\d min \(this session\)\. Next: .*python segment.py --data '
+                     r'synthetic --test_only --ckpt runs/scratch/last.pt', capsys.readouterr().out)
+    assert Image.open('runs/scratch/curves.png').size == (4 * pictures.PLOT_W + pictures.PAD,   # loss, lr, accuracy, mIoU
+                                                          pictures.PLOT_H + pictures.TITLE_H)
+    segment.main(segment.parse_args([*flags, '--epochs', '2', '--resume', 'runs/scratch/last.pt', '--save_every', '1',
+                                     '--tensorboard']))
+    headers = [r for r in map(json.loads, open('runs/scratch/log.jsonl')) if r.get('header')]
+    assert len(headers) == 2 and headers[1]['resumed_from'] == 'runs/scratch/last.pt'
+    assert sorted(os.listdir('runs/scratch')) == ['args.json', 'curves.png', 'epoch-2.pt', 'last.pt', 'log.jsonl',
+                                                  'segment.png']
+    assert open('runs/scratch/epoch-2.pt', 'rb').read() == open('runs/scratch/last.pt', 'rb').read()
+    epoch_1 = read_log('runs/scratch')[-2]
+    assert (epoch_1['epoch'], writers[0].folder) == (1, os.path.join('runs', 'scratch', 'tensorboard'))
+    assert ('epoch/test_miou_i', epoch_1['test_miou_i'], 2) in writers[0].scalars
+    with pytest.raises(SystemExit, match=r'--resume runs/scratch/last.pt: the run has done 2 epoch\(s\).*nothing to do'):
+        segment.main(segment.parse_args([*flags, '--epochs', '2', '--resume', 'runs/scratch/last.pt']))
+
+
+def test_segment_test_only_uses_the_trained_settings_and_leaves_the_training_run_alone(straight_segment, tmp_path,
+                                                                                         monkeypatch, capsys):
+    """--test_only with other --points, --group_sizes and --head than the run was trained with scores the run
+    as its final epoch did (those come from the file, and the log says so), into runs/segment-synthetic-test/:
+    the training run's log.jsonl and segment.png stay as they were, and so does runs/demo/."""
+    monkeypatch.chdir(tmp_path)
+    use_small_part_splits(monkeypatch)
+    folder, result = straight_segment
+    shutil.copytree(folder / 'runs' / 'straight', 'runs/segment-synthetic')
+    trained = {name: open(f'runs/segment-synthetic/{name}', 'rb').read() for name in ('log.jsonl', 'segment.png')}
+    tested = segment.main(segment.parse_args(['--ckpt', 'runs/segment-synthetic/last.pt', '--gpu', '-1', '--test_only',
+                                              '--points', '64', '--group_sizes', '16', '8', '8', '--head', 'full']))
+    assert tested == {k: v for k, v in result.items() if not k.startswith('max_')}
+    out = capsys.readouterr().out
+    assert 'as it was trained: --points 48 (the flags said 64)' in out and '--group_sizes (8, 4, 4)' in out
+    assert trained == {name: open(f'runs/segment-synthetic/{name}', 'rb').read() for name in trained}
+    header, final = map(json.loads, open('runs/segment-synthetic-test/log.jsonl'))
+    assert header['header'] and header['args']['points'] == 48 and final['test_miou_i'] == result['test_miou_i']
+    assert os.path.exists('runs/segment-synthetic-test/segment.png') and not os.path.exists('runs/demo')
+    assert not os.path.exists('runs/segment-synthetic-test/args.json')
+    with pytest.raises(SystemExit, match=r'--ckpt nowhere.pt: no such file; --test_only tests the last.pt of a '
+                                         r'segmentation run \(runs/segment-synthetic/last.pt'):
+        segment.main(segment.parse_args(['--ckpt', 'nowhere.pt', '--gpu', '-1', '--test_only']))
+    with pytest.raises(SystemExit, match=r'last.pt was trained on --data synthetic: test it with --data synthetic'):
+        segment.main(segment.parse_args(['--ckpt', 'runs/segment-synthetic/last.pt', '--gpu', '-1', '--test_only',
+                                         '--data', 'shapenetpart']))
+
+
 def test_svm_eval_passes_over_segmentation_runs_for_the_newest_pretraining_checkpoint(straight_segment,
                                                                                        pretrain_checkpoint, tmp_path):
     runs = tmp_path / 'runs'
