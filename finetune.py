@@ -297,10 +297,7 @@ def train_one_epoch(model, optimizer, points, labels, pool, epoch, first_step, s
         optimizer.step()
         sums += torch.stack([loss.detach().double() * len(y), (logits.argmax(1) == y).sum().double(),
                              sums.new_tensor(len(y))])
-        if (step + 1) % args.log_every == 0 or step + 1 == steps:   # every process logs at the same steps
-            mean = run.step_numbers(dict(loss=loss), stop, f'epoch {epoch} step {step + 1}')['loss']
-            run.log(f'  epoch {epoch} step {step + 1}/{steps} loss {mean:.4f} lr {lr:.2e}')
-        if stop.now(run.process):
+        if run.end_of_step(epoch, step, steps, lr, loss, stop, args.log_every):
             return step + 1
     return steps
 

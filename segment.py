@@ -319,10 +319,7 @@ def train_one_epoch(model, optimizer, split, epoch, first_step, steps, sums, arg
         xyz, parts, categories = training_batch(split, torch.as_tensor(order[step]), args, sums.device)
         loss, correct = train_step(model, optimizer, xyz, parts, categories, args)
         sums += torch.stack([loss.double() * parts.numel(), correct.double(), sums.new_tensor(parts.numel())])
-        if (step + 1) % args.log_every == 0 or step + 1 == steps:   # every process logs at the same steps
-            mean = run.step_numbers(dict(loss=loss), stop, f'epoch {epoch} step {step + 1}')['loss']
-            run.log(f'  epoch {epoch} step {step + 1}/{steps} loss {mean:.4f} lr {lr:.2e}')
-        if stop.now(run.process):
+        if run.end_of_step(epoch, step, steps, lr, loss, stop, args.log_every):
             return step + 1
     return steps
 

@@ -1966,29 +1966,37 @@ def test_finetune_save_every_keeps_a_snapshot_equal_to_that_epoch_last_pt(pretra
     assert_same_weights(saved_weights('runs/snap/epoch-1.pt'), saved_weights('runs/snap/last.pt'))
 
 
+def interrupt_three_times_then_finish(monkeypatch, run, after_draw, inside_model):
+    """Ctrl-C a run (run(*resume_flags)) in runs/cut three times, resuming each time, then let it finish:
+    at epoch 0's second step after the data draw (after_draw = (owner, name, after): SIGINT after the 2nd
+    call), inside the model at epoch 0's last step (inside_model = (owner, name, before): before the 2nd
+    call), and at epoch 1's first step after optimizer.step(). Returns the three saved positions."""
+    resume, positions = ('--resume', 'runs/cut/last.pt'), []
+    for flags, (owner, name, wrap) in (((), after_draw), (resume, inside_model)):
+        with monkeypatch.context() as patch:
+            patch.setattr(owner, name, wrap(getattr(owner, name), signal_at_call(2)))
+            interrupted(run, *flags)
+        positions.append(position('runs/cut/last.pt'))
+    hook = signal_at_call(1)
+    handle = register_optimizer_step_post_hook(lambda *a: hook())
+    try:
+        interrupted(run, *resume)
+    finally:
+        handle.remove()
+    positions.append(position('runs/cut/last.pt'))
+    run(*resume)
+    return positions
+
+
 def test_ctrl_c_inside_a_finetuning_step_then_resume_is_bit_identical(pretrain_checkpoint, tmp_path, monkeypatch):
     """As for pre-training: after the data draw, inside the classifier, after optimizer.step();
     the same final weights (last.pt and best.pt) and the same log, every record once."""
     monkeypatch.chdir(tmp_path)
     use_small_splits(monkeypatch)
     finetune_run('straight', pretrain_checkpoint)
-    resume, positions = ('--resume', 'runs/cut/last.pt'), []
-    with monkeypatch.context() as patch:   # epoch 0, second step: after the data draw
-        patch.setattr(finetune, 'training_view', after(finetune.training_view, signal_at_call(2)))
-        interrupted(finetune_run, 'cut', pretrain_checkpoint)
-    positions.append(position('runs/cut/last.pt'))
-    with monkeypatch.context() as patch:   # epoch 0, its last step: inside the classifier
-        patch.setattr(Classifier, 'pool', before(Classifier.pool, signal_at_call(2)))
-        interrupted(finetune_run, 'cut', pretrain_checkpoint, *resume)
-    positions.append(position('runs/cut/last.pt'))
-    hook = signal_at_call(1)               # epoch 1, first step: after optimizer.step()
-    handle = register_optimizer_step_post_hook(lambda *a: hook())
-    try:
-        interrupted(finetune_run, 'cut', pretrain_checkpoint, *resume)
-    finally:
-        handle.remove()
-    positions.append(position('runs/cut/last.pt'))
-    finetune_run('cut', pretrain_checkpoint, *resume)
+    positions = interrupt_three_times_then_finish(
+        monkeypatch, lambda *resume: finetune_run('cut', pretrain_checkpoint, *resume),
+        (finetune, 'training_view', after), (Classifier, 'pool', before))
     for name in ('last.pt', 'best.pt'):
         assert_same_weights(saved_weights(f'runs/straight/{name}'), saved_weights(f'runs/cut/{name}'))
     assert log_records('runs/cut') == log_records('runs/straight')
@@ -2921,24 +2929,9 @@ def test_ctrl_c_inside_a_segmentation_step_then_resume_is_bit_identical(straight
     optimizer.step(); the same final weights and the same log, every record once."""
     monkeypatch.chdir(tmp_path)
     use_small_part_splits(monkeypatch)
-    resume, positions = ('--resume', 'runs/cut/last.pt'), []
-    with monkeypatch.context() as patch:   # epoch 0, second step: after the data draw
-        patch.setattr(segment, 'training_batch', after(segment.training_batch, signal_at_call(2)))
-        interrupted(segment_run, 'cut', pretrain_checkpoint)
-    positions.append(position('runs/cut/last.pt'))
-    with monkeypatch.context() as patch:   # epoch 0, its last step: inside the segmenter
-        patch.setattr(segment.PartSegmenter, 'point_features',
-                      before(segment.PartSegmenter.point_features, signal_at_call(2)))
-        interrupted(segment_run, 'cut', pretrain_checkpoint, *resume)
-    positions.append(position('runs/cut/last.pt'))
-    hook = signal_at_call(1)               # epoch 1, first step: after optimizer.step()
-    handle = register_optimizer_step_post_hook(lambda *a: hook())
-    try:
-        interrupted(segment_run, 'cut', pretrain_checkpoint, *resume)
-    finally:
-        handle.remove()
-    positions.append(position('runs/cut/last.pt'))
-    segment_run('cut', pretrain_checkpoint, *resume)
+    positions = interrupt_three_times_then_finish(
+        monkeypatch, lambda *resume: segment_run('cut', pretrain_checkpoint, *resume),
+        (segment, 'training_batch', after), (segment.PartSegmenter, 'point_features', before))
     straight = straight_segment[0] / 'runs' / 'straight'
     assert_same_weights(saved_weights(straight / 'last.pt'), saved_weights('runs/cut/last.pt'))
     assert log_records('runs/cut') == log_records(straight)

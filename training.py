@@ -642,6 +642,14 @@ class Run:
                                      f'every process stops, nothing saved; {self.last_saved}')
         return means
 
+    def end_of_step(self, epoch, step, steps, lr, loss, stop, log_every):
+        """The end of a fine-tuning step: a progress line every `log_every` steps and at the epoch's last
+        (every process at the same steps, the loss averaged over them); True if Ctrl-C asked to stop."""
+        if (step + 1) % log_every == 0 or step + 1 == steps:
+            mean = self.step_numbers(dict(loss=loss), stop, f'epoch {epoch} step {step + 1}')['loss']
+            self.log(f'  epoch {epoch} step {step + 1}/{steps} loss {mean:.4f} lr {lr:.2e}')
+        return stop.now(self.process)
+
     def totals(self, sums, where):
         """The running sums of every process added up (floats); a non-finite one stops every process."""
         totals = sum_over_processes(sums, self.process).tolist()
