@@ -2,7 +2,8 @@
 pretrain.py: I2P-MAE pre-training (paper section "Image-to-Point Masked Autoencoders").
 Read `pretrain_step` first: it is the whole method. `train_one_epoch` runs it over the data.
 
-  python pretrain.py                                  # synthetic demo on a CPU, about 10 minutes
+  python pretrain.py                                  # synthetic demo on a CPU (trains the demo's 2D teacher first
+                                                      # if runs/teacher-synthetic/teacher.pt is absent)
   python pretrain.py --data shapenet --gpu 0          # the paper's run (ShapeNet-55, 300 epochs)
   torchrun --nproc_per_node=8 pretrain.py --data shapenet
   python pretrain.py --benchmark [--config full]      # per-stage timings and peak memory

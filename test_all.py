@@ -3137,3 +3137,60 @@ if __name__ == '__main__':
         two_process_child(sys.argv[2])
     else:
         sys.exit(pytest.main([__file__, '-q']))
+
+
+# ---------------------------------------------------------------- ablation.py
+
+def test_ablation_runs_each_row_once_resumes_and_tabulates_mean_and_seed_spread(tmp_path, monkeypatch):
+    """The loop with the scripts replaced by a recorder that writes what each would log: the untrained
+    row evaluates the 3D-only checkpoint's shape with --random_init, a finished run is not redone, an
+    unfinished one is run again, and the table gives mean ± std (ddof 1) with every seed's number."""
+    import ablation
+    monkeypatch.chdir(tmp_path)
+    epochs, calls = ablation.PRESETS['synthetic']['epochs'], []
+    accuracy = {'untrained': 60.0, '3d-only': 70.0, 'i2p-mae': 85.0, 'scratch': 80.0}
+
+    def fake_run(script, flags, name):
+        calls.append((script, name, tuple(flags)))
+        os.makedirs(ablation.folder(name), exist_ok=True)
+        row, seed = re.match(r'ablation-(.+)-s(\d)', name).groups()
+        seed = int(seed)
+        record = {'pretrain.py': dict(epoch=epochs - 1, mean_loss_3d=0.02),
+                  'svm_eval.py': dict(accuracy=accuracy[row] + seed),
+                  'finetune.py': dict(test_accuracy=accuracy[row] + 2 * seed)}[script]
+        with open(os.path.join(ablation.folder(name), 'log.jsonl'), 'a') as f:
+            f.write(json.dumps(record) + '\n')
+    monkeypatch.setattr(ablation, 'run', fake_run)
+    os.makedirs('runs/ablation-i2p-mae-s1')   # an interrupted pre-training: two epochs done
+    with open('runs/ablation-i2p-mae-s1/log.jsonl', 'w') as f:
+        f.write(json.dumps(dict(epoch=1, mean_loss_3d=0.03)) + '\n')
+    args = ablation.parse_args(['--rows', 'untrained', '3d-only', 'i2p-mae', '--seeds', '0', '1'])
+    ablation.main(args)
+    pretrained = [name for script, name, _ in calls if script == 'pretrain.py']
+    assert sorted(pretrained) == ['ablation-3d-only-s0', 'ablation-3d-only-s1', 'ablation-i2p-mae-s0',
+                                  'ablation-i2p-mae-s1']
+    untrained = [flags for script, name, flags in calls if name == 'ablation-untrained-s1-svm']
+    assert untrained == [('--ckpt', 'runs/ablation-3d-only-s1/last.pt', '--cv', '--overwrite', '--random_init',
+                          '--seed', '1')]
+    first = len(calls)
+    ablation.main(args)                        # everything measured: nothing runs again
+    assert len(calls) == first
+    table = open('runs/ablation/table.md').read()
+    assert '| I2P-MAE | guided | yes | trained | 85.5 ± 0.7 (85.0 / 86.0) | 86.0 ± 1.4 (85.0 / 87.0) |' in table
+    assert '| from scratch (no pre-training) | - | - | - |  | 81.0 ± 1.4 (80.0 / 82.0) |' in table
+
+
+def test_ablation_resumes_an_interrupted_run_and_restarts_one_that_saved_nothing(tmp_path, monkeypatch):
+    import ablation
+    monkeypatch.chdir(tmp_path)
+    commands = []
+    monkeypatch.setattr(ablation.subprocess, 'run', lambda command, check: commands.append(command[1:]))
+    ablation.run('pretrain.py', ['--seed', '1'], 'fresh')
+    os.makedirs('runs/died')
+    ablation.run('pretrain.py', ['--seed', '1'], 'died')
+    os.makedirs('runs/cut')
+    open('runs/cut/last.pt', 'w').close()
+    ablation.run('pretrain.py', ['--seed', '1'], 'cut')
+    assert commands == [['pretrain.py', '--seed', '1', '--run_name', 'fresh'],
+                        ['pretrain.py', '--seed', '1', '--run_name', 'died', '--overwrite'],
+                        ['pretrain.py', '--seed', '1', '--run_name', 'cut', '--resume', 'runs/cut/last.pt']]
