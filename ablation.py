@@ -34,7 +34,7 @@ ROWS = {
     '2d-target': ('+ 2D target', 'random', 'yes', 'trained', ['--mask', 'random']),
     'guided-mask': ('+ 2D-guided mask', 'guided', 'no', 'trained', ['--no_2d_target']),
     'i2p-mae': ('I2P-MAE', 'guided', 'yes', 'trained', []),
-    'random-teacher': ('I2P-MAE, random teacher', 'guided', 'yes', 'random', ['--teacher_weights', 'tiny']),
+    'random-teacher': ('I2P-MAE, random teacher', 'guided', 'yes', 'random', ['--teacher_weights', 'demo-random']),
 }
 FINETUNE_ROWS = ['3d-only', 'i2p-mae', 'scratch']   # 'scratch': finetune.py --from_scratch
 

@@ -3194,3 +3194,19 @@ def test_ablation_resumes_an_interrupted_run_and_restarts_one_that_saved_nothing
     assert commands == [['pretrain.py', '--seed', '1', '--run_name', 'fresh'],
                         ['pretrain.py', '--seed', '1', '--run_name', 'died', '--overwrite'],
                         ['pretrain.py', '--seed', '1', '--run_name', 'cut', '--resume', 'runs/cut/last.pt']]
+
+
+def test_every_ablation_row_names_flags_pretrain_accepts_and_a_teacher_that_builds(monkeypatch):
+    import ablation
+    import teacher
+    monkeypatch.setattr(teacher, 'DEMO_TEACHER_PATH', 'no-such-file.pt')
+    for row, (what, mask, target, source, flags) in ablation.ROWS.items():
+        if flags is None:
+            continue
+        args = parse_args(flags + ['--seed', '0'])
+        assert (args.mask, 'no' if args.no_2d_target else 'yes') == (mask, target), row
+        if source == 'random':   # the trained teacher is a file (tested above); a random one is built here
+            vit, described = teacher.build_teacher(args.teacher_weights)
+            assert 'untrained' in described and vit.image_size == teacher.DEMO_TEACHER['image_size']
+        else:
+            assert args.teacher_weights == 'demo' or not args.mask == 'guided' and args.no_2d_target, row
