@@ -843,6 +843,8 @@ def main():
     parser.add_argument('--seed', type=int, default=0, help='dataset seed, as load_split takes it (default: 0)')
     parser.add_argument('--out', default='runs/demo', help='folder for synthetic_classes.png (default: runs/demo)')
     parser.add_argument('--picture_only', action='store_true', help='draw the picture, skip the SVM baselines')
+    parser.add_argument('--num_points', type=int, default=2048,
+                        help='points per cloud for the SVM baselines (default: 2048; the demo pre-trains at 512)')
     args = parser.parse_args()
     from pictures import save_picture
 
@@ -852,9 +854,10 @@ def main():
     if not args.picture_only:
         print('shapes per class:', dict(zip(SYNTHETIC_CLASSES, labels.bincount().tolist())))
         assert torch.equal(points, make_synthetic(1000, 2048, seed=0)[0]), 'not deterministic'
-        train = load_split('synthetic', 'train', seed=args.seed)        # the splits svm_eval.py sees
-        test = load_split('synthetic', 'test', seed=args.seed)
-        print(f'linear SVMs fit on {len(train.labels)} train shapes, scored on {len(test.labels)} test shapes')
+        train = load_split('synthetic', 'train', num_points=args.num_points, seed=args.seed)   # as svm_eval.py
+        test = load_split('synthetic', 'test', num_points=args.num_points, seed=args.seed)
+        print(f'linear SVMs fit on {len(train.labels)} train shapes, scored on {len(test.labels)} test shapes '
+              f'of {args.num_points} points')
         for name, features in (('hand-crafted global statistics', global_statistics),
                                ('random-init PointNet, max-pool', random_encoder_features)):
             train_acc, test_acc = linear_svm_accuracies(features(train.points), train.labels,

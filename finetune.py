@@ -7,7 +7,7 @@ learning (paper section "Downstream Tasks"; the authors' tools/runner_finetune.p
   python finetune.py --data modelnet40 --gpu 0 --vote  # ModelNet40 1k, then voting
   python finetune.py --data scan_hardest --ckpt pre-train.pth    # from the authors' pre-training
   python finetune.py --data fewshot --ways 5 --shots 10          # 10 folds, mean +- std
-  python finetune.py --data modelnet40 --ckpt modelnet_1k.pth --test_only --vote
+  python finetune.py --data modelnet40 --ckpt modelnet40.pth --test_only --vote
   torchrun --nproc_per_node=4 finetune.py --data scan_objbg
 --data picks a preset (PRESETS); any flag overrides it and the final values are printed at start.
 The architecture comes from the checkpoint; only group sizes and local radii, which no weight

@@ -488,8 +488,8 @@ def compile_student(model):
 
     The encoder's transformer blocks see a different number of visible tokens at every step.
     Compiling the whole student (its forward has no graph breaks) fails in torch 2.14 once those
-    numbers become symbolic sizes, so only the fixed-shape parts are compiled. On a CPU it gains
-    nothing (README, "Speed and memory").
+    numbers become symbolic sizes, so only the fixed-shape parts are compiled. On a CPU the step
+    was about 7% faster after a compile of about 90 s (README, "Speed and memory").
     """
     for module in model.modules():
         if isinstance(module, (TokenEmbed, TokenPropagation)):
