@@ -732,7 +732,7 @@ def main():
         num_points = 512
         source = f'small student fitted to this one shape for {args.steps} steps, no 2D target'
         if args.ckpt == 'auto':
-            print('no runs/pretrain-*/last.pt: `python pretrain.py` (about 12 minutes) trains the demo student; '
+            print('no runs/pretrain-*/last.pt: `python pretrain.py` (about 5 minutes on 2 idle cores) trains the demo student; '
                   'until then this demo fits a small student to one shape (about 1 minute).')
     print(source)
     xyz, _ = make_synthetic(1, num_points=num_points, seed=5)
