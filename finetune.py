@@ -373,10 +373,7 @@ def finetune(classifier, train, test, args, run, resume=None, extra=None):
                 save('best.pt', epoch + 1, 0)
             sums.zero_()
             save('last.pt', epoch + 1, 0)
-            run.keep_snapshot(epoch + 1, args.save_every)
-            if stop.now(process):
-                run.log(f'stopped after epoch {epoch}; continue with --resume {run.path("last.pt")}')
-                raise SystemExit(130)
+            run.end_of_epoch(epoch, args.save_every, stop)
     if process.world > 1:
         check_ranks_agree(classifier, process, run.log)
     tested = [h['test_accuracy'] for h in history if 'test_accuracy' in h]

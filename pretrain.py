@@ -296,10 +296,7 @@ def main(args):
                     f'{svm} | {summary["minutes"]:.1f} min | saving {run.path("last.pt")}', **summary)
             sums.zero_()
             run.save('last.pt', student, epoch + 1, 0, args, optimizer, sums, **extra)
-            run.keep_snapshot(epoch + 1, args.save_every)
-            if stop.now(process):
-                run.log(f'stopped after epoch {epoch}; continue with --resume {run.path("last.pt")}')
-                raise SystemExit(130)
+            run.end_of_epoch(epoch, args.save_every, stop)
     if world > 1:
         check_ranks_agree(student, process, run.log)
     run.log(f'pre-training done in {(time.time() - run.session_start) / 60:.1f} min (this session). Next: the '

@@ -522,10 +522,7 @@ def train_segmenter(segmenter, train, test, test_xyz, test_parts, args, run, res
                     f'{tested} lr {record["lr"]:.2e} {record["minutes"]:.1f} min', **record)
             sums.zero_()
             save(epoch + 1, 0)
-            run.keep_snapshot(epoch + 1, args.save_every)
-            if stop.now(process):
-                run.log(f'stopped after epoch {epoch}; continue with --resume {run.path("last.pt")}')
-                raise SystemExit(130)
+            run.end_of_epoch(epoch, args.save_every, stop)
     if process.world > 1:
         check_ranks_agree(segmenter, process, run.log)
     return history, metrics   # the last epoch always tests (main refuses to resume a finished run)

@@ -577,6 +577,14 @@ class Run:
             os.replace(self.path(name + '.tmp'), self.path(name))
         barrier(self.process)
 
+    def end_of_epoch(self, epoch, save_every, stop):
+        """After last.pt of an epoch is saved: the --save_every snapshot, then stop (exit 130) if a Ctrl-C
+        came during the epoch's last step."""
+        self.keep_snapshot(epoch + 1, save_every)
+        if stop.now(self.process):
+            self.log(f'stopped after epoch {epoch}; continue with --resume {self.path("last.pt")}')
+            raise SystemExit(130)
+
     def cut_log(self, records):
         """Keep the first `records` complete records of log.jsonl: what a checkpoint had seen."""
         path, self.records = self.path('log.jsonl'), 0
