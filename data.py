@@ -560,6 +560,7 @@ def read_part_file(path, part_ids, category):
                and np.isin(rows[:, 6], part_ids).all())    # part ids must be integers of this category
     if not is_fine:
         raise DataError(f'{path}, {first_bad_line(path, part_ids, category) or "no points"}')
+    check_clouds(rows[None, :, :3], path, [path])   # all points at one place: normalising would divide by 0
     return normalize_unit_sphere(torch.from_numpy(rows[:, :3])).numpy(), rows[:, 6].astype(np.int8)
 
 

@@ -2671,6 +2671,9 @@ def test_shapenetpart_bad_files_are_named_with_their_line(tmp_path):
         bag.write_text('\n'.join(lines[:2] + [bad_line] + lines[3:]) + '\n')
         with pytest.raises(ValueError, match=str(bag) + ', ' + message):
             load()
+    bag.write_text(''.join('0.5 0.5 0.5 0 0 1 4\n' for _ in good.splitlines()))
+    with pytest.raises(ValueError, match=f'{bag} is degenerate: all its points lie at one place'):
+        load()
     bag.write_text('')
     with pytest.raises(ValueError, match=f'{bag}: no points'):
         load()
