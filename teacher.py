@@ -324,6 +324,7 @@ def main():
                              'else tiny), tiny (a small random ViT), random (ViT-B/16, random), '
                              'imagenet, auto, demo-random, or a weights file (default: demo)')
     parser.add_argument('--view', type=int, default=2, choices=[0, 1, 2], help='which of the 3 views (default: 2)')
+    parser.add_argument('--seed', type=int, default=0, help='seeds a random teacher (default: 0)')
     parser.add_argument('--shape_seed', type=int, default=2, help='seed of the synthetic shapes (default: 2)')
     parser.add_argument('--out', default='runs/demo', help='folder for teacher.png (default: runs/demo)')
     parser.add_argument('--train', action='store_true',
@@ -332,7 +333,8 @@ def main():
     if args.train:
         train_and_save_demo_teacher()
     start = time.perf_counter()
-    vit, described = picture_teacher(args.weights)   # a random one is seeded: the same picture on every run
+    torch.manual_seed(args.seed)   # a random ViT-B/16 is drawn from the global stream: the same picture on every run
+    vit, described = picture_teacher(args.weights)
     print('teacher:', described)
     xyz, labels = make_synthetic(13 * 16, num_points=2048, seed=args.shape_seed)
     first = torch.stack([(labels == k).nonzero()[0, 0] for k in range(len(SYNTHETIC_CLASSES))])
