@@ -85,22 +85,28 @@ def pretrained(row, seed):
     return os.path.join(folder(name), 'last.pt')
 
 
+def measured(kind, row, seed):
+    """The result of runs/ablation-<row>-s<seed>-<kind>/ (kind 'svm' or 'ft'), or None if it has none yet."""
+    key = {'svm': 'accuracy', 'ft': 'test_accuracy'}[kind]
+    record = last_record_with(f'ablation-{row}-s{seed}-{kind}', key)
+    return None if record is None else record[key]
+
+
 def svm_accuracy(row, seed):
     name = f'ablation-{row}-s{seed}-svm'
-    if last_record_with(name, 'accuracy') is None:
+    if measured('svm', row, seed) is None:
         # the untrained row takes the 3D-only checkpoint's shape and draws new weights with this seed
         flags = ['--random_init', '--seed', str(seed)] if row == 'untrained' else []
         checkpoint = pretrained('3d-only' if row == 'untrained' else row, seed)
         run('svm_eval.py', ['--ckpt', checkpoint, '--cv', '--overwrite', *flags], name)
-    return last_record_with(name, 'accuracy')['accuracy']
+    return measured('svm', row, seed)
 
 
 def finetune_accuracy(row, seed):
-    name = f'ablation-{row}-s{seed}-ft'
-    if last_record_with(name, 'test_accuracy') is None:
+    if measured('ft', row, seed) is None:
         start = ['--from_scratch'] if row == 'scratch' else ['--ckpt', pretrained(row, seed)]
-        run('finetune.py', [*start, '--seed', str(seed), '--test_every', '100'], name)
-    return last_record_with(name, 'test_accuracy')['test_accuracy']
+        run('finetune.py', [*start, '--seed', str(seed), '--test_every', '100'], f'ablation-{row}-s{seed}-ft')
+    return measured('ft', row, seed)
 
 
 def cell(values):
@@ -124,9 +130,6 @@ def table(rows, seeds, finetune_rows, measure):
 
 
 def main(args):
-    def found(kind, row, seed):
-        record = last_record_with(f'ablation-{row}-s{seed}-{kind}', 'accuracy' if kind == 'svm' else 'test_accuracy')
-        return None if record is None else record['accuracy' if kind == 'svm' else 'test_accuracy']
     if not args.table_only:
         for seed in args.seeds:   # seed by seed: a partial loop still gives every row a number
             for row in args.rows:
@@ -134,7 +137,7 @@ def main(args):
             for row in args.finetune_rows:
                 finetune_accuracy(row, seed)
     text = (f'seeds {" ".join(map(str, args.seeds))}: mean ± std over the seeds (each seed\'s number in brackets)\n\n'
-            + table(args.rows, args.seeds, args.finetune_rows, found))
+            + table(args.rows, args.seeds, args.finetune_rows, measured))
     os.makedirs(folder('ablation'), exist_ok=True)
     with open(os.path.join(folder('ablation'), 'table.md'), 'w') as f:
         f.write(text + '\n')
