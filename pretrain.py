@@ -144,13 +144,12 @@ def pretrain_step(model, teacher, xyz, args, clock=lambda stage: None):
     return model(groups, masks, target_2d, counts)                                 # I2PMAE.pretrain_losses
 
 
-def visible_targets(group, is_masked, geometry, features, img_size, counts=None):
+def visible_targets(group, is_masked, geometry, features, img_size, counts):
     """Teacher features at the K members of every visible token -> (L_visible, K, V*C), (sample, token) order.
 
     Only visible tokens get a 2D target, so only their members are read back (packed per sample).
-    counts: the visible tokens of each sample (this scale of mask.visible_counts), if the caller has them.
+    counts: the visible tokens of each sample (this scale of mask.visible_counts).
     """
-    counts = visible_counts([is_masked])[0] if counts is None else counts
     order, is_pad = pack_visible(is_masked, max(counts))                           # (B, L) visible first
     B, L = order.shape
     members = gather_points(group.neighbors.flatten(2), order).view(B, -1, 3)      # (B, L*K, 3)

@@ -1453,7 +1453,7 @@ def test_one_view_ablation_predicts_one_view_of_features():
 def test_visible_targets_equal_reading_every_token_then_selecting(pretrain_reference):
     ref = pretrain_reference
     targets = pretrain.visible_targets(ref['groups'][1], ref['masks'][1], ref['geometry'],
-                                       ref['t']['teacher.feats'], ref['img_size'])
+                                       ref['t']['teacher.feats'], ref['img_size'], visible_counts([ref['masks'][1]])[0])
     assert torch.allclose(targets, ref['target_2d'][~ref['masks'][1]], atol=1e-6)
 
 
