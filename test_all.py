@@ -2248,6 +2248,14 @@ def test_no_weight_decay_on_biases_norms_and_token_parameters():
     assert not any(n.endswith('.bias') for n in {names[id(p)] for p in decay['params']})
 
 
+def test_eta_is_the_sessions_mean_pace_not_the_last_windows(tmp_path, monkeypatch):
+    now = [100.0]
+    monkeypatch.setattr(training.time, 'time', lambda: now[0])
+    run = Run(str(tmp_path), CPU)
+    now[0], run.session_steps = 160.0, 20    # 20 steps in 60 s since the session began: 3 s a step
+    assert run.eta_minutes(40) == pytest.approx(2.0)
+
+
 def test_run_log_is_cut_back_to_what_a_checkpoint_had_seen(tmp_path):
     run = Run(str(tmp_path), Process(torch.device('cpu')))
     for step in range(3):
