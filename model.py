@@ -211,21 +211,61 @@ def transformer_stages(dims, depths, num_heads, drop_path_rate):
 
 
 def conv_bn(c_in, c_out, act=None):
-    """1x1 Conv1d, BatchNorm1d and an optional activation over (B, C, N), as the authors.
-
-    (A Linear over rows is the same map and a little faster on CPUs, but rounds differently,
-    and train-mode BatchNorm amplifies that beyond the reference tolerance.)
-    """
+    """1x1 Conv1d, BatchNorm1d and an optional activation over (B, C, N), as the authors."""
     return nn.Sequential(nn.Conv1d(c_in, c_out, 1), nn.BatchNorm1d(c_out), *([act] if act else []))
+
+
+def fold_batchnorm(conv, bn):
+    """(weight (C_out, C_in), bias) of x -> bn(conv(x)) for an eval-mode BatchNorm: one product."""
+    scale = bn.weight * (bn.running_var + bn.eps).rsqrt()
+    return conv.weight[..., 0] * scale[:, None], (conv.bias - bn.running_mean) * scale + bn.bias
+
+
+def pointwise(x, weight, bias, K):
+    """A 1x1 conv applied to member rows: x (T*K, C_in), weight (C_out, C_in) -> (T*K, C_out).
+
+    It runs as a conv2d over (T, C, 1, K) in channels-last layout, which is the rows as they lie in
+    memory: oneDNN's CPU kernels take that layout as it is, twice as fast as the authors' Conv1d over
+    (T, C, K), which they first copy into a layout of their own (a transient copy of each tensor).
+    """
+    T = x.shape[0] // K
+    y = F.conv2d(x.view(T, 1, K, -1).permute(0, 3, 1, 2), weight[:, :, None, None], bias)   # (T, C_out, 1, K)
+    return y.permute(0, 2, 3, 1).reshape(x.shape[0], -1)
+
+
+class ReLUGradInPlace(torch.autograd.Function):
+    """ReLU in place whose backward works in place too: it zeroes the incoming gradient where the
+    output is 0 instead of writing a new tensor (the same numbers as F.relu's backward). After the
+    widest layer of the scale-0 embedding (512 channels for every member, 256 MB at batch 16) that
+    is one such tensor fewer at the step's peak of memory. The layer after it must hand back a
+    gradient of its own (a conv does)."""
+    @staticmethod
+    def forward(ctx, x):
+        ctx.mark_dirty(x)
+        ctx.save_for_backward(x.relu_())
+        return x
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        out, = ctx.saved_tensors
+        return grad.masked_fill_(out <= 0, 0)
 
 
 class TokenEmbed(nn.Module):
     """Mini-PointNet over each token's K members: (B, G, K, C_in) -> (B, G, C_out).
 
     per member: conv, BN, ReLU, conv -> max over K -> concat [max, member] -> conv, BN, ReLU, conv -> max over K
-    The conv after the concat is applied in two halves: the max half is the same for all K members
-    of a token, so its product is computed once per token, not K times (the same sum, added in
-    another order: equal to 1e-7; the scale-0 embedding is most of a step's arithmetic).
+    The layers are the authors' 1x1 Conv1d and BatchNorm1d (their checkpoints load as they are),
+    applied to the members as rows (T*K, C), T = B*G tokens (`pointwise`). Two rewrites of the
+    arithmetic, exact in real numbers (they round differently, ~1e-7):
+    - the conv after the concat is split in halves, [W_max W_member]: the max half is the same for
+      all K members of a token, so it is applied once per token, not K times;
+    - the conv before the concat is linear, x = W2 r + b2, so the member half W_member x is
+      (W_member W2) r + W_member b2: the widest product reads the 128-wide r, not the 256-wide x.
+    The scale-0 embedding is most of a step's arithmetic; these take a third of it away.
+    With its BatchNorms in eval mode (linear SVM, test sets) each is a fixed affine map, folded into
+    the conv before it.
     """
     def __init__(self, c_in, hidden, c_mid, hidden2, c_out):
         super().__init__()
@@ -234,14 +274,44 @@ class TokenEmbed(nn.Module):
 
     def forward(self, members):
         B, G, K, C = members.shape
-        x = self.first_conv(members.reshape(B * G, K, C).transpose(1, 2))     # (B*G, c_mid, K)
-        pooled = x.max(dim=2, keepdim=True).values                             # (B*G, c_mid, 1)
-        concat_conv, *rest = self.second_conv                                  # applied to [pooled; x]
-        w_pooled, w_member = concat_conv.weight.split(x.shape[1], dim=1)
-        x = F.conv1d(x, w_member).add_(F.conv1d(pooled, w_pooled, concat_conv.bias))   # (B*G, hidden2, K)
-        for layer in rest:
-            x = layer(x)
-        return x.max(dim=2).values.view(B, G, -1)                             # (B*G, c_out) per token
+        batch_statistics = self.first_conv[1].training or self.second_conv[1].training   # BatchNorms in train mode
+        embed = self.embed_batch_statistics if batch_statistics else self.embed_folded
+        return embed(members.reshape(B * G * K, C), K).view(B, G, -1)
+
+    def embed_batch_statistics(self, rows, K):
+        """rows (T*K, C_in) -> (T, C_out), each BatchNorm on this batch's statistics (train mode)."""
+        conv1, bn1, _, conv2 = self.first_conv
+        concat_conv, bn2, _, conv4 = self.second_conv
+        w_pooled, w_member = concat_conv.weight[..., 0].split(conv2.out_channels, dim=1)
+        r = ReLUGradInPlace.apply(bn1(pointwise(rows, conv1.weight[..., 0], conv1.bias, K)))   # (T*K, hidden)
+        x = pointwise(r, conv2.weight[..., 0], conv2.bias, K)                                  # (T*K, c_mid)
+        pooled = x.view(-1, K, x.shape[1]).max(dim=1).values                                   # (T, c_mid)
+        per_token = F.linear(pooled, w_pooled, concat_conv.bias + w_member @ conv2.bias)      # (T, hidden2)
+        h = pointwise(r, w_member @ conv2.weight[..., 0], None, K)                            # (T*K, hidden2)
+        h = ReLUGradInPlace.apply(bn2(h.view(-1, K, h.shape[1]).add_(per_token[:, None]).view(h.shape)))
+        out = pointwise(h, conv4.weight[..., 0], conv4.bias, K)                               # (T*K, c_out)
+        return out.view(-1, K, out.shape[1]).max(dim=1).values
+
+    def embed_folded(self, rows, K):
+        """rows (T*K, C_in) -> (T, C_out), each BatchNorm folded into the conv before it (eval mode)."""
+        conv1, bn1, _, conv2 = self.first_conv
+        concat_conv, bn2, _, conv4 = self.second_conv
+        w1, b1 = fold_batchnorm(conv1, bn1)
+        w, b = fold_batchnorm(concat_conv, bn2)
+        w_pooled, w_member = w.split(conv2.out_channels, dim=1)
+        w_composed, b_pooled = w_member @ conv2.weight[..., 0], b + w_member @ conv2.bias
+
+        def embed(rows):   # a bias shared by all K members is added after the max: fl(a + b) rises with a, so exact
+            r = pointwise(rows, w1, b1, K).relu_()                                            # (T*K, hidden)
+            pooled = pointwise(r, conv2.weight[..., 0], None, K).view(-1, K, w_pooled.shape[1]).amax(dim=1) + conv2.bias
+            h = pointwise(r, w_composed, None, K).view(-1, K, w.shape[0])                     # (T, K, hidden2)
+            h = h.add_(F.linear(pooled, w_pooled, b_pooled)[:, None]).relu_().view(r.shape[0], -1)
+            return pointwise(h, conv4.weight[..., 0], None, K).view(-1, K, conv4.out_channels).amax(dim=1) + conv4.bias
+
+        # on a CPU in chunks of 8192 rows: each chunk's products then fit in memory the allocator reuses;
+        # a product over a whole batch is fresh memory that the OS hands out, and zeroes, page by page
+        chunk = max(1, 8192 // K) * K if rows.device.type == 'cpu' else rows.shape[0]
+        return torch.cat([embed(part) for part in rows.split(chunk)])
 
 
 class Encoded(NamedTuple):
@@ -476,7 +546,9 @@ class I2PMAE(nn.Module):
             return loss_3d, torch.zeros_like(loss_3d)
         visible = true_positions(~masks[h], sum(counts[h]))                    # (L_visible,)
         rec_2d = self.head_2d(x[visible]).view(-1, K, target_2d.shape[-1])     # (L_visible, K, V*C)
-        return loss_3d, F.mse_loss(rec_2d, target_2d)
+        # the mean as sum / count, the same number: F.mse_loss's result shares the storage of its unreduced
+        # (L_visible, K, V*C) buffer (100 MB at batch 16); returned, it would keep it through the backward
+        return loss_3d, F.mse_loss(rec_2d, target_2d, reduction='sum') / rec_2d.numel()
 
     forward = pretrain_losses   # so DistributedDataParallel can wrap the student
 
