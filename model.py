@@ -248,8 +248,8 @@ class ReLUGradInPlace(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        out, = ctx.saved_tensors
-        return grad.masked_fill_(out <= 0, 0)
+        out, = ctx.saved_tensors   # ReLU's own backward kernel, told to write into the incoming gradient
+        return torch.ops.aten.threshold_backward.grad_input(grad, out, 0, grad_input=grad)
 
 
 class TokenEmbed(nn.Module):
@@ -288,7 +288,8 @@ class TokenEmbed(nn.Module):
         pooled = x.view(-1, K, x.shape[1]).max(dim=1).values                                   # (T, c_mid)
         per_token = F.linear(pooled, w_pooled, concat_conv.bias + w_member @ conv2.bias)      # (T, hidden2)
         h = pointwise(r, w_member @ conv2.weight[..., 0], None, K)                            # (T*K, hidden2)
-        h = ReLUGradInPlace.apply(bn2(h.view(-1, K, h.shape[1]).add_(per_token[:, None]).view(h.shape)))
+        h = (h.view(-1, K, h.shape[1]) + per_token[:, None]).view(h.shape)   # not add_: an in-place add to
+        h = ReLUGradInPlace.apply(bn2(h))                                    # a view costs a copy in backward
         out = pointwise(h, conv4.weight[..., 0], conv4.bias, K)                               # (T*K, c_out)
         return out.view(-1, K, out.shape[1]).max(dim=1).values
 
