@@ -17,6 +17,7 @@ images of a separate pool of synthetic shapes and writes it, with its configurat
 runs/teacher-synthetic/teacher.pt (`demo_teacher` loads it, or trains it first).
 Demo: python teacher.py [--weights demo|tiny|random|imagenet|PATH] [--train]      Tests: test_teacher_* in test_all.py
 """
+import contextlib
 import math
 import os
 import socket
@@ -234,49 +235,65 @@ def untrained_demo_teacher(cfg=DEMO_TEACHER):
         return vit_from_config(arch), arch
 
 
+@contextlib.contextmanager
+def one_cpu_thread(device):
+    """On a CPU, run the block on one thread (and restore the count after)."""
+    threads = torch.get_num_threads()
+    if torch.device(device).type == 'cpu':
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def train_demo_teacher(device='cpu', log=print, **settings):
     """Train the demo teacher from scratch -> (frozen ViT, record of its configuration and accuracy).
 
     settings override DEMO_TEACHER. Every random draw comes from local generators seeded by `seed`.
+    On a CPU it trains on one thread: float sums then run in one order whatever the core count, and
+    the run writes the file the README's results used (66.5% held-out; on two threads the same
+    training reached 63.2%, and the demo's SVM fell level with the untrained-PointNet baseline).
     """
-    cfg = {**DEMO_TEACHER, **settings}
-    unknown = set(cfg) - set(DEMO_TEACHER)
-    if unknown:
-        raise ValueError(f'unknown teacher setting(s) {sorted(unknown)}; known: {sorted(DEMO_TEACHER)}')
-    start = time.time()
-    vit, arch = untrained_demo_teacher(cfg)
-    vit = vit.to(device)
-    generator = torch.Generator(device).manual_seed(cfg['seed'])
-    # twice the points a view shows, so every epoch draws a different subset of each shape
-    train_xyz, train_y = (t.to(device) for t in teacher_shapes(cfg['train_shapes'], 2 * cfg['num_points'], 0, cfg['data_seed']))
-    test_xyz, test_y = (t.to(device) for t in teacher_shapes(cfg['test_shapes'], cfg['num_points'], 1, cfg['data_seed']))
-    steps_per_epoch = cfg['train_shapes'] // cfg['batch_size']
-    total = cfg['epochs'] * steps_per_epoch
-    optimizer = torch.optim.AdamW(vit.parameters(), lr=cfg['lr'], weight_decay=cfg['weight_decay'])
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, cfg['lr'], total_steps=total, pct_start=0.1)
-    log(f'training the demo teacher: ViT {arch} on {cfg["train_shapes"]} synthetic shapes x 3 views, '
-        f'{cfg["epochs"]} epochs of {steps_per_epoch} steps')
-    vit.train()
-    for step in range(total):
-        if step % steps_per_epoch == 0:
-            order = torch.randperm(cfg['train_shapes'], generator=generator, device=device)
-        idx = order[(step % steps_per_epoch) * cfg['batch_size']:][:cfg['batch_size']]
-        images = depth_views(augment_clouds(train_xyz[idx], cfg['num_points'], generator), cfg['image_size'])
-        loss = F.cross_entropy(vit(images), train_y[idx].repeat(len(VIEWS)))     # every view, the shape's label
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        if (step + 1) % steps_per_epoch == 0:
-            accuracy = view_accuracy(vit, test_xyz, test_y)
-            log(f'  teacher epoch {(step + 1) // steps_per_epoch}/{cfg["epochs"]}: loss {loss.item():.3f}, held-out '
-                f'image accuracy {sum(accuracy) / 3:.1f}% (views {", ".join(f"{a:.1f}" for a in accuracy)}), '
-                f'{time.time() - start:.0f} s')
-    accuracy = view_accuracy(vit, test_xyz, test_y)
-    training = {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}
-    record = dict(config=arch, training={**training, 'augment': 'point subset, mirror x, yaw, scale_and_translate'},
-                  accuracy=sum(accuracy) / 3, view_accuracy=accuracy, seconds=time.time() - start)
-    return freeze(vit), record
+    with one_cpu_thread(device):
+        cfg = {**DEMO_TEACHER, **settings}
+        unknown = set(cfg) - set(DEMO_TEACHER)
+        if unknown:
+            raise ValueError(f'unknown teacher setting(s) {sorted(unknown)}; known: {sorted(DEMO_TEACHER)}')
+        start = time.time()
+        vit, arch = untrained_demo_teacher(cfg)
+        vit = vit.to(device)
+        generator = torch.Generator(device).manual_seed(cfg['seed'])
+        # twice the points a view shows, so every epoch draws a different subset of each shape
+        train_xyz, train_y = (t.to(device) for t in teacher_shapes(cfg['train_shapes'], 2 * cfg['num_points'], 0, cfg['data_seed']))
+        test_xyz, test_y = (t.to(device) for t in teacher_shapes(cfg['test_shapes'], cfg['num_points'], 1, cfg['data_seed']))
+        steps_per_epoch = cfg['train_shapes'] // cfg['batch_size']
+        total = cfg['epochs'] * steps_per_epoch
+        optimizer = torch.optim.AdamW(vit.parameters(), lr=cfg['lr'], weight_decay=cfg['weight_decay'])
+        schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, cfg['lr'], total_steps=total, pct_start=0.1)
+        log(f'training the demo teacher: ViT {arch} on {cfg["train_shapes"]} synthetic shapes x 3 views, '
+            f'{cfg["epochs"]} epochs of {steps_per_epoch} steps')
+        vit.train()
+        for step in range(total):
+            if step % steps_per_epoch == 0:
+                order = torch.randperm(cfg['train_shapes'], generator=generator, device=device)
+            idx = order[(step % steps_per_epoch) * cfg['batch_size']:][:cfg['batch_size']]
+            images = depth_views(augment_clouds(train_xyz[idx], cfg['num_points'], generator), cfg['image_size'])
+            loss = F.cross_entropy(vit(images), train_y[idx].repeat(len(VIEWS)))     # every view, the shape's label
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            if (step + 1) % steps_per_epoch == 0:
+                accuracy = view_accuracy(vit, test_xyz, test_y)
+                log(f'  teacher epoch {(step + 1) // steps_per_epoch}/{cfg["epochs"]}: loss {loss.item():.3f}, held-out '
+                    f'image accuracy {sum(accuracy) / 3:.1f}% (views {", ".join(f"{a:.1f}" for a in accuracy)}), '
+                    f'{time.time() - start:.0f} s')
+        accuracy = view_accuracy(vit, test_xyz, test_y)
+        training = {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}
+        record = dict(config=arch, training={**training, 'augment': 'point subset, mirror x, yaw, scale_and_translate'},
+                      accuracy=sum(accuracy) / 3, view_accuracy=accuracy, seconds=time.time() - start)
+        return freeze(vit), record
 
 
 def save_teacher(path, vit, record):

@@ -415,12 +415,18 @@ def test_teacher_auto_falls_back_to_random_with_a_loud_warning(monkeypatch):
 
 def test_teacher_trainer_learns_from_labeled_depth_images_in_seconds():
     from teacher import train_demo_teacher
-    vit, record = train_demo_teacher(log=lambda line: None, image_size=32, patch_size=8, num_layers=2, num_heads=2,
+    threads_while_training, threads = [], torch.get_num_threads()
+    torch.set_num_threads(2)   # the caller's count, whatever the machine's
+    vit, record = train_demo_teacher(log=lambda line: threads_while_training.append(torch.get_num_threads()),
+                                     image_size=32, patch_size=8, num_layers=2, num_heads=2,
                                      hidden_dim=32, stem_channels=(), num_points=128, train_shapes=390,
                                      test_shapes=130, epochs=10, batch_size=32)   # about 4 s of one CPU core
     chance = 100 / 13
     assert record['accuracy'] > 2 * chance, record['view_accuracy']   # 23% measured
     assert not vit.training and not any(p.requires_grad for p in vit.parameters())
+    # one thread while training on a CPU (the same file on any core count), the caller's count after
+    assert set(threads_while_training) == {1} and torch.get_num_threads() == 2
+    torch.set_num_threads(threads)
 
 
 def test_teacher_file_rebuilds_itself_and_gives_the_same_outputs(tmp_path):
