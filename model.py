@@ -304,7 +304,7 @@ class TokenEmbed(nn.Module):
 
         def embed(rows):   # a bias shared by all K members is added after the max: fl(a + b) rises with a, so exact
             r = pointwise(rows, w1, b1, K).relu_()                                            # (T*K, hidden)
-            pooled = pointwise(r, conv2.weight[..., 0], None, K).view(-1, K, w_pooled.shape[1]).amax(dim=1) + conv2.bias
+            pooled = pointwise(r, conv2.weight[..., 0], None, K).view(-1, K, conv2.out_channels).amax(dim=1) + conv2.bias
             h = pointwise(r, w_composed, None, K).view(-1, K, w.shape[0])                     # (T, K, hidden2)
             h = h.add_(F.linear(pooled, w_pooled, b_pooled)[:, None]).relu_().view(r.shape[0], -1)
             return pointwise(h, conv4.weight[..., 0], None, K).view(-1, K, conv4.out_channels).amax(dim=1) + conv4.bias

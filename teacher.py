@@ -265,7 +265,8 @@ def train_demo_teacher(device='cpu', log=print, **settings):
         vit = vit.to(device)
         generator = torch.Generator(device).manual_seed(cfg['seed'])
         # twice the points a view shows, so every epoch draws a different subset of each shape
-        train_xyz, train_y = (t.to(device) for t in teacher_shapes(cfg['train_shapes'], 2 * cfg['num_points'], 0, cfg['data_seed']))
+        train_xyz, train_y = (t.to(device) for t in
+                              teacher_shapes(cfg['train_shapes'], 2 * cfg['num_points'], 0, cfg['data_seed']))
         test_xyz, test_y = (t.to(device) for t in teacher_shapes(cfg['test_shapes'], cfg['num_points'], 1, cfg['data_seed']))
         steps_per_epoch = cfg['train_shapes'] // cfg['batch_size']
         total = cfg['epochs'] * steps_per_epoch
