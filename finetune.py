@@ -37,7 +37,7 @@ from data import (draw_from_fps_pool, fewshot_fold_path, fps_pool, fps_subsample
 from training import (ArgumentParser, Run, StopOnSignal, add_run_flags, check_ranks_agree, cosine_lr, end_process,
                       epoch_batches, fill_preset, fraction, non_negative_float, non_negative_int, param_groups,
                       positive_float, positive_int, refuse_finished, run_script, seed_process, set_lr, setup_process,
-                      sum_over_processes)
+                      share_rank0_buffers, sum_over_processes)
 
 # The official settings (the authors' cfgs/fine-tuning/*.yaml). --data picks one preset; flags the user gives override it.
 MODELNET40 = dict(points=1024, train_fps=1200, group_sizes=(48, 24, 24), local_radius=(0.24, 0.48, 0.96),
@@ -353,6 +353,7 @@ def finetune(classifier, train, test, args, run, resume=None, extra=None):
                 save('last.pt', epoch, stopped_at)
                 run.log(f'interrupted: {run.last_saved}; continue with --resume {run.path("last.pt")}')
                 raise SystemExit(130)
+            share_rank0_buffers(classifier, process)   # every process scores with what last.pt saves
             loss_sum, correct, seen = run.totals(sums, f'epoch {epoch}')
             record = dict(epoch=epoch, lr=optimizer.param_groups[0]['lr'], train_loss=loss_sum / seen,
                           train_accuracy=100 * correct / seen)

@@ -29,7 +29,8 @@ from model import I2PMAE, ModelConfig, SMALL_CONFIG, compile_student, pack_visib
 from data import load_split, random_point_subset, scale_and_translate
 from training import (ArgumentParser, Run, StopOnSignal, add_run_flags, check_ranks_agree, cosine_lr, end_process,
                       epoch_batches, file_sha256, fill_preset, non_negative_float, non_negative_int, param_groups,
-                      positive_float, positive_int, refuse_finished, run_script, set_lr, setup_process)
+                      positive_float, positive_int, refuse_finished, run_script, set_lr, setup_process,
+                      share_rank0_buffers)
 
 # The official settings (cfgs/pre-training/i2p-mae.yaml of the authors); flags the user gives override them.
 # Real data needs a real teacher: `--teacher_weights random` must be asked for (auto is refused there).
@@ -284,6 +285,7 @@ def main(args):
                 run.save('last.pt', student, epoch, stopped_at, args, optimizer, sums, **extra)
                 run.log(f'interrupted: {run.last_saved}; continue with --resume {run.path("last.pt")}')
                 raise SystemExit(130)
+            share_rank0_buffers(student, process)   # every process scores with what last.pt saves
             sum_3d, sum_2d, done = run.totals(sums, f'epoch {epoch}')
             summary = dict(epoch=epoch, mean_loss_3d=sum_3d / done, mean_loss_2d=sum_2d / done,
                            minutes=(time.time() - started) / 60)

@@ -59,7 +59,7 @@ from synthetic import SYNTHETIC_PART_NAMES
 from training import (ArgumentParser, Run, StopOnSignal, add_run_flags, check_ranks_agree, cosine_lr,
                       end_process, epoch_batches, fill_preset, fraction, non_negative_float, non_negative_int,
                       param_groups, positive_float, positive_int, refuse_finished, run_script, set_lr, setup_process,
-                      sum_over_processes)
+                      share_rank0_buffers, sum_over_processes)
 from pictures import VIEW_NAMES, Dots, cloud_frame, group_colours, points_tile, save_picture, titled_grid
 
 # The protocol of Point-M2AE's segmentation (main.py, Point_M2AE_SEG.py); --data picks a preset and
@@ -507,6 +507,7 @@ def train_segmenter(segmenter, train, test, test_xyz, test_parts, args, run, res
                 save(epoch, stopped_at)
                 run.log(f'interrupted: {run.last_saved}; continue with --resume {run.path("last.pt")}')
                 raise SystemExit(130)
+            share_rank0_buffers(segmenter, process)   # every process scores with what last.pt saves
             loss_sum, correct, seen = run.totals(sums, f'epoch {epoch}')
             record = dict(epoch=epoch, lr=optimizer.param_groups[0]['lr'], train_loss=loss_sum / seen,
                           train_accuracy=100 * correct / seen)

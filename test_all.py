@@ -1922,7 +1922,9 @@ CPU = Process(torch.device('cpu'))   # a run of one process
 def write_tiny_pretrain_checkpoint(path):
     """A pretrain.py-format checkpoint of a TINY I2PMAE whose every tensor differs from a fresh init."""
     generator = torch.Generator().manual_seed(0)
-    student = I2PMAE(TINY)
+    with torch.random.fork_rng(devices=[]):   # the same file in every process (torch seeds itself at random)
+        torch.manual_seed(0)
+        student = I2PMAE(TINY)
     state = {k: v + 0.01 * torch.randn(v.shape, generator=generator) if v.is_floating_point() else v + 3
              for k, v in student.state_dict().items()}
     state = {k: v.abs() if k.endswith('running_var') else v for k, v in state.items()}
@@ -2493,6 +2495,10 @@ def two_process_child(out):
     torch._lazy.ts_backend.init()
     dist.init_process_group('gloo')   # the scripts find it started (setup_process) and keep it
     rank, results, patch = dist.get_rank(), {}, pytest.MonkeyPatch()
+    ckpt = os.path.join(out, 'tiny.pt')
+    if rank == 0:   # one writer: a process must never read the file while another one writes it
+        write_tiny_pretrain_checkpoint(ckpt)
+    dist.barrier()
     patch.setattr(training, 'collective_device', lambda backend, device: ACCELERATOR)
     for name, rule in nccl_device_rule(ACCELERATOR).items():
         patch.setattr(dist, name, rule)
@@ -2525,7 +2531,6 @@ def two_process_child(out):
         accuracies, check = [], svm_eval.svm_check
         p.setattr(svm_eval, 'svm_check', lambda *a: accuracies.append(check(*a)) or accuracies[-1])
         scenario('svm', lambda: pretrain_run('svm', '--svm_every', '1', epochs=1, steps=1) and accuracies)
-    ckpt = write_tiny_pretrain_checkpoint(os.path.join(out, 'tiny.pt'))
     scenario('finetune', lambda: {k: v for k, v in finetune_run('ft', ckpt, '--vote', '--vote_runs', '2').items()
                                   if k in ('test_accuracy', 'test_accuracy_of_best_val', 'vote_mean')})
     scenario('segment', lambda: segment_in_two_processes(ckpt, rank, patch))
@@ -2588,11 +2593,40 @@ def test_two_processes_stop_together_on_a_non_finite_loss(two_processes):
     assert position(out / 'runs' / 'nan' / 'last.pt') == (1, 0)
 
 
-def test_two_processes_both_take_part_in_the_svm_check(two_processes):
+def in_one_thread(compute):
+    """compute() on one thread, as the torchrun children of two_processes run (OMP_NUM_THREADS=1)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return compute()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_two_processes_both_take_part_in_the_svm_check(two_processes, monkeypatch):
+    """Both processes get the accuracy one process computes from the weights the run saved (BatchNorm
+    statistics included: each process updates them with its own batches)."""
     ranks, _, out = two_processes
     (first,), (second,) = ranks[0]['svm']['value'], ranks[1]['svm']['value']
     assert first == second and 0 < first <= 100
     assert [r['svm_accuracy'] for r in read_log(out / 'runs' / 'svm') if 'svm_accuracy' in r] == [first]
+    saved = torch.load(out / 'runs' / 'svm' / 'last.pt', weights_only=True)
+    student = I2PMAE(checkpoint_config(saved))
+    student.load_state_dict(saved['model'])
+    monkeypatch.setattr(svm_eval, 'load_split', lambda name, split, data_root, num_points: svm_subset(split, num_points))
+    assert in_one_thread(lambda: svm_eval.svm_check(student, parse_args(PRETRAIN_FLAGS), CPU)) == first
+
+
+def test_two_processes_fine_tune_to_the_accuracy_one_process_scores_from_the_saved_weights(two_processes):
+    ranks, _, out = two_processes
+    saved = torch.load(out / 'runs' / 'ft' / 'last.pt', weights_only=True)
+    classifier = Classifier(checkpoint_config(saved), saved['num_classes'], saved['pooling'])
+    classifier.load_state_dict(saved['model'])
+    args = finetune.parse_args(['--ckpt', 'unused', *TINY_FLAGS, '--no-amp'])
+    _, test = small_synthetic_splits()
+    alone = in_one_thread(lambda: finetune.evaluate(classifier, finetune.test_inputs(test.points, args, 'cpu'),
+                                                    test.labels, args, CPU))
+    assert alone == pytest.approx(ranks[0]['finetune']['value']['test_accuracy'], abs=1e-4)
 
 
 # ---------------------------------------------------------------- segment.py
@@ -3192,7 +3226,8 @@ def test_two_processes_segment_with_evaluation_summed_over_both(two_processes):
     model.load_state_dict(saved_weights(out / 'runs' / 'seg' / 'last.pt'))
     _, test = small_part_splits()
     xyz, parts = segment.fixed_test_points(test, 48)
-    alone = segment.evaluate(model, xyz, parts, test.categories, test.category_parts, test.category_names)
+    alone = in_one_thread(lambda: segment.evaluate(model, xyz, parts, test.categories, test.category_parts,
+                                                   test.category_names))
     assert alone['miou_i'] == pytest.approx(first['test_miou_i'], abs=1e-4)
     assert alone['accuracy'] == pytest.approx(first['test_accuracy'], abs=1e-4)
     assert (out / 'runs' / 'seg' / 'segment.png').exists()

@@ -4,7 +4,8 @@ The scripts keep the recipe -- the model, the data, `train_one_epoch` -- and use
 
   processes    setup_process(args) -> Process(device, rank, world, collective_device); under torchrun
                it starts torch.distributed (NCCL on GPUs, gloo on CPUs); end_process(process)
-  collectives  sum_over_processes, gather_from_processes, gather_rows, barrier, check_ranks_agree
+  collectives  sum_over_processes, gather_from_processes, gather_rows, barrier, share_rank0_buffers,
+               check_ranks_agree
   randomness   seed_process (--seed + rank), rng_state / set_rng_state: one process's own streams
                (torch CPU, its own CUDA device, NumPy, Python) as tensors and plain values
   schedule     cosine_lr, set_lr, param_groups, epoch_batches
@@ -184,9 +185,21 @@ def barrier(process):
         dist.barrier(device_ids=[device.index]) if device.type != 'cpu' else dist.barrier()
 
 
+def share_rank0_buffers(model, process):
+    """Give every process rank 0's buffers (BatchNorm running statistics). Under DDP each process updates
+    them with its own batches, and DDP hands rank 0's out only at the start of the next training forward:
+    at the end of an epoch they differ. Evaluate, and check, only after this: every process then scores with
+    the statistics last.pt saves (rank 0's), and the numbers are those one process gets from that file."""
+    if process.world > 1:
+        for buffer in model.buffers():
+            shared = buffer.to(process.collective_device)
+            dist.broadcast(shared, 0)
+            buffer.copy_(shared.to(buffer.device))
+
+
 def check_ranks_agree(model, process, log):
-    """After DDP training every process must hold the same weights; say so (or stop)."""
-    checksum = torch.stack([p.detach().double().sum() for p in model.parameters()])   # on the model's device
+    """After DDP training every process must hold the same weights and buffers; say so (or stop)."""
+    checksum = torch.stack([t.detach().double().sum() for t in [*model.parameters(), *model.buffers()]])
     gathered = gather_from_processes(checksum, process)                                 # (world, parameters)
     if not bool((gathered == gathered[0]).all()):
         raise RuntimeError('DDP processes disagree on the weights')
