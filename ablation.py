@@ -24,7 +24,12 @@ import subprocess
 import sys
 
 import numpy as np
+import torch
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+from sklearn.svm import LinearSVC
 
+from data import load_split
 from pretrain import PRESETS
 
 # name: (what the row is, mask, 2D target, teacher, pretrain.py flags); None: no pre-training at all
@@ -39,6 +44,55 @@ ROWS = {
 FINETUNE_ROWS = ['3d-only', 'i2p-mae', 'scratch']   # 'scratch': finetune.py --from_scratch
 
 
+# ---------------------------------------------------------------- the dataset's own baselines
+
+
+def global_statistics(xyz, bins=16):
+    """(B, N, 3) -> (B, 8 + 3 * bins) hand-crafted, yaw-invariant shape statistics: covariance
+    eigenvalues, height range, horizontal spread, and histograms of the distance to the centroid,
+    of the height and of the distance to the up axis."""
+    centred = xyz - xyz.mean(dim=1, keepdim=True)
+    eig3 = torch.linalg.eigvalsh(centred.transpose(1, 2) @ centred / xyz.shape[1])          # (B, 3)
+    xz = centred[..., [0, 2]]
+    eig2 = torch.linalg.eigvalsh(xz.transpose(1, 2) @ xz / xyz.shape[1])                    # (B, 2)
+    height = centred[..., 1]                                                                 # (B, N)
+    y_range = torch.stack([height.amin(1), height.amax(1), height.std(1)], 1)               # (B, 3)
+
+    def histogram(values, low, high):                                                        # (B, N) -> (B, bins)
+        idx = ((values - low) / (high - low) * bins).long().clamp(0, bins - 1)
+        counts = torch.zeros(len(values), bins, device=values.device).scatter_add_(1, idx, torch.ones_like(values))
+        return counts / values.shape[1]
+    return torch.cat([eig3, eig2, y_range, histogram(centred.norm(dim=-1), 0, 1),
+                      histogram(height, -1, 1), histogram(xz.norm(dim=-1), 0, 1)], 1)
+
+
+def random_encoder_features(xyz, width=256, seed=0):
+    """(B, N, 3) -> (B, width): a randomly initialised PointNet (shared MLP, max-pool), untrained.
+    A stand-in for svm_eval.py on a random-init I2P-MAE encoder."""
+    generator = torch.Generator().manual_seed(seed)
+    w1 = torch.randn(3, 32, generator=generator).to(xyz.device)
+    w2 = (torch.randn(32, width, generator=generator) / 32 ** 0.5).to(xyz.device)
+    return torch.cat([(torch.relu(chunk @ w1) @ w2).amax(dim=1) for chunk in xyz.split(64)])   # (B, width)
+
+
+def linear_svm_accuracies(train_x, train_y, test_x, test_y):
+    """Standardised features, sklearn's LinearSVC -> (train accuracy, test accuracy) in %."""
+    svm = make_pipeline(StandardScaler(), LinearSVC(C=1.0, max_iter=20000)).fit(train_x.numpy(), train_y.numpy())
+    return 100 * svm.score(train_x.numpy(), train_y.numpy()), 100 * svm.score(test_x.numpy(), test_y.numpy())
+
+
+def baselines(num_points, seed=0):
+    """{name: test accuracy %} of a linear SVM on two feature extractors that learn nothing from the data,
+    fitted on the synthetic train split and scored on its test split at num_points points."""
+    train, test = (load_split('synthetic', split, num_points=num_points, seed=seed) for split in ('train', 'test'))
+    return {name: linear_svm_accuracies(features(train.points), train.labels, features(test.points), test.labels)[1]
+            for name, features in (('hand-crafted global statistics', global_statistics),
+                                   ('untrained PointNet (shared MLP 3-32-256, max-pool)', random_encoder_features))}
+
+
+# ---------------------------------------------------------------- the loop
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--rows', nargs='+', default=list(ROWS), choices=list(ROWS), help='rows to measure (default: all)')
@@ -47,6 +101,7 @@ def parse_args(argv=None):
                    help=f'rows also fine-tuned, "scratch" for no pre-training (default: {" ".join(FINETUNE_ROWS)}; '
                         'none: leave the flag empty)')
     p.add_argument('--table_only', action='store_true', help='print the table of the results found, run nothing')
+    p.add_argument('--baselines', action='store_true', help='print only the dataset\'s own baselines (seconds)')
     return p.parse_args(argv)
 
 
@@ -79,7 +134,7 @@ def run(script, flags, name):
 def pretrained(row, seed):
     """runs/ablation-<row>-s<seed>/last.pt, pre-training it first if it is not finished."""
     name = f'ablation-{row}-s{seed}'
-    last_epoch = last_record_with(name, 'mean_loss_3d')
+    last_epoch = last_record_with(name, 'train_loss_3d')
     if last_epoch is None or last_epoch['epoch'] + 1 < PRESETS['synthetic']['epochs']:
         run('pretrain.py', ROWS[row][4] + ['--seed', str(seed), '--svm_every', '0'], name)
     return os.path.join(folder(name), 'last.pt')
@@ -130,6 +185,11 @@ def table(rows, seeds, finetune_rows, measure):
 
 
 def main(args):
+    if args.baselines:
+        points = PRESETS['synthetic']['num_points']
+        for name, accuracy in baselines(points).items():
+            print(f'linear SVM on {name} at {points} points: {accuracy:.1f}%')
+        return
     if not args.table_only:
         for seed in args.seeds:   # seed by seed: a partial loop still gives every row a number
             for row in args.rows:

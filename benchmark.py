@@ -1,14 +1,14 @@
 """
 benchmark.py: where the time, the kernel launches, the host-device syncs and the memory go.
 
-  python pretrain.py --benchmark [pretrain.py flags]   one pre-training step, stage by stage
+  python benchmark.py step [--steps 5] [pretrain.py flags]   one pre-training step, stage by stage
   python benchmark.py svm [--batch_size 32 --num_points 1024 --config full --gpu -1]
                                                        the linear-SVM feature path (svm_features)
   python benchmark.py fps [--batch_size 32 --num_points 8192 --samples 1200 --gpu -1]
                                                        fine-tuning's per-step FPS against the pool
 
 The step benchmark runs `pretrain.pretrain_step` on random clouds with the configuration
-pretrain.py's flags give, 2 warm-up steps then --benchmark_steps timed ones, and prints
+pretrain.py's flags give, 2 warm-up steps then --steps timed ones, and prints
 milliseconds per stage (tokenize / project / teacher / mask / student forward / backward /
 optimizer), samples/s and peak memory. One more step then runs under two counters, stage by stage:
   ATen ops      every operation PyTorch dispatches (a TorchDispatchMode), split into ops that
@@ -18,10 +18,11 @@ optimizer), samples/s and peak memory. One more step then runs under two counter
                 multinomial (it checks its input on the host), .cpu()/.numpy(), tensors made from
                 Python data on a device, ... On a CPU nothing really waits, so this counts the calls
                 that would sync on a GPU; on a GPU, torch.cuda.set_sync_debug_mode counts as well.
-Numbers measured with it are in the README ("Speed and memory").
+Numbers measured with it, and the commands: docs/speed.md.
 """
 import argparse
 import resource
+import sys
 import time
 import warnings
 from collections import Counter
@@ -32,8 +33,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from tokenizer import farthest_point_sample
 from model import I2PMAE, ModelConfig, SMALL_CONFIG
-from data import draw_from_fps_pool, fps_pool
-from pretrain import param_groups, pretrain_step
+from training import Process, param_groups, setup_process
+from pretrain import compile_student, parse_args, pretrain_step, student_of, teacher_of
+from finetune import draw_from_fps_pool, fps_pool
 
 # ATen ops that allocate or relabel memory without launching a kernel (besides views)
 NO_KERNEL = {'empty', 'empty_strided', 'detach', 'lift_fresh', '_unsafe_view', 'alias', 'set_', 'resize_',
@@ -134,9 +136,14 @@ def random_clouds(batch_size, num_points, device, seed=0):
     return xyz / xyz.norm(dim=-1).amax(1)[:, None, None]                 # inside the unit sphere
 
 
-def benchmark_pretrain_step(args, device, teacher, student):
-    """Milliseconds per stage of one training step, samples/s and peak memory, on random clouds;
-    then ATen ops and host syncs per stage of one more step."""
+def benchmark_pretrain_step(args, steps):
+    """Milliseconds per stage of one training step (pretrain.py's flags `args`), samples/s and peak memory,
+    on random clouds; then ATen ops and host syncs per stage of one more step."""
+    device = setup_process(args).device
+    teacher, _ = teacher_of(args, Process(device))
+    student = student_of(args, teacher).to(device)
+    if args.compile:
+        compile_student(student)
     before = peak_memory_mb(device)
     # fused: one kernel per step for all parameters (a loop over them would launch ~10 per tensor)
     optimizer = torch.optim.AdamW(param_groups(student, args.weight_decay), lr=args.lr, fused=True)
@@ -159,7 +166,7 @@ def benchmark_pretrain_step(args, device, teacher, student):
         optimizer.zero_grad(set_to_none=True)
         clock('optimizer')
     xyz = random_clouds(args.batch_size, args.num_points, device)
-    for i in range(2 + args.benchmark_steps):
+    for i in range(2 + steps):
         if i == 2:
             times.clear()
             if device.type == 'cuda':
@@ -173,7 +180,7 @@ def benchmark_pretrain_step(args, device, teacher, student):
     with torch.no_grad(), StageCounts(device) as fps:   # the FPS loop alone, as the tokenizer runs it
         farthest_point_sample(xyz, student.cfg.num_groups[0])
         fps('fps')
-    n = args.benchmark_steps
+    n = steps
     total = sum(times.values()) / n
     print(f'\nbenchmark: config {args.config}, batch {args.batch_size}, {args.num_points} points, '
           f'{device}, amp {args.amp}, {torch.get_num_threads()} threads, mean of {n} steps'
@@ -258,17 +265,22 @@ def benchmark_finetune_fps(args, device):
           f'clouds: {built / args.batch_size:.3f} s per cloud, once per run')
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('what', choices=['svm', 'fps'], help='svm: the linear-SVM feature path; fps: fine-tuning FPS')
+    p.add_argument('what', choices=['step', 'svm', 'fps'], help='step: a pre-training step (the other flags are '
+                                                                'pretrain.py\'s); svm: the linear-SVM feature path; '
+                                                                'fps: fine-tuning\'s FPS')
+    p.add_argument('--steps', type=int, default=3, help='timed steps or batches (default: 3)')
+    args, rest = p.parse_known_args(argv)
+    if args.what == 'step':
+        return benchmark_pretrain_step(parse_args(rest + ['--run_name', 'benchmark']), args.steps)
     p.add_argument('--config', default='full', choices=['full', 'small'], help='architecture (default: full)')
     p.add_argument('--batch_size', type=int, default=32, help='clouds per batch (default: 32)')
     p.add_argument('--num_points', type=int, default=None, help='points per cloud (default: 1024 svm, 8192 fps)')
     p.add_argument('--samples', type=int, default=1200, help='fps: points kept by FPS (default: 1200)')
     p.add_argument('--pool_size', type=int, default=16, help='fps: samplings per cloud in the pool (default: 16)')
-    p.add_argument('--steps', type=int, default=3, help='timed batches (default: 3)')
     p.add_argument('--gpu', type=int, default=0 if torch.cuda.is_available() else -1, help='GPU index, -1 = CPU')
-    args = p.parse_args()
+    args = p.parse_args(argv)
     device = torch.device('cuda', args.gpu) if args.gpu >= 0 else torch.device('cpu')
     if args.what == 'svm':
         args.num_points = args.num_points or 1024
@@ -279,4 +291,4 @@ def main():
 
 
 if __name__ == '__main__':
-    main()
+    main(sys.argv[1:])

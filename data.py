@@ -19,10 +19,8 @@ Part segmentation (segment.py) reads its own splits, with a part label per point
       the M rows is padding), categories (S,), category_names, category_parts (the part table)
     'synthetic' (the same clouds as load_split's, with parts) or 'shapenetpart' (its text files,
     parsed once and cached); draw_part_points draws the points a step sees, with replacement.
-Fine-tuning on ModelNet40 draws its per-step FPS from a pool computed once: fps_pool, draw_from_fps_pool.
-Demo: python data.py          Shapes: synthetic.py      Tests: test_all.py, sections "data.py", "segment.py"
+Shapes: synthetic.py      Picture: python demo.py data      Tests: the data.py section of test_all.py
 """
-import argparse
 import glob
 import hashlib
 import json
@@ -128,11 +126,11 @@ def check_point_array(points, path, num_points):
     if points.shape[1] < num_points:
         raise DataError(f'{path}: clouds have {points.shape[1]} points, fewer than the {num_points} requested')
     points = np.ascontiguousarray(points[:, :num_points, :3], dtype=np.float32)
-    check_clouds(points, path)
+    check_cloud_values(points, path)
     return torch.from_numpy(points)
 
 
-def check_clouds(points, path, files=None):
+def check_cloud_values(points, path, files=None):
     """points (S, N, 3) float32: every cloud finite and not degenerate (all its points at one place, e.g. all
     zero), else a DataError naming `path` and the cloud's index there (or files[index]). Checked once, when
     the split is loaded, with two reductions per cloud: a bad cloud stops the run before its first step,
@@ -282,7 +280,7 @@ def read_shapenet55_files(root, list_path, names, num_points, seed):
         if len(cloud) < num_points:
             raise DataError(f'{path}: {len(cloud)} points, fewer than the {num_points} requested')
         clouds[i] = cloud[rng.permutation(len(cloud))[:num_points]]   # shuffle, keep the first n
-    check_clouds(clouds, list_path, [os.path.join(root, 'shapenet_pc', os.path.basename(n)) for n in names])
+    check_cloud_values(clouds, list_path, [os.path.join(root, 'shapenet_pc', os.path.basename(n)) for n in names])
     return normalize_unit_sphere(torch.from_numpy(clouds)).numpy()
 
 
@@ -316,7 +314,7 @@ def read_raw_modelnet40(path, num_points):
     if rows.shape[1] != 6 or len(rows) < num_points:
         raise DataError(f'{path}: {rows.shape[0]} rows of {rows.shape[1]} numbers; expected at least {num_points} '
                         f'rows of x,y,z,nx,ny,nz')
-    check_clouds(rows[None, :, :3], path, [path])
+    check_cloud_values(rows[None, :, :3], path, [path])
     return rows
 
 
@@ -560,7 +558,7 @@ def read_part_file(path, part_ids, category):
                and np.isin(rows[:, 6], part_ids).all())    # part ids must be integers of this category
     if not is_fine:
         raise DataError(f'{path}, {first_bad_line(path, part_ids, category) or "no points"}')
-    check_clouds(rows[None, :, :3], path, [path])   # all points at one place: normalising would divide by 0
+    check_cloud_values(rows[None, :, :3], path, [path])   # all points at one place: normalising would divide by 0
     return normalize_unit_sphere(torch.from_numpy(rows[:, :3])).numpy(), rows[:, 6].astype(np.int8)
 
 
@@ -751,126 +749,3 @@ def random_point_subset(xyz, n, generator=None):
 def fps_subsample(xyz, n):
     """(B, N, 3) -> (B, n, 3): deterministic farthest point sampling (test-time inputs)."""
     return gather_points(xyz, farthest_point_sample(xyz, n))
-
-
-def fps_pool(points, n, pool_size=16, seed=0, batch_size=256):
-    """(S, N, 3) clouds -> (S, pool_size, n) point indices (int16 where N allows it: ModelNet40's
-    9843 clouds x 16 x 1200 take 378 MB): pool_size farthest-point samplings of n points per cloud,
-    each from a random start, computed once (on the device of `points`).
-
-    The official fine-tuning loader shuffles a cloud at every read and then runs FPS from index 0,
-    so each read's FPS starts at a random point. Running that FPS (ModelNet40: 1200 of 8192, ~85%
-    of a fine-tuning step) every step is the cost this pool removes: each training read draws one
-    of the pool's samplings instead (draw_from_fps_pool). Each pooled sampling is exactly an
-    official one (a random permutation, then FPS from its first point, ties to the earlier point
-    of the permutation).
-    deviation: a cloud's FPS start is one of pool_size drawn once (seeded), not one of all N drawn
-    at every read; the random n-subset and the scaling that follow still vary at every read.
-    """
-    generator = torch.Generator(device=points.device).manual_seed(seed)
-    S, N, _ = points.shape
-    pool = torch.empty(S, pool_size, n, dtype=torch.int16 if N <= 2 ** 15 else torch.int32, device=points.device)
-    for p in range(pool_size):
-        shuffles = torch.rand(S, N, generator=generator, device=points.device).argsort(dim=1)   # (S, N)
-        for start in range(0, S, batch_size):   # batches of clouds bound the memory, not the result
-            shuffle = shuffles[start:start + batch_size]
-            picked = farthest_point_sample(gather_points(points[start:start + batch_size], shuffle), n)
-            pool[start:start + batch_size, p] = shuffle.gather(1, picked).to(pool.dtype)   # shuffle positions -> points
-    return pool
-
-
-def draw_from_fps_pool(xyz, pool, generator=None):
-    """xyz (B, N, 3) and its clouds' pools (B, P, n) -> (B, n, 3): one of each cloud's P pooled
-    samplings, uniformly at random, in its FPS order."""
-    B, P, n = pool.shape
-    choice = torch.randint(P, (B, 1, 1), generator=generator, device=pool.device).expand(-1, -1, n)
-    return gather_points(xyz, pool.gather(1, choice)[:, 0].to(xyz.device, torch.long))
-
-
-# ---------------------------------------------------------------- demo: baselines and a picture
-
-def global_statistics(xyz, bins=16):
-    """(B, N, 3) -> (B, 8 + 3 * bins) hand-crafted, yaw-invariant shape statistics: covariance
-    eigenvalues, height range, horizontal spread, and histograms of the distance to the centroid,
-    of the height and of the distance to the up axis."""
-    centred = xyz - xyz.mean(dim=1, keepdim=True)
-    eig3 = torch.linalg.eigvalsh(centred.transpose(1, 2) @ centred / xyz.shape[1])          # (B, 3)
-    xz = centred[..., [0, 2]]
-    eig2 = torch.linalg.eigvalsh(xz.transpose(1, 2) @ xz / xyz.shape[1])                    # (B, 2)
-    height = centred[..., 1]                                                                 # (B, N)
-    y_range = torch.stack([height.amin(1), height.amax(1), height.std(1)], 1)               # (B, 3)
-
-    def histogram(values, low, high):                                                        # (B, N) -> (B, bins)
-        idx = ((values - low) / (high - low) * bins).long().clamp(0, bins - 1)
-        counts = torch.zeros(len(values), bins, device=values.device).scatter_add_(1, idx, torch.ones_like(values))
-        return counts / values.shape[1]
-    return torch.cat([eig3, eig2, y_range, histogram(centred.norm(dim=-1), 0, 1),
-                      histogram(height, -1, 1), histogram(xz.norm(dim=-1), 0, 1)], 1)
-
-
-def random_encoder_features(xyz, width=256, seed=0):
-    """(B, N, 3) -> (B, width): a randomly initialised PointNet (shared MLP, max-pool), untrained.
-    A stand-in for svm_eval.py on a random-init I2P-MAE encoder."""
-    generator = torch.Generator().manual_seed(seed)
-    w1 = torch.randn(3, 32, generator=generator).to(xyz.device)
-    w2 = (torch.randn(32, width, generator=generator) / 32 ** 0.5).to(xyz.device)
-    return torch.cat([(torch.relu(chunk @ w1) @ w2).amax(dim=1) for chunk in xyz.split(64)])   # (B, width)
-
-
-def linear_svm_accuracies(train_x, train_y, test_x, test_y):
-    """Standardised features, sklearn's LinearSVC -> (train accuracy, test accuracy) in %."""
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-    from sklearn.svm import LinearSVC
-    svm = make_pipeline(StandardScaler(), LinearSVC(C=1.0, max_iter=20000)).fit(train_x.numpy(), train_y.numpy())
-    return 100 * svm.score(train_x.numpy(), train_y.numpy()), 100 * svm.score(test_x.numpy(), test_y.numpy())
-
-
-def class_examples_picture(xyz, names, cols=7, view=2):
-    """A picture of clouds (S, N, 3), one per class, the class name under each, in one view (y up)."""
-    from pictures import CLOUD, VIEW_NAMES, Dots, cloud_frame, points_tile, titled_grid
-    tiles = [points_tile(cloud_frame(cloud), view, Dots(cloud, CLOUD)) for cloud in xyz]
-    tiles += [None] * (-len(tiles) % cols)                 # titled_grid leaves None cells empty
-    rows = [tiles[i:i + cols] for i in range(0, len(tiles), cols)]
-    labels = list(names) + [''] * (-len(names) % cols)
-    return titled_grid(rows, f'data.py: one synthetic shape per class ({xyz.shape[1]} points, {VIEW_NAMES[view]})',
-                       tile_labels=[labels[i:i + cols] for i in range(0, len(labels), cols)],
-                       caption='Each shape is rotated about y, scaled per axis, and sampled with noise and uneven '
-                               'density; each fills its own tile.')
-
-
-def main():
-    parser = argparse.ArgumentParser(description='Synthetic dataset demo: timing, baselines, a picture.')
-    parser.add_argument('--seed', type=int, default=0, help='dataset seed, as load_split takes it (default: 0)')
-    parser.add_argument('--out', default='runs/demo', help='folder for synthetic_classes.png (default: runs/demo)')
-    parser.add_argument('--picture_only', action='store_true', help='draw the picture, skip the SVM baselines')
-    parser.add_argument('--num_points', type=int, default=2048,
-                        help='points per cloud for the SVM baselines (default: 2048; the demo pre-trains at 512)')
-    args = parser.parse_args()
-    from pictures import save_picture
-
-    start = time.perf_counter()
-    points, labels = make_synthetic(1000, 2048, seed=0)
-    print(f'make_synthetic(1000, 2048): {time.perf_counter() - start:.2f} s, points {tuple(points.shape)}')
-    if not args.picture_only:
-        print('shapes per class:', dict(zip(SYNTHETIC_CLASSES, labels.bincount().tolist())))
-        assert torch.equal(points, make_synthetic(1000, 2048, seed=0)[0]), 'not deterministic'
-        train = load_split('synthetic', 'train', num_points=args.num_points, seed=args.seed)   # as svm_eval.py
-        test = load_split('synthetic', 'test', num_points=args.num_points, seed=args.seed)
-        print(f'linear SVMs fit on {len(train.labels)} train shapes, scored on {len(test.labels)} test shapes '
-              f'of {args.num_points} points')
-        for name, features in (('hand-crafted global statistics', global_statistics),
-                               ('random-init PointNet, max-pool', random_encoder_features)):
-            train_acc, test_acc = linear_svm_accuracies(features(train.points), train.labels,
-                                                        features(test.points), test.labels)
-            print(f'linear SVM on {name}: train {train_acc:.1f}%, test {test_acc:.1f}%')
-
-    first_of_class = torch.stack([(labels == k).nonzero()[0, 0] for k in range(len(SYNTHETIC_CLASSES))])
-    path = save_picture(class_examples_picture(points[first_of_class], SYNTHETIC_CLASSES),
-                        os.path.join(args.out, 'synthetic_classes.png'))
-    print(f'wrote {path}: one example per class, in the order {SYNTHETIC_CLASSES}, '
-          f'in {time.perf_counter() - start:.1f} s in all')
-
-
-if __name__ == '__main__':
-    main()

@@ -1,7 +1,7 @@
 """
 finetune.py: fine-tune a pre-trained I2P-MAE encoder for shape classification and few-shot
 learning (paper section "Downstream Tasks"; the authors' tools/runner_finetune.py). Read
-`train_one_epoch` and `finetune` first: they are the whole recipe.
+`finetune` first: its `step` and `evaluate_epoch` are the recipe, training.train runs the epochs.
 
   python finetune.py                                   # synthetic demo on a CPU, a few minutes
   python finetune.py --data modelnet40 --gpu 0 --vote  # ModelNet40 1k, then voting
@@ -9,16 +9,11 @@ learning (paper section "Downstream Tasks"; the authors' tools/runner_finetune.p
   python finetune.py --data fewshot --ways 5 --shots 10          # 10 folds, mean +- std
   python finetune.py --data modelnet40 --ckpt modelnet40.pth --test_only --vote
   torchrun --nproc_per_node=4 finetune.py --data scan_objbg
---data picks a preset (PRESETS); any flag overrides it and the final values are printed at start.
-The architecture comes from the checkpoint; only group sizes and local radii, which no weight
-depends on, come from the preset. We report the FINAL-epoch test accuracy. The authors reported
-the best test epoch and, for voting, the best of 49 voting runs: we print the first only for
-comparison, labelled as chosen on test, and voting as mean +- std over runs. A "best" checkpoint
-is chosen on a validation split carved from the training data (--val_fraction), never on test.
-Writes runs/<run_name>/last.pt (atomically, every epoch and on Ctrl-C), best.pt (with a
-validation split), log.jsonl (a header record per session), args.json and curves.png (--save_every,
---tensorboard: more); a folder holding another run is refused (--overwrite starts over).
-`--resume runs/<run_name>/last.pt` continues exactly (training.py says how).
+--data picks a preset (PRESETS); any flag overrides it. The architecture comes from the checkpoint;
+only group sizes and local radii, which no weight depends on, come from the preset. We report the
+FINAL-epoch test accuracy; the authors' best test epoch is printed for comparison only, voting as
+mean +- std over runs, and best.pt is chosen on a validation split carved from the training data
+(--val_fraction), never on test (docs/evaluation.md). Writes runs/<run_name>/ as pretrain.py does.
 """
 import argparse
 import copy
@@ -28,16 +23,15 @@ from dataclasses import asdict, replace
 
 import numpy as np
 import torch
-from torch.nn.parallel import DistributedDataParallel
 
-from model import (SMALL_CONFIG, Classifier, ModelConfig, checkpoint_config, load_weights, read_checkpoint,
-                   smoothed_cross_entropy)
-from data import (draw_from_fps_pool, fewshot_fold_path, fps_pool, fps_subsample, load_fewshot_fold, load_split,
-                  random_point_subset, rotate_about_up_axis, scale_and_translate)
-from training import (ArgumentParser, Run, StopOnSignal, add_run_flags, check_ranks_agree, cosine_lr, end_process,
-                      epoch_batches, fill_preset, fraction, non_negative_float, non_negative_int, param_groups,
-                      positive_float, positive_int, refuse_finished, run_script, seed_process, set_lr, setup_process,
-                      share_rank0_buffers, sum_over_processes)
+from tokenizer import farthest_point_sample, gather_points
+from model import SMALL_CONFIG, Classifier, ModelConfig, smoothed_cross_entropy
+from checkpoints import checkpoint_config, load_weights, read_checkpoint
+from data import (fewshot_fold_path, fps_subsample, load_fewshot_fold, load_split, random_point_subset,
+                  rotate_about_up_axis, scale_and_translate)
+from flags import (ArgumentParser, add_run_flags, fraction, non_negative_float, non_negative_int, parse_run_flags,
+                   positive_float, positive_int, run_script)
+from training import Run, end_process, param_groups, run_folder, seed_process, setup_process, sum_over_processes, train
 
 # The official settings (the authors' cfgs/fine-tuning/*.yaml). --data picks one preset; flags the user gives override it.
 MODELNET40 = dict(points=1024, train_fps=1200, group_sizes=(48, 24, 24), local_radius=(0.24, 0.48, 0.96),
@@ -71,9 +65,7 @@ DATA_FILES = {
     'synthetic': 'no files (generated)',
 }
 # flags that may change on --resume: they do not change what the run computes
-MAY_DIFFER = ('epochs', 'resume', 'reseed', 'overwrite', 'run_name', 'gpu', 'data_root', 'log_every', 'test_every',
-              'deterministic', 'ckpt', 'from_scratch', 'config', 'test_only', 'vote', 'vote_runs', 'ways', 'shots', 'folds',
-              'save_every', 'tensorboard')
+MAY_DIFFER = ('test_every', 'ckpt', 'from_scratch', 'config', 'test_only', 'vote', 'vote_runs', 'ways', 'shots', 'folds')
 # Point-MAE's few-shot head predicts all 40 ModelNet40 classes (cls_dim 40), whatever the fold's way; the labels
 # are 0..way-1, and label smoothing spreads over the 39 other outputs
 FEWSHOT_CLASSES = 40
@@ -128,8 +120,7 @@ def parse_args(argv=None):
     s.add_argument('--vote', action='store_true', help='also test by voting: 10 augmented views, logits averaged')
     s.add_argument('--vote_runs', type=positive_int, default=10, help='voting test passes; we report mean +- std (paper: max of 49)')
     s.add_argument('--test_every', type=positive_int, default=1, help='epochs between test evaluations (monitoring only)')
-    args = p.parse_args(argv)
-    fill_preset(args, PRESETS[args.data])
+    args = parse_run_flags(p, argv, PRESETS, MAY_DIFFER)
     if args.vote and args.train_fps <= args.points:
         p.error('--vote draws random --points out of --train_fps FPS points: ModelNet40 only '
                 '(the official voting code raises for 2048 points)')
@@ -149,7 +140,7 @@ def parse_args(argv=None):
     args.group_sizes, args.local_radius = tuple(args.group_sizes), tuple(args.local_radius)
     if args.cosine_epochs is None:
         args.cosine_epochs = args.epochs
-    args.run_name = args.run_name or f'finetune-{args.data}'
+    args.run_name = args.run_name or f'finetune-{args.data}' + ('-test' if args.test_only else '')
     return args
 
 
@@ -163,12 +154,11 @@ def build_classifier(args, num_classes, resume=None):
             cfg = replace(cfg, group_sizes=args.group_sizes, local_radius=args.local_radius)
         except ValueError as error:   # ModelConfig checks itself
             raise SystemExit(f'--group_sizes {args.group_sizes} / --local_radius {args.local_radius}: {error}') from None
-        fewest = max(cfg.num_groups[0], cfg.group_sizes[0])
-        if args.points < fewest:
-            raise SystemExit(f'--points {args.points}: the model groups {fewest} points per cloud at its finest scale '
-                             f'(num_groups {cfg.num_groups[0]}, --group_sizes {cfg.group_sizes[0]}): use at least {fewest}')
+        if args.points < cfg.min_points:
+            raise SystemExit(f'--points {args.points}: the model groups {cfg.min_points} points per cloud at its finest '
+                             f'scale (num_groups {cfg.num_groups[0]}, --group_sizes {cfg.group_sizes[0]})')
         return cfg
-    if resume is not None:   # `finetune` loads its weights, with the optimizer
+    if resume is not None:   # training.train loads its weights, with the optimizer
         cfg = with_preset(ModelConfig(**resume['model_config']))
         return Classifier(cfg, resume['num_classes'], resume['pooling']), f'resumed from {args.resume}'
     if args.from_scratch:
@@ -188,6 +178,40 @@ def build_classifier(args, num_classes, resume=None):
 
 
 # ---------------------------------------------------------------- inputs and evaluation
+
+
+def fps_pool(points, n, pool_size=16, seed=0, batch_size=256):
+    """(S, N, 3) clouds -> (S, pool_size, n) point indices (int16 where N allows it: ModelNet40's
+    9843 clouds x 16 x 1200 take 378 MB): pool_size farthest-point samplings of n points per cloud,
+    each from a random start, computed once (on the device of `points`).
+
+    The official fine-tuning loader shuffles a cloud at every read and then runs FPS from index 0,
+    so each read's FPS starts at a random point. Running that FPS (ModelNet40: 1200 of 8192, ~85%
+    of a fine-tuning step) every step is the cost this pool removes: each training read draws one
+    of the pool's samplings instead (draw_from_fps_pool). Each pooled sampling is exactly an
+    official one (a random permutation, then FPS from its first point, ties to the earlier point
+    of the permutation).
+    deviation: a cloud's FPS start is one of pool_size drawn once (seeded), not one of all N drawn
+    at every read; the random n-subset and the scaling that follow still vary at every read.
+    """
+    generator = torch.Generator(device=points.device).manual_seed(seed)
+    S, N, _ = points.shape
+    pool = torch.empty(S, pool_size, n, dtype=torch.int16 if N <= 2 ** 15 else torch.int32, device=points.device)
+    for p in range(pool_size):
+        shuffles = torch.rand(S, N, generator=generator, device=points.device).argsort(dim=1)   # (S, N)
+        for start in range(0, S, batch_size):   # batches of clouds bound the memory, not the result
+            shuffle = shuffles[start:start + batch_size]
+            picked = farthest_point_sample(gather_points(points[start:start + batch_size], shuffle), n)
+            pool[start:start + batch_size, p] = shuffle.gather(1, picked).to(pool.dtype)   # shuffle positions -> points
+    return pool
+
+
+def draw_from_fps_pool(xyz, pool, generator=None):
+    """xyz (B, N, 3) and its clouds' pools (B, P, n) -> (B, n, 3): one of each cloud's P pooled
+    samplings, uniformly at random, in its FPS order."""
+    B, P, n = pool.shape
+    choice = torch.randint(P, (B, 1, 1), generator=generator, device=pool.device).expand(-1, -1, n)
+    return gather_points(xyz, pool.gather(1, choice)[:, 0].to(xyz.device, torch.long))
 
 
 def training_pool(points, args, device):
@@ -273,21 +297,36 @@ def validation_split(labels, fraction, seed):
 # ---------------------------------------------------------------- the recipe
 
 
-def train_one_epoch(model, optimizer, points, labels, pool, epoch, first_step, steps, sums, args, run, stop):
-    """Fine-tune on this process's batches of one epoch, from `first_step`; returns the step it stopped
-    after (`steps` unless Ctrl-C asked to stop). sums (3,): this process's running loss x clouds,
-    correct predictions and clouds, updated in place (checkpoints save them with the position).
-    pool: training_pool's FPS samplings of `points`, or None (no --train_fps)."""
-    device, classifier = sums.device, getattr(model, 'module', model)
-    order = epoch_batches(len(points), args.batch_size, epoch, args.seed, run.process.rank, run.process.world)
-    for step in range(first_step, steps):
-        lr = cosine_lr(epoch + step / steps, args)
-        set_lr(optimizer, lr)
-        clouds = points[order[step]]
-        if pool is not None:   # --train_fps: one of each cloud's pooled FPS samplings, gathered on the host (fewer bytes to copy)
-            clouds = draw_from_fps_pool(clouds, pool[order[step]])                  # (B, train_fps, 3)
-        xyz = training_view(clouds.to(device, non_blocking=True), args)
-        y = labels[order[step]].to(device, non_blocking=True)
+def batchnorm_note(record, chance, steps_done):
+    """Why eval accuracy sits at chance early in a short run from scratch, if the epoch's record shows it
+    (eval accuracy near chance, training accuracy well above it, few steps done); else ''."""
+    measured = [k for k in ('test_accuracy', 'val_accuracy') if k in record]
+    if measured and steps_done < 3 * BATCHNORM_CATCH_UP_STEPS and record[measured[0]] <= 2 * chance \
+            and record['train_accuracy'] >= 2 * chance + 10:
+        return (f'  note: {measured[0][:-9]} accuracy {record[measured[0]]:.1f}% is near chance ({chance:.1f}%) while '
+                f'training accuracy is {record["train_accuracy"]:.1f}%: after {steps_done} steps the BatchNorm running '
+                f'statistics that evaluation uses (momentum 0.1) still hold much of their initial values; they need '
+                f'about {BATCHNORM_CATCH_UP_STEPS} steps to catch up (docs/evaluation.md, BatchNorm).')
+    return ''
+
+
+def finetune(classifier, train_split, test, args, run, checkpoint=None, fold=None, **content):
+    """Fine-tune `classifier` on `train_split` (a PointSplit) and test it. Returns a dict whose 'test_accuracy'
+    is the FINAL-epoch test accuracy. `content` is stored in every checkpoint (few-shot bookkeeping)."""
+    process, device = run.process, run.process.device
+    train_idx, val_idx = validation_split(train_split.labels, args.val_fraction, args.seed)
+    points, labels = train_split.points[train_idx], train_split.labels[train_idx]
+    pool = training_pool(points, args, device)
+    test_pool = test_inputs(test.points, args, device)
+    val_pool = test_inputs(train_split.points[val_idx], args, device) if len(val_idx) else None
+    optimizer = torch.optim.AdamW(param_groups(classifier, args.weight_decay), lr=args.lr)
+    chance, noted = 100 / len(train_split.class_names), []
+
+    def step(model, idx):
+        clouds = points[idx]
+        if pool is not None:   # --train_fps: one of each cloud's pooled FPS samplings, gathered on the host
+            clouds = draw_from_fps_pool(clouds, pool[idx])                          # (B, train_fps, 3)
+        xyz, y = training_view(clouds.to(device, non_blocking=True), args), labels[idx].to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
             logits = model(xyz).float()
         loss = smoothed_cross_entropy(logits, y, args.smoothing)   # smoothing 0 is plain cross-entropy
@@ -295,110 +334,37 @@ def train_one_epoch(model, optimizer, points, labels, pool, epoch, first_step, s
         loss.backward()
         torch.nn.utils.clip_grad_norm_(classifier.parameters(), args.grad_clip)
         optimizer.step()
-        sums += torch.stack([loss.detach().double() * len(y), (logits.argmax(1) == y).sum().double(),
-                             sums.new_tensor(len(y))])
-        if run.end_of_step(epoch, step, steps, lr, loss, stop, args.log_every):
-            return step + 1
-    return steps
+        return dict(loss=loss, accuracy=100 * (logits.argmax(1) == y).double().mean()), len(idx)
 
-
-def batchnorm_note(record, chance, steps_done, log):
-    """Say why eval accuracy sits at chance early in a short run, when that is what the epoch's record shows
-    (an eval accuracy near chance, training accuracy well above it, few steps done). Returns whether it spoke."""
-    measured = [k for k in ('test_accuracy', 'val_accuracy') if k in record]
-    applies = (measured and steps_done < 3 * BATCHNORM_CATCH_UP_STEPS and record[measured[0]] <= 2 * chance
-               and record['train_accuracy'] >= 2 * chance + 10)
-    if applies:
-        log(f'  note: {measured[0][:-9]} accuracy {record[measured[0]]:.1f}% is near chance ({chance:.1f}%) while '
-            f'training accuracy is {record["train_accuracy"]:.1f}%: after {steps_done} steps the BatchNorm running '
-            f'statistics that evaluation uses (momentum 0.1) still hold much of their initial values; they need about '
-            f'{BATCHNORM_CATCH_UP_STEPS} steps to catch up. Expected in the first epochs of short runs (README, "A note '
-            f'on BatchNorm").')
-    return bool(applies)
-
-
-def finetune(classifier, train, test, args, run, resume=None, extra=None):
-    """Fine-tune `classifier` on `train` (a PointSplit) and test it. Returns a dict whose 'test_accuracy'
-    is the FINAL-epoch test accuracy. `extra` is stored in every checkpoint (few-shot bookkeeping)."""
-    process = run.process
-    device = process.device
-    train_idx, val_idx = validation_split(train.labels, args.val_fraction, args.seed)
-    points, labels = train.points[train_idx], train.labels[train_idx]
-    train_fps_pool = training_pool(points, args, device)
-    test_pool = test_inputs(test.points, args, device)
-    val_pool = test_inputs(train.points[val_idx], args, device) if len(val_idx) else None
-    optimizer = torch.optim.AdamW(param_groups(classifier, args.weight_decay), lr=args.lr)
-    sums = torch.zeros(3, dtype=torch.float64, device=device)   # loss x clouds, correct, clouds
-    first_epoch, first_step = run.restore(resume, classifier, optimizer, args, sums)
-    history, best_val = (resume['history'], resume['best_val']) if resume else ([], -1.0)
-    model = DistributedDataParallel(classifier, device_ids=[device.index] if device.type == 'cuda' else None) \
-        if process.world > 1 else classifier   # averages the gradients
-    steps = len(epoch_batches(len(points), args.batch_size, 0, args.seed, process.rank, process.world))
-    if steps == 0:
-        held = f' (of {len(train.labels)}: --val_fraction {args.val_fraction} holds out {len(val_idx)})' if len(val_idx) else ''
-        raise SystemExit(f'--batch_size {args.batch_size} is larger than the {len(points)} training clouds{held}')
-    chance, noted = 100 / len(train.class_names), False
-
-    def save(name, epoch, step):   # last.pt: a resume point (optimizer, random states, sums); best.pt: weights
-        run.save(name, classifier, epoch, step, args, optimizer if name == 'last.pt' else None, sums,
-                 model_config=asdict(classifier.cfg), num_classes=classifier.cls_head[-1].out_features,
-                 pooling=classifier.pooling, history=history, best_val=best_val, **(extra or {}))
-    with StopOnSignal(process) as stop:
-        for epoch in range(first_epoch, args.epochs):
-            model.train()
-            started = time.time()
-            stopped_at = train_one_epoch(model, optimizer, points, labels, train_fps_pool, epoch,
-                                         first_step if epoch == first_epoch else 0, steps, sums, args, run, stop)
-            if stopped_at < steps:   # Ctrl-C: the step finished; save where to continue
-                save('last.pt', epoch, stopped_at)
-                run.log(f'interrupted: {run.last_saved}; continue with --resume {run.path("last.pt")}')
-                raise SystemExit(130)
-            share_rank0_buffers(classifier, process)   # every process scores with what last.pt saves
-            loss_sum, correct, seen = run.totals(sums, f'epoch {epoch}')
-            record = dict(epoch=epoch, lr=optimizer.param_groups[0]['lr'], train_loss=loss_sum / seen,
-                          train_accuracy=100 * correct / seen)
-            if len(val_idx):
-                record['val_accuracy'] = evaluate(classifier, val_pool, train.labels[val_idx], args, process)
-            if (epoch + 1) % args.test_every == 0 or epoch + 1 == args.epochs:   # monitoring, never selection
-                record['test_accuracy'] = evaluate(classifier, test_pool, test.labels, args, process)
-            record['minutes'] = (time.time() - started) / 60
-            history.append(record)
-            run.log(f'epoch {epoch} loss {record["train_loss"]:.4f} train {record["train_accuracy"]:.2f}%'
-                    + ''.join(f' {k[:-9]} {record[k]:.2f}%' for k in ('val_accuracy', 'test_accuracy') if k in record)
-                    + f' lr {record["lr"]:.2e} {record["minutes"]:.1f} min', **record,
-                    **({'fold': extra['fold']} if extra else {}))
-            if not noted:
-                noted = batchnorm_note(record, chance, (epoch + 1) * steps, run.log)
-            if record.get('val_accuracy', -1.0) > best_val:
-                best_val = record['val_accuracy']
-                save('best.pt', epoch + 1, 0)
-            sums.zero_()
-            save('last.pt', epoch + 1, 0)
-            run.end_of_epoch(epoch, args.save_every, stop)
-    if process.world > 1:
-        check_ranks_agree(classifier, process, run.log)
-    tested = [h['test_accuracy'] for h in history if 'test_accuracy' in h]
-    done = history and history[-1]['epoch'] == args.epochs - 1 and 'test_accuracy' in history[-1]
-    result = dict(test_accuracy=tested[-1] if done else evaluate(classifier, test_pool, test.labels, args, process),
-                  max_test_accuracy_over_epochs=max(tested, default=None), history=history)
+    def evaluate_epoch(epoch, record):   # monitoring; only validation chooses best.pt
+        numbers = dict(fold=fold) if fold else {}
+        if len(val_idx):
+            numbers['val_accuracy'] = evaluate(classifier, val_pool, train_split.labels[val_idx], args, process)
+        if (epoch + 1) % args.test_every == 0 or epoch + 1 == args.epochs:
+            numbers['test_accuracy'] = evaluate(classifier, test_pool, test.labels, args, process)
+        note = '' if noted else batchnorm_note({**record, **numbers}, chance, (epoch + 1) * len(points) // args.batch_size)
+        if note:
+            noted.append(note)
+            run.log(note)
+        return numbers
+    history = train(run, classifier, optimizer, args, len(points), step, evaluate_epoch, ('loss', 'accuracy'),
+                    checkpoint, best_on='val_accuracy', model_config=asdict(classifier.cfg),
+                    num_classes=classifier.cls_head[-1].out_features, pooling=classifier.pooling, **content)
+    tested = [h['test_accuracy'] for h in history if 'test_accuracy' in h]   # the last epoch always tests
+    result = dict(test_accuracy=tested[-1], max_test_accuracy_over_epochs=max(tested), history=history)
     if len(val_idx):   # the checkpoint chosen on validation (written by rank 0, seen by all), tested once
         chosen = copy.deepcopy(classifier)
         chosen.load_state_dict(read_checkpoint(run.path('best.pt'), 'best.pt')['model'])
-        result.update(best_val_accuracy=best_val,
+        result.update(best_val_accuracy=max(h['val_accuracy'] for h in history),
                       test_accuracy_of_best_val=evaluate(chosen, test_pool, test.labels, args, process))
     if args.vote:
         result.update(voting(classifier, test_pool, test.labels, args, process))
     return result
 
 
-def run_fewshot(args, run, resume=None):
+def run_fewshot(args, run, checkpoint=None):
     """Every (way, shot, fold): a fresh classifier from the same checkpoint; mean +- std over folds."""
-    done, summary, started = dict(resume.get('fewshot_results', {})) if resume else {}, {}, False
-    keys = [f'{way}way{shot}shot/{fold}' for way in args.ways for shot in args.shots for fold in args.folds]
-    finished = set(done) | ({resume['fold']} if resume and resume['epoch'] >= args.epochs else set())
-    if resume is not None and finished >= set(keys):
-        raise SystemExit(f'--resume {args.resume}: every fold asked for ({len(keys)}) has done its {args.epochs} '
-                         f'epochs: nothing to do (pass a larger --epochs, or other --ways / --shots / --folds)')
+    done, summary, started = dict(checkpoint.get('fewshot_results', {})) if checkpoint else {}, {}, False
     for way in args.ways:
         for shot in args.shots:
             setting = f'{way}way{shot}shot'
@@ -406,18 +372,18 @@ def run_fewshot(args, run, resume=None):
                 key = f'{setting}/{fold}'
                 if key not in done:
                     path = fewshot_fold_path(args.data_root, way, shot, fold)
-                    train, test = load_fewshot_fold(args.data_root, way, shot, fold, args.load_points or None)
-                    state = resume if resume is not None and resume.get('fold') == key else None
+                    train_split, test = load_fewshot_fold(args.data_root, way, shot, fold, args.load_points or None)
+                    state = checkpoint if checkpoint is not None and checkpoint.get('fold') == key else None
                     seed_process(args.seed, run.process.rank)   # a fold's result does not depend on which ran before
                     classifier, described = build_classifier(args, FEWSHOT_CLASSES, state)
                     if not started:   # this session's first fold: args.json, the log's header
                         run.start(args, model_config=asdict(classifier.cfg), weights=described,
-                                  num_classes=FEWSHOT_CLASSES, resumed_from=args.resume)
+                                  num_classes=FEWSHOT_CLASSES)
                         started = True
-                    run.log(f'{key}: read {path}: {len(train.labels)} train / {len(test.labels)} test shapes, labels '
-                            f'0..{way - 1} of a {FEWSHOT_CLASSES}-way head (as Point-MAE), {described}')
-                    done[key] = finetune(classifier.to(run.process.device), train, test, args, run, state,
-                                         dict(fold=key, fewshot_results=dict(done)))['test_accuracy']
+                    run.log(f'{key}: read {path}: {len(train_split.labels)} train / {len(test.labels)} test shapes, '
+                            f'labels 0..{way - 1} of a {FEWSHOT_CLASSES}-way head (as Point-MAE), {described}')
+                    done[key] = finetune(classifier.to(run.process.device), train_split, test, args, run, state,
+                                         fold=key, fewshot_results=dict(done))['test_accuracy']
                 run.log(f'{key}: final-epoch test accuracy {done[key]:.2f}%', fold=key, test_accuracy=done[key])
             accuracies = [done[f'{setting}/{fold}'] for fold in args.folds]
             summary[setting] = (float(np.mean(accuracies)), float(np.std(accuracies)))
@@ -440,31 +406,25 @@ def main(args):
     if args.batch_size % process.world or args.batch_size // process.world < 2:
         raise SystemExit(f'--batch_size {args.batch_size} over {process.world} processes: each process needs an '
                          f'equal share of at least 2 clouds (BatchNorm)')
-    run = Run(os.path.join('runs', args.run_name), process)
-    if not args.test_only:
-        run.claim(args.resume, args.overwrite)
-    run.log(f'I2P-MAE fine-tuning on {process.device}, {process.world} process(es), settings:\n'
-            + '\n'.join(f'  --{k} {v}' for k, v in sorted(vars(args).items())))
-    resume = run.resume(args.resume, args, MAY_DIFFER)
+    run = Run(run_folder(args), process)
+    checkpoint = None if args.test_only else run.resume(args)   # --test_only appends to its own folder's log
     if args.data == 'fewshot':
-        result = run_fewshot(args, run, resume)
-    else:   # data seed 0: the shapes pretrain.py and svm_eval.py see by default, whatever --seed is
-        refuse_finished(resume, args)
-        train, test = (load_classification_split(args, split) for split in ('train', 'test'))
-        for split in (train, test):
+        result = run_fewshot(args, run, checkpoint)
+    else:
+        train_split, test = (load_classification_split(args, split) for split in ('train', 'test'))
+        for split in (train_split, test):
             check_cloud_points(split, args)
-        classifier, described = build_classifier(args, len(train.class_names), resume)
+        classifier, described = build_classifier(args, len(train_split.class_names), checkpoint)
         classifier.to(process.device)
-        run.start(args, args_file=not args.test_only, model_config=asdict(classifier.cfg), weights=described,
-                  num_classes=len(train.class_names), resumed_from=args.resume)
-        run.log(f'{args.data}: {len(train.labels)} train / {len(test.labels)} test shapes, {described}\n'
-                f'  model {asdict(classifier.cfg)}, pooling {classifier.pooling}')
+        run.start(args, model_config=asdict(classifier.cfg), weights=described, num_classes=len(train_split.class_names))
+        run.log(f'{args.data}: {len(train_split.labels)} train / {len(test.labels)} test shapes, {described}\n'
+                f'  every flag and the model: {run.path("args.json")}')
         if args.test_only:
             pool = test_inputs(test.points, args, process.device)
             result = dict(test_accuracy=evaluate(classifier, pool, test.labels, args, process),
                           **(voting(classifier, pool, test.labels, args, process) if args.vote else {}))
         else:
-            result = finetune(classifier, train, test, args, run, resume)
+            result = finetune(classifier, train_split, test, args, run, checkpoint)
         r = result
         run.log((f'== test accuracy of {args.ckpt} {r["test_accuracy"]:.2f}%' if args.test_only else
                  f'== final-epoch test accuracy {r["test_accuracy"]:.2f}% (the number we report)')
@@ -473,8 +433,8 @@ def main(args):
                 + (f'\n   voting: {r["vote_mean"]:.2f} ± {r["vote_std"]:.2f}% (mean ± std of {args.vote_runs} runs)'
                    if 'vote_mean' in r else '')
                 + (f'\n   for comparison only: best test epoch {r["max_test_accuracy_over_epochs"]:.2f}% (the paper\'s '
-                   f'convention, chosen on the test set)' if r.get('max_test_accuracy_over_epochs') is not None else '')
-                + f'\n   {(time.time() - run.session_start) / 60:.1f} min in all (this session)',
+                   f'convention, chosen on the test set)' if 'max_test_accuracy_over_epochs' in r else '')
+                + f'\n   {(time.time() - run.started) / 60:.1f} min in all (this session)',
                 **{k: v for k, v in r.items() if k != 'history'})
     end_process(process)
     return result

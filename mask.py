@@ -10,7 +10,7 @@ the first (1 - mask_ratio) * G drawn stay visible, the rest are hidden.
 The mask then propagates to the finer scales: a fine token is visible iff it is one
 of the K neighbours of a visible coarse token of the same sample; every other fine
 token (including ones no coarse token covers, also in evaluation) is masked.
-Demo: python mask.py [--mask_ratio 0.6] [--config small]      Tests: test_*mask* in test_all.py
+Picture: python demo.py mask [--mask_ratio 0.6] [--config small]      Tests: the mask.py section of test_all.py
 """
 import torch
 
@@ -82,97 +82,3 @@ def hierarchical_masks(is_masked_top, groups):
         masks.insert(0, propagate_mask(masks[0], groups[i].idx, groups[i - 1].centers.shape[1]))
     return masks
 
-
-def propagation_story(masks, groups, mask_ratio):
-    """One paragraph for the demo picture: why the finer scales keep more tokens visible than the ratio says."""
-    visible = [int((~m).sum()) for m in masks]
-    top = len(groups) - 1
-    steps = [f'each of the {visible[i]} visible scale-{i} tokens keeps its {groups[i].idx.shape[-1]} nearest '
-             f'scale-{i - 1} tokens ({visible[i] * groups[i].idx.shape[-1]} picks, {visible[i - 1]} of '
-             f'{masks[i - 1].shape[1]} distinct)' for i in range(top, 0, -1)]
-    return (f'Why {100 * visible[0] / masks[0].shape[1]:.0f}% of scale-0 tokens stay visible at mask ratio '
-            f'{mask_ratio}: only scale {top} is masked at the ratio ({visible[top]} of {masks[top].shape[1]} '
-            f'visible), and a finer token stays visible if ANY visible coarser token has it among its K nearest: '
-            + '; '.join(steps) + '.')
-
-
-def main():
-    import argparse
-    import os
-    import time
-    from data import make_synthetic
-    from tokenizer import build_token_hierarchy
-    from project import project_depth_images, back_project
-    from teacher import normalize_images, teacher_features_and_saliency
-    from model import SMALL_CONFIG, ModelConfig
-    from pictures import (HIDDEN, VIEW_NAMES, VISIBLE, Dots, cloud_frame, picture_teacher, points_tile,
-                          save_picture, titled_grid)
-
-    parser = argparse.ArgumentParser(description='2D-guided and random masks of one cloud, at every scale.')
-    parser.add_argument('--mask_ratio', type=float, default=0.8, help='share of coarse tokens hidden (paper: 0.8)')
-    parser.add_argument('--config', choices=('full', 'small'), default='full',
-                        help='full: 2048 points, 512/256/64 tokens (the paper); small: 512 points, '
-                             'model.SMALL_CONFIG 128/64/16 tokens (the CPU demo of pretrain.py)')
-    parser.add_argument('--teacher_weights', default='demo',
-                        help='demo (the trained demo teacher in runs/teacher-synthetic/ if there is one, else '
-                             'tiny), tiny (a small random ViT), random, imagenet or a weights file (default: demo)')
-    parser.add_argument('--seed', type=int, default=0, help='seeds the masks (default: 0)')
-    parser.add_argument('--shape_seed', type=int, default=4, help='which synthetic shape (default: 4)')
-    parser.add_argument('--out', default='runs/demo', help='folder for mask.png (default: runs/demo)')
-    args = parser.parse_args()
-    if not 0 <= args.mask_ratio < 1:
-        parser.error(f'--mask_ratio must be in [0, 1), got {args.mask_ratio}')
-    start = time.perf_counter()
-    cfg, num_points = (ModelConfig(), 2048) if args.config == 'full' else (SMALL_CONFIG, 512)
-    xyz, _ = make_synthetic(1, num_points=num_points, seed=args.shape_seed)
-    groups = build_token_hierarchy(xyz, cfg.num_groups, cfg.group_sizes)
-    vit, described = picture_teacher(args.teacher_weights)
-    images, geometry = project_depth_images(xyz, vit.image_size)
-    _, saliency = teacher_features_and_saliency(vit, normalize_images(images))
-    token_saliency = back_project(groups[-1].centers, geometry, saliency[:, None], vit.image_size).mean(-1)
-    probs = torch.softmax(token_saliency, dim=1)
-    generator = torch.Generator().manual_seed(args.seed)
-    masks = {'2D-guided': hierarchical_masks(guided_mask(token_saliency, args.mask_ratio, generator), groups),
-             'random': hierarchical_masks(random_mask(1, cfg.num_groups[-1], args.mask_ratio,
-                                                      generator=generator), groups)}
-    print(f'teacher: {described}')
-    print(f'softmax(token saliency) over the {probs.shape[1]} coarse tokens: largest/smallest = '
-          f'{(probs.max() / probs.min()).item():.3f}')
-    counts = {}
-    for name, scales in masks.items():
-        counts[name] = ', '.join(f'{int((~m).sum())}/{m.shape[1]} ({100 * (~m).float().mean().item():.0f}%)'
-                                 for m in scales)
-        print(f'{name} mask, visible tokens per scale 0, 1, 2 (fine to coarse): {counts[name]}')
-
-    frame = cloud_frame(xyz[0])
-    top = len(groups) - 1
-    tiles = []
-    for name, scales in masks.items():
-        row = []
-        for i in range(top, 0, -1):   # coarse token centres, then the next finer ones
-            is_masked = scales[i][0]
-            row.append(points_tile(frame, 0, Dots(groups[i].centers[0][is_masked], HIDDEN, radius=3),
-                                   Dots(groups[i].centers[0][~is_masked], VISIBLE, radius=3)))
-        is_masked = scales[0][0]
-        hidden, visible = groups[0].neighbors[0][is_masked], groups[0].neighbors[0][~is_masked]
-        row += [points_tile(frame, view, Dots(hidden.reshape(-1, 3), HIDDEN),
-                            Dots(visible.reshape(-1, 3), VISIBLE)) for view in range(len(VIEW_NAMES))]
-        tiles.append(row)
-    hidden_top = cfg.num_groups[-1] - num_visible(cfg.num_groups[-1], args.mask_ratio)
-    picture = titled_grid(
-        tiles, f'mask.py: --mask_ratio {args.mask_ratio} hides {hidden_top} of {cfg.num_groups[-1]} coarse tokens, '
-               f'then the mask propagates to finer scales (--config {args.config})',
-        col_labels=[f'scale {i}: token centres, view 1' for i in range(top, 0, -1)] +
-                   [f'scale 0: token points, {name}' for name in VIEW_NAMES],
-        row_labels=[f'{name} mask; visible per scale 0, 1, 2: {counts[name]}' for name in masks],
-        legend=[(VISIBLE, 'visible: the encoder sees it'), (HIDDEN, 'hidden (masked)')],
-        caption=propagation_story(masks['2D-guided'], groups, args.mask_ratio) +
-                f' Guided: coarse tokens drawn from softmax(saliency), largest/smallest = '
-                f'{(probs.max() / probs.min()).item():.3f}. Teacher: {described}.')
-    path = save_picture(picture, os.path.join(args.out, 'mask.png'))
-    print(f'wrote {path} (rows: guided, random; columns: scales, then views) '
-          f'in {time.perf_counter() - start:.1f} s')
-
-
-if __name__ == '__main__':
-    main()

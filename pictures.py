@@ -1,5 +1,6 @@
 """
-pictures.py: the drawing the stage demos share (Pillow only; no plotting library).
+pictures.py: drawing with Pillow (no plotting library): the stage pictures of demo.py and the
+curves.png of every training run.
 
 Every demo picture is one `titled_grid`: a title, column labels, row labels, square tiles
 (optionally with a label under each), and a footer with a colour legend and a caption:
@@ -29,7 +30,6 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from project import VIEWS, point_pixels, project_depth_images
-from teacher import DEMO_TEACHER_PATH, build_teacher, tiny_teacher
 
 TILE = 224            # tile side in pixels (the teacher's image size in the paper)
 PAD = 4               # gap between tiles and around the grid
@@ -60,8 +60,6 @@ UPRIGHT = ((True, True), (False, False), (False, True))
 VIEW_NAMES = ('view 1 (x,y,z): front, y up', 'view 2 (z,x,y): from above (y = depth)',
               'view 3 (y,z,x): side, y up')
 assert len(UPRIGHT) == len(VIEW_NAMES) == len(VIEWS)
-
-# where `python teacher.py --train` leaves the trained demo teacher
 
 FONT = ImageFont.load_default(size=13)
 TITLE_FONT = ImageFont.load_default(size=16)
@@ -139,25 +137,6 @@ def heat_colours(values):
 def group_colours(num_groups):
     """(G, 3) uint8: a colour per token, repeating GROUP_COLOURS."""
     return torch.tensor(GROUP_COLOURS, dtype=torch.uint8)[torch.arange(num_groups) % len(GROUP_COLOURS)]
-
-
-def picture_teacher(weights='demo'):
-    """(teacher, description) for the demo pictures of teacher.py and mask.py.
-
-    'demo': the trained demo teacher (DEMO_TEACHER_PATH, python teacher.py --train) if there is one, else 'tiny';
-    'tiny': a small random ViT: 224-pixel images, 16-pixel patches (14 x 14, as ViT-B/16), 4 layers, 64 wide,
-    seed 0 (quick, nothing to train);
-    anything else goes to teacher.build_teacher (imagenet, random, auto, demo-random or a weights file).
-    """
-    note = ''
-    if weights == 'demo':
-        found = os.path.isfile(DEMO_TEACHER_PATH)
-        weights, note = (DEMO_TEACHER_PATH, '') if found else ('tiny', f' (no trained demo teacher at {DEMO_TEACHER_PATH})')
-    if weights != 'tiny':
-        return build_teacher(weights)
-    vit = tiny_teacher(image_size=TILE, patch_size=16, num_layers=4, hidden_dim=64)
-    return vit, (f'small RANDOM ViT ({len(vit.encoder.layers)} layers, {vit.hidden_dim} wide, seed 0), '
-                 f'no pretrained knowledge{note}')
 
 
 # ---------------------------------------------------------------- the grid

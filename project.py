@@ -13,7 +13,7 @@ read at the pixel of each query point, with the geometry of the projection. We
 evaluate the bicubic only at the pixels we read: upsampling is a linear map
 U f U^T with U (S, h), so a point at (row, col) reads U[row] f U[col]^T.
   back_project(points (B, M, 3), ...) -> (B, M, V*C), channels [view 1 | view 2 | view 3]
-Demo: python project.py [--samples 4]      Tests: test_projection_* / test_back_projection_* in test_all.py
+Picture: python demo.py project [--samples 4]      Tests: the project.py section of test_all.py
 """
 from typing import NamedTuple
 
@@ -121,43 +121,3 @@ def back_project(points, geometry, maps, img_size):
     values = sample_upsampled(maps, point_pixels(points, geometry, img_size), img_size)
     return values.view(V, B, M, -1).permute(1, 2, 0, 3).reshape(B, M, -1)
 
-
-def main():
-    import argparse
-    import os
-    import time
-    from data import make_synthetic
-    from synthetic import SYNTHETIC_CLASSES
-    from pictures import VIEW_NAMES, image_tile, save_picture, titled_grid
-
-    parser = argparse.ArgumentParser(description='Project synthetic clouds to depth images and draw them.')
-    parser.add_argument('--samples', type=int, default=4, help='clouds to draw, one row each (default: 4)')
-    parser.add_argument('--seed', type=int, default=1, help='which synthetic shapes (default: 1)')
-    parser.add_argument('--img_size', type=int, default=224, help='image side S (paper: 224)')
-    parser.add_argument('--out', default='runs/demo', help='folder for project.png (default: runs/demo)')
-    args = parser.parse_args()
-    start = time.perf_counter()
-    xyz, labels = make_synthetic(args.samples, num_points=2048, seed=args.seed)
-    images, geometry = project_depth_images(xyz, args.img_size)
-    B, V = len(xyz), len(VIEWS)
-    print(f'{tuple(xyz.shape)} points -> {tuple(images.shape)} depth images, views stacked [view 1 of every '
-          f'sample; view 2; view 3]')
-    for v in range(V):
-        cells = ', '.join(f'{c:.4f}' for c in geometry.cell.view(V, B)[v].tolist())
-        print(f'{VIEW_NAMES[v]}: cloud units per pixel {cells}')
-    depth = images[:, 0].view(V, B, args.img_size, args.img_size)               # one channel: all 3 are equal
-    tiles = [[image_tile(depth[v, b], view=v) for v in range(V)] for b in range(B)]
-    picture = titled_grid(
-        tiles, f'project.py: {B} synthetic clouds ({xyz.shape[1]} points) as the teacher sees them',
-        col_labels=list(VIEW_NAMES), row_labels=[f'sample {b + 1}: {SYNTHETIC_CLASSES[k]}'
-                                                 for b, k in enumerate(labels.tolist())],
-        caption='Each point paints the 5 x 5 pixels around its cell with its depth coordinate; a pixel holds the '
-                'SUM of what lands on it, squashed by a sigmoid: mid-grey = empty (0.5), brighter = positive '
-                'summed depth, darker = negative. Each cloud fills its image. Views are turned for display so that '
-                'y is up; the projection itself is the authors\'.')
-    path = save_picture(picture, os.path.join(args.out, 'project.png'))
-    print(f'wrote {path} (rows: samples; columns: the three views) in {time.perf_counter() - start:.1f} s')
-
-
-if __name__ == '__main__':
-    main()

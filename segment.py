@@ -9,18 +9,13 @@ the head, recipe and metrics are those of its 3D-only parent, Point-M2AE
   python segment.py --data shapenetpart --ckpt pre-train.pth --gpu 0   # from the authors' pre-training
   python segment.py --test_only --ckpt runs/segment-synthetic/last.pt  # test a segmentation run's weights
   torchrun --nproc_per_node=4 segment.py --data shapenetpart
---data picks a preset (PRESETS); any flag overrides it and the final values are printed at start.
-The encoder's architecture comes from the checkpoint; group sizes, radii and drop path, which no
-weight depends on, and the head's widths come from the preset. We report the FINAL-epoch test
-mIoU_C / mIoU_I and a per-category table; the authors reported the best test epoch: we print it
-only for comparison, labelled as chosen on test. Writes runs/<run_name>/last.pt (atomically,
-every epoch and on Ctrl-C), log.jsonl (a header record per session), args.json, curves.png and
-segment.png (a few test shapes: true parts and prediction; also runs/demo/segment.png);
---save_every, --tensorboard: more. A folder holding another run is refused (--overwrite starts
-over); `--resume runs/<run_name>/last.pt` continues exactly (training.py says how).
---test_only scores a segmentation run's last.pt with the settings it was trained with (TRAINED_WITH,
-taken from the file) and writes its log and picture to runs/segment-<data>-test/, so that a test
-never adds records to the training run's log.jsonl nor replaces its picture.
+--data picks a preset (PRESETS); any flag overrides it. The encoder's architecture comes from the
+checkpoint; group sizes, radii and drop path, which no weight depends on, and the head's widths come
+from the preset. We report the FINAL-epoch test mIoU_C / mIoU_I and a per-category table; the
+authors' best test epoch is printed for comparison only. Writes runs/<run_name>/ as pretrain.py does;
+`python demo.py segment` draws test shapes with their true and predicted parts. --test_only scores a
+segmentation run's last.pt with the settings it was trained with (TRAINED_WITH, from the file) and
+logs to runs/segment-<data>-test/, never to the training run's folder.
 
 Its own script, not a finetune.py preset, because everything around the encoder differs from
 classification: the data (a part label per point, a category per shape, shapes of different sizes
@@ -36,9 +31,9 @@ metrics (IoU over the ground-truth category's parts, per shape and per category)
   mIoU_I: mean over shapes of the mean IoU of their category's parts (a part absent from both the
           prediction and the truth counts 1); mIoU_C: mean over categories of that mean per category
 
-Read `PartSegmenter.forward`, then `train_step` and `evaluate`, then `train_segmenter` (the epochs).
-The data come from data.load_part_split ('synthetic' parts, or ShapeNetPart's text files) and
-data.draw_part_points. Tests: the "segment.py" section of test_all.py
+Read `PartSegmenter.forward`, then `train_step` and `evaluate`, then `train_segmenter` (training.train runs
+the epochs). The data come from data.load_part_split ('synthetic' parts, or ShapeNetPart's text files)
+and data.draw_part_points. Tests: the segment.py section of test_all.py
 """
 import argparse
 import math
@@ -49,18 +44,14 @@ from dataclasses import asdict, replace
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel
 
 from tokenizer import build_token_hierarchy
-from model import (Encoder, ModelConfig, SMALL_CONFIG, checkpoint_config, conv_bn, interpolate_3nn, load_weights,
-                   read_checkpoint)
+from model import Encoder, ModelConfig, SMALL_CONFIG, conv_bn, interpolate_3nn
+from checkpoints import checkpoint_config, load_weights, read_checkpoint
 from data import draw_part_points, load_part_split, scale_isotropic_and_shift
-from synthetic import SYNTHETIC_PART_NAMES
-from training import (ArgumentParser, Run, StopOnSignal, add_run_flags, check_ranks_agree, cosine_lr,
-                      end_process, epoch_batches, fill_preset, fraction, non_negative_float, non_negative_int,
-                      param_groups, positive_float, positive_int, refuse_finished, run_script, set_lr, setup_process,
-                      share_rank0_buffers, sum_over_processes)
-from pictures import VIEW_NAMES, Dots, cloud_frame, group_colours, points_tile, save_picture, titled_grid
+from flags import (ArgumentParser, add_run_flags, fraction, non_negative_float, non_negative_int, parse_run_flags,
+                   positive_float, positive_int, run_script)
+from training import Run, end_process, param_groups, run_folder, setup_process, sum_over_processes, train
 
 # The protocol of Point-M2AE's segmentation (main.py, Point_M2AE_SEG.py); --data picks a preset and
 # any flag given overrides it.
@@ -88,8 +79,7 @@ TRAIN_SPLIT = {'shapenetpart': 'trainval', 'synthetic': 'train'}
 HEADS = {'full': dict(propagation_dims=(1536, 1024), label_dim=64, head_dims=(1024, 512, 256)),
          'small': dict(propagation_dims=(128, 64), label_dim=16, head_dims=(128, 64, 32))}
 # flags that may change on --resume: they do not change what the run computes
-MAY_DIFFER = ('epochs', 'resume', 'reseed', 'overwrite', 'run_name', 'gpu', 'data_root', 'log_every', 'test_every',
-              'deterministic', 'ckpt', 'from_scratch', 'config', 'test_only', 'save_every', 'tensorboard')
+MAY_DIFFER = ('test_every', 'ckpt', 'from_scratch', 'config', 'test_only')
 # what --test_only takes from a segmentation checkpoint's flags: the settings that change what the test computes
 # (the head's widths, the test points drawn per shape, the grouping and attention radii, the synthetic shapes)
 TRAINED_WITH = ('head', 'points', 'group_sizes', 'local_radius', 'load_points')
@@ -133,8 +123,7 @@ def parse_args(argv=None):
                         f'with ({", ".join(TRAINED_WITH)}) come from the file; writes runs/<run_name>/ '
                         '(default: segment-<data>-test), never the training run\'s folder unless --run_name names it')
     s.add_argument('--test_every', type=positive_int, default=1, help='epochs between test evaluations (monitoring only)')
-    args = p.parse_args(argv)
-    fill_preset(args, PRESETS[args.data])
+    args = parse_run_flags(p, argv, PRESETS, MAY_DIFFER)
     if args.batch_size < 2:
         p.error(f'--batch_size {args.batch_size}: BatchNorm in training mode needs at least 2 shapes per batch')
     for low, high in (('scale_low', 'scale_high'), ('min_lr', 'lr')):
@@ -144,8 +133,6 @@ def parse_args(argv=None):
         p.error(f'--load_points {args.load_points}: for --data synthetic only ({args.data} keeps every stored point)')
     if args.data == 'synthetic' and not args.load_points:
         p.error('--load_points 0: --data synthetic generates a number of points per shape (preset: 1024)')
-    if args.test_only and args.resume:
-        p.error('--resume continues a training run; --test_only tests the weights of --ckpt')
     args.group_sizes, args.local_radius = tuple(args.group_sizes), tuple(args.local_radius)
     args.cosine_epochs = args.cosine_epochs or args.epochs   # the authors' cosine spans the run (timm t_initial)
     args.run_name = args.run_name or f'segment-{args.data}' + ('-test' if args.test_only else '')
@@ -211,16 +198,10 @@ def build_segmenter(encoder_config, args, num_categories, num_parts):
                       drop_path_rate=args.drop_path_rate)
     except ValueError as error:
         raise SystemExit(f'--group_sizes {args.group_sizes} / --local_radius {args.local_radius}: {error}') from None
-    fewest = max(cfg.num_groups[0], cfg.group_sizes[0])
-    if args.points < fewest:
-        raise SystemExit(f'--points {args.points}: the model groups {fewest} points per shape at its finest scale '
-                         f'(num_groups {cfg.num_groups[0]}, --group_sizes {cfg.group_sizes[0]}): use at least {fewest}')
+    if args.points < cfg.min_points:
+        raise SystemExit(f'--points {args.points}: the model groups {cfg.min_points} points per shape at its finest '
+                         f'scale (num_groups {cfg.num_groups[0]}, --group_sizes {cfg.group_sizes[0]})')
     return PartSegmenter(cfg, num_categories, num_parts, **HEADS[args.head])
-
-
-def fresh_encoder_config(args):
-    """The architecture of --from_scratch: the paper's, or SMALL_CONFIG for the CPU demo."""
-    return SMALL_CONFIG if args.config == 'small' else ModelConfig()
 
 
 # ---------------------------------------------------------------- metrics
@@ -308,22 +289,6 @@ def train_step(model, optimizer, xyz, parts, categories, args):
     return loss.detach(), (log_probs.detach().argmax(dim=-1) == parts).sum()
 
 
-def train_one_epoch(model, optimizer, split, epoch, first_step, steps, sums, args, run, stop):
-    """Train on this process's batches of one epoch, from `first_step`; returns the step it stopped
-    after (`steps` unless Ctrl-C asked to stop). sums (3,): this process's running loss x points,
-    correct points and points, updated in place (checkpoints save them with the position)."""
-    order = epoch_batches(len(split.points), args.batch_size, epoch, args.seed, run.process.rank, run.process.world)
-    for step in range(first_step, steps):
-        lr = cosine_lr(epoch + step / steps, args)
-        set_lr(optimizer, lr)
-        xyz, parts, categories = training_batch(split, torch.as_tensor(order[step]), args, sums.device)
-        loss, correct = train_step(model, optimizer, xyz, parts, categories, args)
-        sums += torch.stack([loss.double() * parts.numel(), correct.double(), sums.new_tensor(parts.numel())])
-        if run.end_of_step(epoch, step, steps, lr, loss, stop, args.log_every):
-            return step + 1
-    return steps
-
-
 def fixed_test_points(split, num_points, seed=0):
     """The fixed test input: num_points drawn with replacement from every shape, once, with a seeded
     generator -> (xyz (S, n, 3), parts (S, n)). Every evaluation (each epoch, --test_only) sees these.
@@ -388,13 +353,6 @@ def read_splits(args, process):
     return splits or read()
 
 
-def part_names(data_name, category_names, category_parts):
-    """Global part id -> a name for legends: the synthetic parts have names, ShapeNetPart's only ids."""
-    if data_name == 'synthetic':
-        return SYNTHETIC_PART_NAMES
-    return [f'{name} part {i}' for name, ids in zip(category_names, category_parts) for i in ids]
-
-
 def read_pretrained(args):
     """The --ckpt file (None with --from_scratch), read once. With --test_only it must be a segmentation
     run's, and the flags it was trained with (TRAINED_WITH) replace ours, as they change what the test
@@ -429,7 +387,7 @@ def build_model(args, num_categories, num_parts, checkpoint=None, resume=None):
         return build_segmenter(ModelConfig(**resume['model_config']), args, num_categories, num_parts), \
             f'resumed from {args.resume}'
     if checkpoint is None:
-        return build_segmenter(fresh_encoder_config(args), args, num_categories, num_parts), \
+        return build_segmenter(SMALL_CONFIG if args.config == 'small' else ModelConfig(), args, num_categories, num_parts), \
             f'random initialisation ({args.config} encoder)'
     model = build_segmenter(checkpoint_config(checkpoint, args.ckpt), args, num_categories, num_parts)
     skipped = load_weights(model, checkpoint, args.ckpt, fine_tune=not args.test_only)
@@ -439,94 +397,31 @@ def build_model(args, num_categories, num_parts, checkpoint=None, resume=None):
                    + ''.join(f'\n    skipped {len(k)} key(s) like {k[0]}: {why}' for why, k in reasons.items()))
 
 
-@torch.no_grad()
-def prediction_picture(model, test, xyz, parts, names, caption, columns=5, view=0):
-    """A titled_grid of `columns` test shapes (the first of evenly spaced categories): row 1 their true
-    parts, row 2 the prediction, in one view. A category's parts take GROUP_COLOURS in order."""
-    present = test.categories.unique()
-    chosen = present[torch.linspace(0, len(present) - 1, min(columns, len(present))).round().long()]
-    idx = torch.stack([(test.categories == c).nonzero()[0, 0] for c in chosen])    # a loop over a few categories
-    device = next(model.parameters()).device
-    table = part_table(test.category_parts, model.head[-1].out_channels, device)
-    categories = test.categories[idx].to(device)
-    model.eval()
-    predicted = predict_parts(model(xyz[idx].to(device), categories), categories, table)   # (columns, n)
-    ious = shape_ious(predicted, parts[idx].to(device), categories, table).tolist()
-    colour_of = torch.zeros(table.shape[1], 3, dtype=torch.uint8)        # global part id -> rgb
-    for ids in test.category_parts:
-        colour_of[ids] = group_colours(len(ids))
-    radius = 2 if xyz.shape[1] <= 1024 else 1
-    tiles = [[], []]
-    for s, prediction in zip(idx.tolist(), predicted.cpu()):
-        frame = cloud_frame(xyz[s])
-        tiles[0].append(points_tile(frame, view, Dots(xyz[s], colour_of[parts[s]], radius)))
-        tiles[1].append(points_tile(frame, view, Dots(xyz[s], colour_of[prediction], radius)))
-    legend = [(tuple(colour_of[i].tolist()), names[i]) for c in chosen.tolist() for i in test.category_parts[c]]
-    return titled_grid(
-        tiles, 'segment.py: part segmentation of test shapes, ground truth and prediction',
-        col_labels=[f'{test.category_names[c]} (test shape {s})' for c, s in zip(chosen.tolist(), idx.tolist())],
-        row_labels=[f'ground truth, {VIEW_NAMES[view]}', "prediction (the category's parts only)"],
-        tile_labels=[[f'{len(parts[s].unique())} of its category\'s {len(test.category_parts[c])} parts'
-                      for s, c in zip(idx.tolist(), chosen.tolist())], [f'IoU {100 * iou:.1f}%' for iou in ious]],
-        legend=legend, caption=caption)
-
-
 # ---------------------------------------------------------------- the recipe
 
 
-def train_segmenter(segmenter, train, test, test_xyz, test_parts, args, run, resume=None):
-    """Train `segmenter` on `train` (a PartSplit), testing it every --test_every epochs and after the
+def train_segmenter(segmenter, train_split, test, test_xyz, test_parts, args, run, checkpoint=None):
+    """Train `segmenter` on `train_split` (a PartSplit), testing it every --test_every epochs and after the
     last on the fixed test points. Returns the history (one record per epoch) and the final metrics."""
-    process = run.process
-    device = process.device
     optimizer = torch.optim.AdamW(param_groups(segmenter, args.weight_decay), lr=args.lr)
-    sums = torch.zeros(3, dtype=torch.float64, device=device)   # loss x points, correct points, points
-    first_epoch, first_step = run.restore(resume, segmenter, optimizer, args, sums)
-    history = resume['history'] if resume else []
-    model = DistributedDataParallel(segmenter, device_ids=[device.index] if device.type == 'cuda' else None) \
-        if process.world > 1 else segmenter   # averages the gradients
-    steps = len(epoch_batches(len(train.points), args.batch_size, 0, args.seed, process.rank, process.world))
-    if steps == 0:
-        raise SystemExit(f'--batch_size {args.batch_size} is larger than the {len(train.points)} training shapes')
+    final = {}
 
-    def test_metrics():
-        return evaluate(segmenter, test_xyz, test_parts, test.categories, test.category_parts, test.category_names,
-                        args.batch_size, args.amp, process)
+    def step(model, idx):
+        xyz, parts, categories = training_batch(train_split, idx, args, run.process.device)
+        loss, correct = train_step(model, optimizer, xyz, parts, categories, args)
+        return dict(loss=loss, accuracy=100 * correct / parts.numel()), parts.numel()
 
-    def save(epoch, step):   # a resume point: weights, optimizer, every process's random state and sums
-        run.save('last.pt', segmenter, epoch, step, args, optimizer, sums, model_config=asdict(segmenter.cfg),
-                 num_categories=segmenter.num_categories, num_parts=segmenter.head[-1].out_channels, history=history)
-    metrics = None
-    with StopOnSignal(process) as stop:
-        for epoch in range(first_epoch, args.epochs):
-            model.train()
-            started = time.time()
-            stopped_at = train_one_epoch(model, optimizer, train, epoch, first_step if epoch == first_epoch else 0,
-                                         steps, sums, args, run, stop)
-            if stopped_at < steps:   # Ctrl-C: the step finished; save where to continue
-                save(epoch, stopped_at)
-                run.log(f'interrupted: {run.last_saved}; continue with --resume {run.path("last.pt")}')
-                raise SystemExit(130)
-            share_rank0_buffers(segmenter, process)   # every process scores with what last.pt saves
-            loss_sum, correct, seen = run.totals(sums, f'epoch {epoch}')
-            record = dict(epoch=epoch, lr=optimizer.param_groups[0]['lr'], train_loss=loss_sum / seen,
-                          train_accuracy=100 * correct / seen)
-            tested = ''
-            if (epoch + 1) % args.test_every == 0 or epoch + 1 == args.epochs:   # monitoring, never selection
-                metrics = test_metrics()
-                record.update(test_miou_c=metrics['miou_c'], test_miou_i=metrics['miou_i'],
-                              test_accuracy=metrics['accuracy'], per_category=metrics['per_category'])
-                tested = f' | test mIoU_C {metrics["miou_c"]:.2f}% mIoU_I {metrics["miou_i"]:.2f}%'
-            record['minutes'] = (time.time() - started) / 60
-            history.append(record)
-            run.log(f'epoch {epoch} loss {record["train_loss"]:.4f} point accuracy {record["train_accuracy"]:.2f}%'
-                    f'{tested} lr {record["lr"]:.2e} {record["minutes"]:.1f} min', **record)
-            sums.zero_()
-            save(epoch + 1, 0)
-            run.end_of_epoch(epoch, args.save_every, stop)
-    if process.world > 1:
-        check_ranks_agree(segmenter, process, run.log)
-    return history, metrics   # the last epoch always tests (main refuses to resume a finished run)
+    def evaluate_epoch(epoch, record):   # monitoring, never selection
+        if (epoch + 1) % args.test_every and epoch + 1 < args.epochs:
+            return {}
+        final.update(evaluate(segmenter, test_xyz, test_parts, test.categories, test.category_parts,
+                              test.category_names, args.batch_size, args.amp, run.process))
+        return dict(test_miou_c=final['miou_c'], test_miou_i=final['miou_i'], test_accuracy=final['accuracy'],
+                    per_category=final['per_category'])
+    history = train(run, segmenter, optimizer, args, len(train_split.points), step, evaluate_epoch, ('loss', 'accuracy'),
+                    checkpoint, model_config=asdict(segmenter.cfg), num_categories=segmenter.num_categories,
+                    num_parts=segmenter.head[-1].out_channels)
+    return history, final   # the last epoch always tests (a finished run cannot be resumed)
 
 
 def main(args):
@@ -534,30 +429,25 @@ def main(args):
     if args.batch_size % process.world or args.batch_size // process.world < 2:
         raise SystemExit(f'--batch_size {args.batch_size} over {process.world} processes: each process needs an '
                          f'equal share of at least 2 shapes (BatchNorm)')
-    run = Run(os.path.join('runs', args.run_name), process)
-    if not args.test_only:   # --test_only appends to its own folder's log (default runs/segment-<data>-test)
-        run.claim(args.resume, args.overwrite)
-    resume = run.resume(args.resume, args, MAY_DIFFER)
-    refuse_finished(resume, args)
-    checkpoint, changed = (None, []) if resume else read_pretrained(args)
-    train, test = read_splits(args, process)
-    num_parts = sum(len(ids) for ids in train.category_parts)
-    segmenter, described = build_model(args, len(train.category_names), num_parts, checkpoint, resume)
+    run = Run(run_folder(args), process)
+    checkpoint = None if args.test_only else run.resume(args)   # --test_only appends to its own folder's log
+    pretrained, changed = (None, []) if checkpoint else read_pretrained(args)
+    train_split, test = read_splits(args, process)
+    num_parts = sum(len(ids) for ids in train_split.category_parts)
+    segmenter, described = build_model(args, len(train_split.category_names), num_parts, pretrained, checkpoint)
     segmenter.to(process.device)
-    run.start(args, args_file=not args.test_only, model_config=asdict(segmenter.cfg), weights=described,
-              num_categories=len(train.category_names), num_parts=num_parts, resumed_from=args.resume)
-    run.log(f'I2P-MAE part segmentation on {process.device}, {process.world} process(es), settings:\n'
-            + '\n'.join(f'  --{k} {v}' for k, v in sorted(vars(args).items()))
+    run.start(args, model_config=asdict(segmenter.cfg), weights=described,
+              num_categories=len(train_split.category_names), num_parts=num_parts)
+    run.log(f'{args.data}: {len(train_split.points)} train / {len(test.points)} test shapes, '
+            f'{len(train_split.category_names)} categories, {num_parts} parts, {args.points} points drawn per shape; '
+            f'{described}\n  every flag and the model: {run.path("args.json")}'
             + ''.join(f'\n  from {args.ckpt}, as it was trained: {line}' for line in changed))
-    run.log(f'{args.data}: {len(train.points)} train / {len(test.points)} test shapes, {len(train.category_names)} '
-            f'categories, {num_parts} parts, {args.points} points drawn per shape; {described}\n'
-            f'  model {asdict(segmenter.cfg)}, head {args.head} {HEADS[args.head]}')
     test_xyz, test_parts = fixed_test_points(test, args.points)   # (S, points, 3), (S, points): every evaluation's
     if args.test_only:
         history, metrics = [], evaluate(segmenter, test_xyz, test_parts, test.categories, test.category_parts,
                                         test.category_names, args.batch_size, args.amp, process)
     else:
-        history, metrics = train_segmenter(segmenter, train, test, test_xyz, test_parts, args, run, resume)
+        history, metrics = train_segmenter(segmenter, train_split, test, test_xyz, test_parts, args, run, checkpoint)
     tested = [h for h in history if 'test_miou_c' in h]
     best = dict(max_test_miou_c_over_epochs=max(h['test_miou_c'] for h in tested),
                 max_test_miou_i_over_epochs=max(h['test_miou_i'] for h in tested)) if tested else {}
@@ -568,26 +458,11 @@ def main(args):
             + (f'\n   for comparison only: best test epoch mIoU_C {best["max_test_miou_c_over_epochs"]:.2f}%, mIoU_I '
                f'{best["max_test_miou_i_over_epochs"]:.2f}% (the paper\'s convention, chosen on the test set, each '
                f'maximum over epochs on its own)' if best else ''), **result)
-    if process.rank == 0:
-        picture = prediction_picture(
-            segmenter, test, test_xyz, test_parts, part_names(args.data, test.category_names, test.category_parts),
-            f'Segmenter: {described.splitlines()[0]}; '
-            + (f'{len(history)} epoch(s) on {args.data}. ' if history else f'tested on {args.data}. ')
-            + f'Test mIoU_C {metrics["miou_c"]:.1f}%, mIoU_I {metrics["miou_i"]:.1f}% ({args.points} points drawn per '
-              f'shape, once, seeded). Each category\'s parts take the colours in order; the prediction is an '
-              f'argmax over the parts of the shape\'s true category (the protocol).')
-        # the demo copy is a training run's: a test of some checkpoint leaves it alone
-        paths = [run.path('segment.png')] + ([] if args.test_only else [os.path.join('runs', 'demo', 'segment.png')])
-        for path in paths:
-            save_picture(picture, path)
-        run.log(f'wrote {" and ".join(paths)} (test shapes: true parts and prediction)')
-    minutes = (time.time() - run.session_start) / 60
-    if args.test_only:
-        run.log(f'tested in {minutes:.1f} min; the log: {run.path("log.jsonl")}')
-    else:
-        run.log(f'part segmentation done in {minutes:.1f} min (this session). Next: test these weights again, '
-                f'python segment.py --data {args.data} --test_only --ckpt {run.path("last.pt")} (into '
-                f'runs/segment-{args.data}-test/)')
+    minutes = (time.time() - run.started) / 60
+    run.log(f'tested in {minutes:.1f} min; the log: {run.path("log.jsonl")}' if args.test_only else
+            f'part segmentation done in {minutes:.1f} min (this session). Next: its picture, python demo.py segment '
+            f'--ckpt {run.path("last.pt")}; or test these weights again, python segment.py --data {args.data} '
+            f'--test_only --ckpt {run.path("last.pt")} (into runs/segment-{args.data}-test/)')
     end_process(process)
     return result
 

@@ -18,6 +18,7 @@ without it the result is printed only. --save_features writes train_x, train_y, 
 """
 import argparse
 import glob
+import hashlib
 import os
 import time
 from dataclasses import asdict
@@ -27,10 +28,11 @@ import torch
 from sklearn.model_selection import GridSearchCV
 from sklearn.svm import SVC
 
-from model import I2PMAE, checkpoint_config, load_weights, read_checkpoint
+from model import I2PMAE
+from checkpoints import checkpoint_config, load_weights, read_checkpoint
 from data import load_split
-from training import (ArgumentParser, Process, Run, file_sha256, gather_rows, gpu_index, positive_float, positive_int,
-                      run_script, seed_value)
+from flags import ArgumentParser, gpu_index, positive_float, positive_int, run_script, seed_value
+from training import Process, Run, sum_over_processes
 
 # the authors' test-script values; their per-epoch monitor used 0.01 (README: deviations, B8). They were tuned for
 # their features on real data; on synthetic data (None) C is chosen by cross-validation on train.
@@ -91,7 +93,8 @@ def newest_checkpoint(root='runs'):
 
 
 def load_student(path, random_init=False):
-    """The pre-trained I2PMAE from our checkpoint or the authors' (model.load_weights), and the flags it was trained with."""
+    """The pre-trained I2PMAE from our checkpoint or the authors' (checkpoints.load_weights), and the flags it was
+    trained with."""
     checkpoint = read_checkpoint(path, '--ckpt')
     student = I2PMAE(checkpoint_config(checkpoint, path))
     skipped = {} if random_init else load_weights(student, checkpoint, path)
@@ -103,18 +106,25 @@ def load_student(path, random_init=False):
 @torch.no_grad()
 def extract_features(student, points, batch_size, device, process=None):
     """(S, N, 3) clouds -> (S, C) numpy features of the frozen encoder, in batches, with progress.
-    With a `process` of a multi-process run, each process encodes every world-th cloud (all take part)."""
+    With a `process` of a multi-process run, each process encodes every world-th cloud (all take part)
+    and every process gets all the features."""
     student.eval()
     rank, world = (process.rank, process.world) if process else (0, 1)
-    mine, features = points[rank::world], []
-    for start in range(0, len(mine), batch_size):
-        features.append(student.svm_features(mine[start:start + batch_size].to(device)).float())
+    features = []
+    for start in range(rank * batch_size, len(points), world * batch_size):   # this process's batches
+        features.append(student.svm_features(points[start:start + batch_size].to(device)).float())
         if rank == 0:
-            print(f'\r  features {min(start + batch_size, len(mine)) * world}/{len(points)}', end='', flush=True)
+            print(f'\r  features {min(start + world * batch_size, len(points))}/{len(points)}', end='', flush=True)
     if rank == 0:
         print()
-    features = torch.cat(features)
-    return (gather_rows(features, len(points), process) if world > 1 else features).cpu().numpy()
+    mine = torch.cat(features) if features else torch.zeros(0, student.cfg.encoder_dims[-1], device=device)
+    if world > 1:   # every process's batches, added into one zero-padded array (an exact sum: one writer a row)
+        everything = torch.zeros(len(points), mine.shape[1], device=device)
+        rows = torch.cat([torch.arange(s, min(s + batch_size, len(points)), device=device)
+                          for s in range(rank * batch_size, len(points), world * batch_size)] or
+                         [torch.zeros(0, dtype=torch.long, device=device)])
+        mine = sum_over_processes(everything.index_copy(0, rows, mine), process)
+    return mine.cpu().numpy()
 
 
 @torch.no_grad()
@@ -235,7 +245,8 @@ def main(args):
             raise SystemExit(f'--run_name {args.run_name}: {path} is in that folder; keep the SVM result in another '
                              f'one (e.g. --run_name {args.run_name}-svm)')
         run.claim(overwrite=args.overwrite)   # checks (and --overwrite clears) the folder; written after the SVM,
-        checkpoint_sha256 = file_sha256(path)  # so a failed evaluation leaves nothing that blocks a retry
+        with open(path, 'rb') as f:           # so a failed evaluation leaves nothing that blocks a retry
+            checkpoint_sha256 = hashlib.file_digest(f, 'sha256').hexdigest()
     print(f'linear SVM on {args.data} with the {"RANDOMLY INITIALISED" if args.random_init else "pre-trained"} '
           f'encoder of {path}\n  model {asdict(student.cfg)}')
     start = time.time()

@@ -14,7 +14,7 @@ so a coarse token is made of finer tokens:
 Each scale is a `Group`: centres (B, G, 3), neighbour indices (B, G, K) into the
 previous scale, and the neighbours in absolute and centre-relative coordinates.
 Everything is plain batched torch: no CUDA extension, no loop over samples.
-Demo: python tokenizer.py [--config small]      Tests: test_fps_* / test_knn_* / test_group_* in test_all.py
+Picture: python demo.py tokenizer [--config small]      Tests: the tokenizer.py section of test_all.py
 """
 import functools
 import warnings
@@ -31,21 +31,34 @@ class Group(NamedTuple):
     relative: torch.Tensor   # (B, G, K, 3) neighbors - centers
 
 
-def check_points(xyz, name='xyz', min_points=1):
-    """Raise a ValueError naming `name` unless xyz is a float (B, N, 3) tensor with B >= 1, N >= min_points.
-
-    Shapes and dtype only: they cost nothing. Whether the coordinates are finite is checked once,
-    when a dataset is loaded (data.py), not here: that would read a value back from the GPU at
-    every call.
-    """
+def check_points(xyz, name='xyz', min_points=1, dtype=None):
+    """Raise a ValueError naming `name` unless xyz is a float (B, N, 3) tensor, B >= 1, N >= min_points
+    (and of `dtype`, if given). Shapes and dtypes only: no value is read back from a GPU. Whether the
+    coordinates are finite is checked once, when a dataset is loaded (data.py)."""
+    shape = tuple(xyz.shape) if torch.is_tensor(xyz) else type(xyz).__name__
     if not torch.is_tensor(xyz) or xyz.dim() != 3 or xyz.shape[-1] != 3 or xyz.shape[0] == 0:
-        shape = tuple(xyz.shape) if torch.is_tensor(xyz) else type(xyz).__name__
         raise ValueError(f'{name} must be a (B, N, 3) tensor with B >= 1, got {shape}')
-    if not xyz.is_floating_point():
-        raise ValueError(f'{name} must hold float coordinates, got {xyz.dtype} (shape {tuple(xyz.shape)})')
+    if not xyz.is_floating_point() or (dtype is not None and xyz.dtype != dtype):
+        raise ValueError(f'{name} is {xyz.dtype} {shape}; it must hold {dtype or "float"} coordinates'
+                         + (f' (the model\'s weights): pass {name}.to({dtype})' if dtype else ''))
     if xyz.shape[1] < min_points:
-        raise ValueError(f'{name} has {xyz.shape[1]} points per cloud, need at least {min_points} '
-                         f'(shape {tuple(xyz.shape)})')
+        raise ValueError(f'{name} has {xyz.shape[1]} points per cloud {shape}, need at least {min_points}')
+
+
+def points_needed(num_groups, group_sizes):
+    """The fewest points per cloud a hierarchy can tokenize: its finest scale picks num_groups[0]
+    centres and groups each with its group_sizes[0] nearest points."""
+    return max(num_groups[0], group_sizes[0])
+
+
+def hierarchy_problems(num_groups, group_sizes):
+    """What makes (num_groups, group_sizes) an impossible hierarchy, as sentences ([] if nothing)."""
+    if len(num_groups) != len(group_sizes):
+        return [f'num_groups {tuple(num_groups)} and group_sizes {tuple(group_sizes)} differ in length']
+    return [f'scale {i} takes {num_groups[i]} tokens of {group_sizes[i]} out of the {num_groups[i - 1]} tokens of '
+            f'scale {i - 1} (num_groups {tuple(num_groups)}, group_sizes {tuple(group_sizes)})'
+            for i in range(1, len(num_groups))
+            if num_groups[i] > num_groups[i - 1] or group_sizes[i] > num_groups[i - 1]]
 
 
 def gather_points(xyz, idx):
@@ -165,7 +178,6 @@ def group_around(points, centers, k):
 
 def group_points(xyz, n_groups, k, skip_near_origin=False):
     """One scale of tokens: FPS centres of xyz and their k nearest neighbours in xyz."""
-    check_points(xyz, 'xyz', min_points=max(n_groups, k))
     return group_around(xyz, gather_points(xyz, farthest_point_sample(xyz, n_groups, skip_near_origin)), k)
 
 
@@ -178,14 +190,10 @@ def build_token_hierarchy(xyz, num_groups=(512, 256, 64), group_sizes=(16, 8, 8)
     and a tie goes to the earlier pick in both): one FPS run gives the centres of every scale.
     The near-origin rule of skip_near_origin breaks that in corner cases, so it samples every scale.
     """
-    if len(num_groups) != len(group_sizes):
-        raise ValueError(f'num_groups {num_groups} and group_sizes {group_sizes} differ in length')
-    check_points(xyz, 'xyz', min_points=max(num_groups[0], group_sizes[0]))
-    for i in range(1, len(num_groups)):
-        if num_groups[i] > num_groups[i - 1] or group_sizes[i] > num_groups[i - 1]:
-            raise ValueError(f'scale {i} takes {num_groups[i]} tokens of {group_sizes[i]} out of the '
-                             f'{num_groups[i - 1]} tokens of scale {i - 1}: num_groups {num_groups}, '
-                             f'group_sizes {group_sizes}')
+    problems = hierarchy_problems(num_groups, group_sizes)
+    if problems:
+        raise ValueError('; '.join(problems))
+    check_points(xyz, 'xyz', min_points=points_needed(num_groups, group_sizes))
     if skip_near_origin:
         groups, points = [], xyz
         for n_groups, k in zip(num_groups, group_sizes):
@@ -199,62 +207,3 @@ def build_token_hierarchy(xyz, num_groups=(512, 256, 64), group_sizes=(16, 8, 8)
         points = groups[-1].centers
     return groups
 
-
-def main():
-    import argparse
-    import os
-    import time
-    from data import make_synthetic
-    from model import SMALL_CONFIG, ModelConfig
-    from pictures import (CENTRE, CLOUD, GROUP_COLOURS, VIEW_NAMES, Dots, cloud_frame, group_colours,
-                          points_tile, save_picture, titled_grid)
-
-    parser = argparse.ArgumentParser(description='Tokenize one synthetic cloud and draw its tokens.')
-    parser.add_argument('--config', choices=('full', 'small'), default='full',
-                        help='full: 2048 points, 512/256/64 tokens (the paper); small: 512 points, '
-                             'model.SMALL_CONFIG 128/64/16 tokens (the CPU demo)')
-    parser.add_argument('--seed', type=int, default=3, help='which synthetic shape (default: 3)')
-    parser.add_argument('--out', default='runs/demo', help='folder for tokenizer.png (default: runs/demo)')
-    args = parser.parse_args()
-    start = time.perf_counter()
-    shown = 10   # kNN groups coloured per scale: the first tokens FPS picks lie far apart
-    cfg, num_points = (ModelConfig(), 2048) if args.config == 'full' else (SMALL_CONFIG, 512)
-    xyz, _ = make_synthetic(1, num_points=num_points, seed=args.seed)
-    groups = build_token_hierarchy(xyz, cfg.num_groups, cfg.group_sizes)
-    members_of = ['points'] + [f'scale-{i} centres' for i in range(len(groups) - 1)]
-    for i, g in enumerate(groups):
-        print(f'scale {i}: {g.centers.shape[1]} tokens, each the {g.idx.shape[2]} nearest {members_of[i]}')
-
-    frame = cloud_frame(xyz[0])
-    tiles, labels = [], []
-    for i, g in enumerate(groups):
-        G, K = g.idx.shape[1:]
-        centres = Dots(g.centers[0], CENTRE, radius=1 if G > 200 else 2)
-        cloud = Dots(xyz[0], CLOUD, radius=0)
-        row = [points_tile(frame, view, cloud, centres) for view in range(len(VIEW_NAMES))]
-        members = g.neighbors[0, :shown]                                        # (shown, K, 3)
-        colours = group_colours(shown)
-        row.append(points_tile(frame, 0, cloud,
-                               Dots(members.reshape(-1, 3), colours.repeat_interleave(K, dim=0), radius=2),
-                               Dots(g.centers[0, :shown], CENTRE, radius=3, marker='cross')))
-        tiles.append(row)
-        labels.append(f'scale {i}: {G} tokens, each the K = {K} nearest {members_of[i]}')
-    picture = titled_grid(
-        tiles, f'tokenizer.py: farthest point sampling + kNN at {len(groups)} scales '
-               f'({num_points} points, --config {args.config})',
-        col_labels=list(VIEW_NAMES) + [f'view 1: the first {shown} tokens\' kNN groups'],
-        row_labels=labels,
-        legend=[(CLOUD, f'the {num_points} input points'), (CENTRE, 'token centres (FPS picks)'),
-                (GROUP_COLOURS[0], 'last column: a colour per token for its members, x its centre')],
-        caption='Each scale picks its centres by farthest point sampling among the previous scale\'s centres '
-                '(scale 0: among the points), so coarser tokens cover the shape evenly with fewer centres. '
-                'A token is its centre (a cross in the last column) with its K nearest points of the previous '
-                'scale: the tokens of scale 1 and 2 group centres, not points. Groups may overlap; some points '
-                'belong to no token.')
-    path = save_picture(picture, os.path.join(args.out, 'tokenizer.png'))
-    print(f'wrote {path} (rows: scales; columns: the three views and the kNN groups) '
-          f'in {time.perf_counter() - start:.1f} s')
-
-
-if __name__ == '__main__':
-    main()
