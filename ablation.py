@@ -39,6 +39,8 @@ ROWS = {
     '2d-target': ('+ 2D target', 'random', 'yes', 'trained', ['--mask', 'random']),
     'guided-mask': ('+ 2D-guided mask', 'guided', 'no', 'trained', ['--no_2d_target']),
     'i2p-mae': ('I2P-MAE', 'guided', 'yes', 'trained', []),
+    'i2p-mae-same-classes': ('I2P-MAE, a teacher trained on the test classes', 'guided', 'yes', 'same classes',
+                             ['--teacher_weights', 'runs/teacher-sameclass/teacher.pt']),
     'random-teacher': ('I2P-MAE, random teacher', 'guided', 'yes', 'random', ['--teacher_weights', 'demo-random']),
 }
 FINETUNE_ROWS = ['3d-only', 'i2p-mae', 'scratch']   # 'scratch': finetune.py --from_scratch
@@ -136,7 +138,7 @@ def pretrained(row, seed):
     name = f'ablation-{row}-s{seed}'
     last_epoch = last_record_with(name, 'train_loss_3d')
     if last_epoch is None or last_epoch['epoch'] + 1 < PRESETS['synthetic']['epochs']:
-        run('pretrain.py', ROWS[row][4] + ['--seed', str(seed), '--svm_every', '0'], name)
+        run('pretrain.py', ROWS[row][4] + ['--seed', str(seed), '--svm_every', '1'], name)   # a curve per run
     return os.path.join(folder(name), 'last.pt')
 
 

@@ -42,6 +42,10 @@ def read_checkpoint(path, flag='--ckpt'):
                              f'and plain values; reading it could run code from the file, so it is not read') from None
         raise SystemExit(f'{flag} {path}: not a checkpoint (not a file torch.save wrote)') from None
     except Exception as error:   # whatever torch.load meets in a file it did not write (IndexError, KeyError, ...)
+        with open(path, 'rb') as f:   # torch.save writes a zip archive (older torch: a pickle)
+            written_by_torch = f.read(4).startswith((b'PK\x03\x04', b'\x80'))
+        if not written_by_torch:
+            raise SystemExit(f'{flag} {path}: not a checkpoint (not a file torch.save wrote)') from None
         raise SystemExit(f'{flag} {path}: not a readable checkpoint, perhaps cut short by a crash or a full disk '
                          f'({type(error).__name__}: {str(error).splitlines()[0] if str(error) else "empty"})') from None
     if not isinstance(checkpoint, dict):

@@ -180,10 +180,11 @@ def build_classifier(args, num_classes, resume=None):
 # ---------------------------------------------------------------- inputs and evaluation
 
 
-def fps_pool(points, n, pool_size=16, seed=0, batch_size=256):
+def fps_pool(points, n, pool_size=16, seed=0, batch_size=256, progress=lambda done, total: None):
     """(S, N, 3) clouds -> (S, pool_size, n) point indices (int16 where N allows it: ModelNet40's
     9843 clouds x 16 x 1200 take 378 MB): pool_size farthest-point samplings of n points per cloud,
-    each from a random start, computed once (on the device of `points`).
+    each from a random start, computed once (on the device of `points`); progress(done, total) after
+    each batch of clouds.
 
     The official fine-tuning loader shuffles a cloud at every read and then runs FPS from index 0,
     so each read's FPS starts at a random point. Running that FPS (ModelNet40: 1200 of 8192, ~85%
@@ -203,6 +204,7 @@ def fps_pool(points, n, pool_size=16, seed=0, batch_size=256):
             shuffle = shuffles[start:start + batch_size]
             picked = farthest_point_sample(gather_points(points[start:start + batch_size], shuffle), n)
             pool[start:start + batch_size, p] = shuffle.gather(1, picked).to(pool.dtype)   # shuffle positions -> points
+            progress(p * S + min(start + batch_size, S), pool_size * S)
     return pool
 
 
@@ -214,21 +216,21 @@ def draw_from_fps_pool(xyz, pool, generator=None):
     return gather_points(xyz, pool.gather(1, choice)[:, 0].to(xyz.device, torch.long))
 
 
-def training_pool(points, args, device):
-    """With --train_fps, the FPS samplings a training read draws from (data.fps_pool): (S, P, train_fps)
-    point indices on the host, computed once per run on `device`; None without --train_fps.
-
-    The official loader shuffles each cloud at every read, so its FPS (from index 0) starts anywhere.
-    Running that FPS (ModelNet40: 1200 of 8192) at every step was ~85% of a step; P = 16 samplings
-    per cloud from random starts, computed once, keep the moving start at 16/300 of that cost. A run
-    of fewer epochs gets P = epochs: never more FPS work than one per read.
-    deviation: each cloud's FPS start is one of P random points drawn once (seeded by --seed), not
-    a fresh one at every read; the random `points`-subset and the augmentation still vary every read.
-    """
+def training_pool(points, args, run):
+    """With --train_fps, the FPS samplings a training read draws from (fps_pool): (S, P, train_fps) point
+    indices on the host, computed once per run on the run's device, saying so; None without --train_fps.
+    P = 16 samplings per cloud keep FPS at 16/300 of its per-read cost (ModelNet40); a run of fewer epochs
+    gets P = epochs: never more FPS work than one per read."""
     if not args.train_fps:
         return None
     samplings = min(FPS_POOL_SIZE, args.epochs)
-    return fps_pool(points.to(device), args.train_fps, samplings, seed=args.seed).cpu()   # ModelNet40: 378 MB of int16
+    run.log(f'building the FPS pool: {samplings} farthest-point samplings of {args.train_fps} points from random '
+            f'starts for each of the {len(points)} training clouds, once per run (docs/evaluation.md)')
+
+    def progress(done, total):
+        if run.process.rank == 0:
+            print(f'\r  {done}/{total} samplings', end='\n' if done == total else '', flush=True)
+    return fps_pool(points.to(run.process.device), args.train_fps, samplings, seed=args.seed, progress=progress).cpu()
 
 
 def training_view(xyz, args):
@@ -316,7 +318,7 @@ def finetune(classifier, train_split, test, args, run, checkpoint=None, fold=Non
     process, device = run.process, run.process.device
     train_idx, val_idx = validation_split(train_split.labels, args.val_fraction, args.seed)
     points, labels = train_split.points[train_idx], train_split.labels[train_idx]
-    pool = training_pool(points, args, device)
+    pool = training_pool(points, args, run)
     test_pool = test_inputs(test.points, args, device)
     val_pool = test_inputs(train_split.points[val_idx], args, device) if len(val_idx) else None
     optimizer = torch.optim.AdamW(param_groups(classifier, args.weight_decay), lr=args.lr)
@@ -407,6 +409,10 @@ def main(args):
         raise SystemExit(f'--batch_size {args.batch_size} over {process.world} processes: each process needs an '
                          f'equal share of at least 2 clouds (BatchNorm)')
     run = Run(run_folder(args), process)
+    run.log(f'fine-tuning on {args.data} ' + ('continuing ' + args.resume if args.resume else 'from a random encoder '
+            '(--from_scratch)' if args.from_scratch else f'from the encoder of {args.ckpt}' + (
+            ' (the default --ckpt: the pre-training run of this kind of data, as svm_eval.py)'
+            if args.ckpt == PRESETS[args.data]['ckpt'] else '')))
     checkpoint = None if args.test_only else run.resume(args)   # --test_only appends to its own folder's log
     if args.data == 'fewshot':
         result = run_fewshot(args, run, checkpoint)

@@ -430,6 +430,10 @@ def main(args):
         raise SystemExit(f'--batch_size {args.batch_size} over {process.world} processes: each process needs an '
                          f'equal share of at least 2 shapes (BatchNorm)')
     run = Run(run_folder(args), process)
+    run.log(f'part segmentation on {args.data} ' + ('continuing ' + args.resume if args.resume else 'from a random '
+            'encoder (--from_scratch)' if args.from_scratch else f'{"testing" if args.test_only else "from the encoder of"} '
+            f'{args.ckpt}' + (' (the default --ckpt: the pre-training run of this kind of data, as svm_eval.py)'
+                              if args.ckpt == PRESETS[args.data]['ckpt'] else '')))
     checkpoint = None if args.test_only else run.resume(args)   # --test_only appends to its own folder's log
     pretrained, changed = (None, []) if checkpoint else read_pretrained(args)
     train_split, test = read_splits(args, process)

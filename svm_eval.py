@@ -5,7 +5,7 @@ svm_eval.py: linear-SVM evaluation of a frozen pre-trained encoder (paper sectio
 The encoder runs in eval mode with nothing masked at the coarsest scale; a cloud's feature
 is the max over its coarsest tokens (B, 384). A linear SVM (scikit-learn SVC) is fitted on
 the training features and scored on the test features; no feature scaling, as the authors.
-  python svm_eval.py                                   # newest runs/*/last.pt, synthetic data
+  python svm_eval.py                                   # the demo's runs/pretrain-synthetic/last.pt, synthetic data
   python svm_eval.py --ckpt runs/pretrain-shapenet/last.pt --data modelnet40
   python svm_eval.py --ckpt pre-train.pth --data scanobjectnn   # the authors' checkpoint
   python svm_eval.py --random_init                     # the same encoder, untrained: the baseline
@@ -17,7 +17,6 @@ the checkpoint and its SHA-256) and log.jsonl (a header record, then one record 
 without it the result is printed only. --save_features writes train_x, train_y, test_x, test_y (.npz).
 """
 import argparse
-import glob
 import hashlib
 import os
 import time
@@ -37,6 +36,9 @@ from training import Process, Run, sum_over_processes
 # the authors' test-script values; their per-epoch monitor used 0.01 (README: deviations, B8). They were tuned for
 # their features on real data; on synthetic data (None) C is chosen by cross-validation on train.
 SVM_C = {'modelnet40': 0.0093, 'scanobjectnn': 0.018, 'synthetic': None}
+# the default --ckpt: the pre-training run of this kind of data (finetune.py and segment.py default to the same)
+PRETRAINED = {'modelnet40': 'runs/pretrain-shapenet/last.pt', 'scanobjectnn': 'runs/pretrain-shapenet/last.pt',
+              'synthetic': 'runs/pretrain-synthetic/last.pt'}
 # (dataset name in data.py, points per cloud): ModelNet40 uses the first 1024 h5 points, OBJ-BG all 2048
 SVM_DATA = {'modelnet40': ('modelnet40_svm', 1024), 'scanobjectnn': ('scan_objbg', 2048), 'synthetic': ('synthetic', None)}
 # the files each --data reads, for the messages about missing ones (finetune.py reads ModelNet40 from the .dat files)
@@ -48,8 +50,9 @@ DATA_FILES = {'modelnet40': "PointNet's modelnet40_ply_hdf5_2048/ply_data_{train
 
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--ckpt', default=None, help='pretrain.py checkpoint or the authors\' pre-train.pth '
-                                                '(default: the newest runs/*/last.pt)')
+    p.add_argument('--ckpt', default=None, help='pretrain.py checkpoint or the authors\' pre-train.pth (default: the '
+                                                'pre-training run of the data, as finetune.py: runs/pretrain-synthetic/'
+                                                'last.pt on synthetic data, runs/pretrain-shapenet/last.pt on real data)')
     p.add_argument('--data', default='synthetic', choices=sorted(SVM_DATA), help='evaluation data set')
     p.add_argument('--data_root', default='./data', help='folder holding the datasets')
     p.add_argument('--num_points', type=positive_int, default=None,
@@ -75,21 +78,6 @@ def parse_args(argv=None):
     if args.save_features is not None and not args.save_features.endswith('.npz'):
         p.error(f'--save_features {args.save_features}: name a .npz file (numpy.savez adds .npz otherwise)')
     return args
-
-
-def newest_checkpoint(root='runs'):
-    """The newest pre-training checkpoint runs/*/last.pt; fine-tuned classifiers (with num_classes) and
-    segmenters (with num_parts) are skipped.
-    Each candidate, newest first, is read safely (read_checkpoint). One that cannot be read stops the search,
-    named: taking the next older one instead would evaluate another run than the newest without saying so."""
-    pattern = os.path.join(root, '*', 'last.pt')
-    for path in sorted(glob.glob(pattern), key=os.path.getmtime, reverse=True):
-        checkpoint = read_checkpoint(path, f'searching {pattern} (newest first, to evaluate the newest pre-training '
-                                           f'run; pass --ckpt to choose another):')
-        if not {'num_classes', 'num_parts'} & checkpoint.keys():
-            return path
-    raise SystemExit(f'no pre-training checkpoint under {pattern} (fine-tuned ones do not count): run `python '
-                     f'pretrain.py` first, or pass --ckpt PATH')
 
 
 def load_student(path, random_init=False):
@@ -230,14 +218,19 @@ def main(args):
     if args.gpu >= 0 and not torch.cuda.is_available():
         raise SystemExit(f'--gpu {args.gpu}: no CUDA device here; use --gpu -1 for the CPU')
     device = torch.device('cuda', args.gpu) if args.gpu >= 0 else torch.device('cpu')
-    path = args.ckpt or newest_checkpoint()
+    path = args.ckpt or PRETRAINED[args.data]
+    print(f'linear SVM on {args.data} of the {"RANDOMLY INITIALISED" if args.random_init else "pre-trained"} encoder of '
+          f'{path}' + ('' if args.ckpt else f' (the default --ckpt: the run of pretrain.py on {args.data} data)'))
+    if not args.ckpt and not os.path.isfile(path):
+        command = 'python pretrain.py' + ('' if args.data == 'synthetic' else ' --data shapenet')
+        raise SystemExit(f'no {path}: pre-train first ({command}), or pass --ckpt PATH (our last.pt or the authors\' '
+                         f'pre-train.pth)')
     student, trained_with = load_student(path, args.random_init)
     student.to(device)
     num_points = args.num_points or (trained_with.get('num_points') if args.data == 'synthetic' else None)
-    fewest = max(student.cfg.num_groups[0], student.cfg.group_sizes[0])
-    if (num_points or SVM_DATA[args.data][1] or 2048) < fewest:
-        raise SystemExit(f'--num_points {num_points}: the encoder of {path} groups {fewest} points per cloud at its '
-                         f'finest scale: use at least {fewest}')
+    if (num_points or SVM_DATA[args.data][1] or 2048) < student.cfg.min_points:
+        raise SystemExit(f'--num_points {num_points}: the encoder of {path} groups {student.cfg.min_points} points '
+                         f'per cloud at its finest scale')
     run = None
     if args.run_name:   # an SVM run folder: args.json, log.jsonl (a header record, then the result)
         run = Run(os.path.join('runs', args.run_name), Process(device))
@@ -247,8 +240,7 @@ def main(args):
         run.claim(overwrite=args.overwrite)   # checks (and --overwrite clears) the folder; written after the SVM,
         with open(path, 'rb') as f:           # so a failed evaluation leaves nothing that blocks a retry
             checkpoint_sha256 = hashlib.file_digest(f, 'sha256').hexdigest()
-    print(f'linear SVM on {args.data} with the {"RANDOMLY INITIALISED" if args.random_init else "pre-trained"} '
-          f'encoder of {path}\n  model {asdict(student.cfg)}')
+    print(f'  model {asdict(student.cfg)}')
     start = time.time()
     given_C = args.C if args.C is not None else SVM_C[args.data]
     accuracy, C, n_train, n_test = evaluate(student, args.data, args.data_root, num_points, given_C, args.batch_size,

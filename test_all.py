@@ -900,9 +900,10 @@ def test_old_checkpoint_with_numpy_state_is_refused_saying_why(tmp_path):
     (tmp_path / 'cut.pt').write_bytes(open(path, 'rb').read()[:300])
     with pytest.raises(SystemExit, match='cut.pt: not a readable checkpoint, perhaps cut short'):
         read_checkpoint(str(tmp_path / 'cut.pt'))
-    (tmp_path / 'notes.txt').write_text('not a checkpoint\n')
-    with pytest.raises(SystemExit, match='notes.txt: not a'):
-        read_checkpoint(str(tmp_path / 'notes.txt'))
+    for notes in ('not a checkpoint\n', 'a few more words in a small text file\n' * 3):   # was: "cut short (KeyError)"
+        (tmp_path / 'notes.txt').write_text(notes)
+        with pytest.raises(SystemExit, match=r'notes.txt: not a checkpoint \(not a file torch.save wrote\)$'):
+            read_checkpoint(str(tmp_path / 'notes.txt'))
 
 
 class PlantedCode:
@@ -921,20 +922,20 @@ def test_every_checkpoint_load_refuses_a_planted_pickle_without_running_it(pretr
     marker = tmp_path / 'the-planted-code-ran'
     planted = str(tmp_path / 'planted.pt')
     torch.save({**torch.load(pretrain_checkpoint, weights_only=True), 'note': PlantedCode(str(marker))}, planted)
-    os.makedirs('runs/pretrain-copied')
-    shutil.copy(planted, 'runs/pretrain-copied/last.pt')          # a runs/ folder copied from elsewhere
+    os.makedirs('runs/pretrain-synthetic')
+    shutil.copy(planted, 'runs/pretrain-synthetic/last.pt')       # a runs/ folder copied from elsewhere
     loads = {
         'pretrain.py --resume': lambda: pretrain.main(parse_args(PRETRAIN_FLAGS + ['--resume', planted, '--run_name', 'p'])),
         'finetune.py --ckpt': lambda: finetune.main(finetune.parse_args(['--ckpt', planted, *TINY_FLAGS])),
         'finetune.py --resume': lambda: finetune.main(finetune.parse_args(['--resume', planted, *TINY_FLAGS, '--run_name', 'f'])),
         'svm_eval.py --ckpt': lambda: svm_eval.main(svm_eval.parse_args(['--ckpt', planted])),
-        'svm_eval.py, searching runs/*/last.pt': lambda: svm_eval.main(svm_eval.parse_args([])),
+        'svm_eval.py, its default checkpoint': lambda: svm_eval.main(svm_eval.parse_args([])),
         'segment.py --ckpt': lambda: segment.main(segment.parse_args(['--ckpt', planted, *SEGMENT_FLAGS])),
         'checkpoints.load_weights(model, path)': lambda: load_weights(I2PMAE(TINY), planted),
         'python demo.py model --ckpt': lambda: demo.main(demo.parse_args(['model', '--ckpt', planted])),
     }
     for where, load in loads.items():
-        with pytest.raises(SystemExit, match=r'(planted.pt|runs/pretrain-copied/last.pt): refused: it holds a Python '
+        with pytest.raises(SystemExit, match=r'(planted.pt|runs/pretrain-synthetic/last.pt): refused: it holds a Python '
                                              r'object \(exec\).*could run code') as refused:
             load()
         assert not marker.exists(), f'{where} ran the planted code'
@@ -2026,7 +2027,6 @@ def mistakes(tmp_path_factory):
     (folder / 'runs' / 'cut').mkdir(parents=True)
     content = open(tiny, 'rb').read()
     (folder / 'runs' / 'cut' / 'last.pt').write_bytes(content[:len(content) // 2])      # cut short by a crash
-    os.utime(folder / 'runs' / 'cut' / 'last.pt', (2 ** 32, 2 ** 32))                   # and the newest
     torch.save(dict(model=Classifier(TINY, 4).state_dict(), model_config=asdict(TINY), num_classes=4,
                     pooling='mean+max', args={}, epoch=1), folder / 'finetuned.pt')
     checkpoint = torch.load(tiny, weights_only=True)
@@ -2055,7 +2055,7 @@ MISTAKES = [
     ('svm_eval.py', ['--C', '0'], 'argument --C'),                                # was: C 0.0093, silently
     ('pretrain.py', ['--resume', 'notes.txt'], 'notes.txt'),                      # was: IndexError in torch.load
     ('svm_eval.py', ['--ckpt', 'finetuned.pt'], 'finetuned.pt is a fine-tuned classifier'),
-    ('svm_eval.py', [], 'runs/cut/last.pt'),                                      # the automatic search
+    ('svm_eval.py', ['--ckpt', 'runs/cut/last.pt'], 'runs/cut/last.pt'),
     ('svm_eval.py', ['--ckpt', 'heads3.pt'], 'heads3.pt: its model_config'),
     ('finetune.py', ['--data', 'modelnet40', '--data_root', 'nowhere', '--from_scratch'], '8192pts_fps.dat'),
     ('svm_eval.py', ['--ckpt', 'pretrained.pt', '--data', 'scanobjectnn', '--data_root', 'data', '--num_points', '64'],
@@ -2190,9 +2190,22 @@ def test_svm_eval_run_folder_keeps_the_result_and_never_the_checkpoint_it_reads(
     assert features['train_x'].shape[1] == TINY.encoder_dims[-1] and len(features['test_y']) == records[-1]['n_test']
 
 
-def test_svm_eval_without_a_checkpoint_says_to_pretrain(tmp_path, monkeypatch):
+def test_svm_eval_finetune_and_segment_take_the_same_default_checkpoint_and_say_so_first(tmp_path, monkeypatch,
+                                                                                        capsys, pretrain_checkpoint):
+    """One rule: the pre-training run of the data's kind (runs/pretrain-synthetic/last.pt on synthetic data),
+    named on the first line of the output, whatever other runs/ holds (a newer run is not taken)."""
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(SystemExit, match='pretrain.py'):
+    assert svm_eval.PRETRAINED['synthetic'] == finetune.PRESETS['synthetic']['ckpt'] == segment.PRESETS['synthetic']['ckpt']
+    assert svm_eval.PRETRAINED['modelnet40'] == finetune.PRESETS['modelnet40']['ckpt'] == segment.PRESETS['shapenetpart']['ckpt']
+    for script in (svm_eval, finetune, segment):
+        with pytest.raises(SystemExit, match=r'runs/pretrain-synthetic/last.pt.*pre-train'):
+            script.main(script.parse_args(['--gpu', '-1']))
+        first = capsys.readouterr().out.splitlines()[0]
+        assert 'runs/pretrain-synthetic/last.pt (the default --ckpt: the' in first, first
+    assert not os.path.exists('runs')                      # a command that fails leaves no folder behind
+    os.makedirs('runs/pretrain-exercise')
+    shutil.copy(pretrain_checkpoint, 'runs/pretrain-exercise/last.pt')   # newer, but not the default
+    with pytest.raises(SystemExit, match='no runs/pretrain-synthetic/last.pt: pre-train first'):
         svm_eval.main(svm_eval.parse_args([]))
 
 
@@ -2811,16 +2824,6 @@ def test_segment_test_only_uses_the_trained_settings_and_leaves_the_training_run
     with pytest.raises(SystemExit, match=r'last.pt was trained on --data synthetic: test it with --data synthetic'):
         segment.main(segment.parse_args(['--ckpt', 'runs/segment-synthetic/last.pt', '--gpu', '-1', '--test_only',
                                          '--data', 'shapenetpart']))
-
-
-def test_svm_eval_passes_over_segmentation_runs_for_the_newest_pretraining_checkpoint(straight_segment,
-                                                                                       pretrain_checkpoint, tmp_path):
-    runs = tmp_path / 'runs'
-    for run, source in (('pretrain-synthetic', pretrain_checkpoint),   # then a newer segmentation run
-                        ('segment-synthetic', straight_segment[0] / 'runs' / 'straight' / 'last.pt')):
-        os.makedirs(runs / run)
-        shutil.copy(source, runs / run / 'last.pt')
-    assert svm_eval.newest_checkpoint(str(runs)) == str(runs / 'pretrain-synthetic' / 'last.pt')
 
 
 # ---------------------------------------------------------------- two processes (torchrun) under NCCL's device rule
