@@ -1,21 +1,28 @@
 """
 ablation.py: the paper's ablation (its Table 6: which of 2D-guided masking and 2D-semantic targets
-helps), measured on the synthetic demo with the demo's trained 2D teacher.
+helps), measured on the synthetic demo, and the question the demo must answer honestly: does a 2D
+teacher whose knowledge is NOT the test's labels help the 3D student?
 
 Each row pre-trains the small encoder with pretrain.py's synthetic preset (one schedule for every
-row) and seed, scores the frozen encoder with a linear SVM on the synthetic test split (svm_eval.py,
-C by 5-fold cross-validation on the training features), and, for the rows in --finetune_rows,
-fine-tunes it (finetune.py's synthetic preset) next to a run from scratch. It prints a markdown
-table of mean ± std over the seeds (the std of the seeds, ddof 1), every seed's number beside it,
-and writes the table to runs/ablation/table.md.
+row) and seed, with a linear-SVM check after every epoch (a curve), scores the frozen encoder with
+a linear SVM on the synthetic test split (svm_eval.py, C by 5-fold cross-validation on the training
+features), and, for the rows in --finetune_rows, fine-tunes it (finetune.py's synthetic preset) next
+to a run from scratch. The teachers: the demo's (train_teacher.py: 40 classes of random assemblies,
+none of the student's), the same ViT trained on the student's 13 test classes (the leaky
+comparison, runs/teacher-sameclass/teacher.pt), and the same ViT untrained. It prints a markdown
+table of mean ± std over the seeds (ddof 1, every seed's number beside it) with the dataset's own
+baselines, writes it to runs/ablation/table.md, and draws the SVM accuracy against pre-training
+epochs, mean ± std over the seeds, to runs/ablation/curves.png.
 
 Every run keeps its folder under runs/ (ablation-<row>-s<seed>, ...-svm, ...-ft): a run whose
 result is already there is not redone, an interrupted one is resumed, so the loop can be stopped
 with Ctrl-C and started again.
 
+    python train_teacher.py --classes test --out runs/teacher-sameclass/teacher.pt   # the leaky row's teacher
     python ablation.py                                   # all rows, seeds 0 1 2: hours on 2 CPU cores
     python ablation.py --rows i2p-mae 3d-only --seeds 0  # a part of it
-    python ablation.py --table_only                      # the table of what has been measured so far
+    python ablation.py --table_only                      # the table and curves of what has been measured so far
+    python ablation.py --baselines                       # the dataset's own baselines (seconds)
 """
 import argparse
 import json
@@ -31,18 +38,20 @@ from sklearn.svm import LinearSVC
 
 from data import load_split
 from pretrain import PRESETS
+from pictures import line_plot
 
 # name: (what the row is, mask, 2D target, teacher, pretrain.py flags); None: no pre-training at all
 ROWS = {
     'untrained': ('untrained encoder (BatchNorm calibrated)', '-', '-', '-', None),
     '3d-only': ('3D-only (Point-M2AE)', 'random', 'no', '-', ['--mask', 'random', '--no_2d_target']),
-    '2d-target': ('+ 2D target', 'random', 'yes', 'trained', ['--mask', 'random']),
-    'guided-mask': ('+ 2D-guided mask', 'guided', 'no', 'trained', ['--no_2d_target']),
-    'i2p-mae': ('I2P-MAE', 'guided', 'yes', 'trained', []),
-    'i2p-mae-same-classes': ('I2P-MAE, a teacher trained on the test classes', 'guided', 'yes', 'same classes',
-                             ['--teacher_weights', 'runs/teacher-sameclass/teacher.pt']),
-    'random-teacher': ('I2P-MAE, random teacher', 'guided', 'yes', 'random', ['--teacher_weights', 'demo-random']),
+    '2d-target': ('+ 2D target', 'random', 'yes', 'other classes', ['--mask', 'random']),
+    'guided-mask': ('+ 2D-guided mask', 'guided', 'no', 'other classes', ['--no_2d_target']),
+    'i2p-mae': ('I2P-MAE', 'guided', 'yes', 'other classes', []),
+    'i2p-mae-same-classes': ('I2P-MAE, leaky: the teacher learned the test classes\' labels', 'guided', 'yes',
+                             'the test classes', ['--teacher_weights', 'runs/teacher-sameclass/teacher.pt']),
+    'random-teacher': ('I2P-MAE, untrained teacher', 'guided', 'yes', 'untrained', ['--teacher_weights', 'demo-random']),
 }
+CURVE_ROWS = ['3d-only', 'i2p-mae', 'i2p-mae-same-classes', 'random-teacher']   # drawn in curves.png
 FINETUNE_ROWS = ['3d-only', 'i2p-mae', 'scratch']   # 'scratch': finetune.py --from_scratch
 
 
@@ -83,13 +92,17 @@ def linear_svm_accuracies(train_x, train_y, test_x, test_y):
     return 100 * svm.score(train_x.numpy(), train_y.numpy()), 100 * svm.score(test_x.numpy(), test_y.numpy())
 
 
-def baselines(num_points, seed=0):
-    """{name: test accuracy %} of a linear SVM on two feature extractors that learn nothing from the data,
-    fitted on the synthetic train split and scored on its test split at num_points points."""
-    train, test = (load_split('synthetic', split, num_points=num_points, seed=seed) for split in ('train', 'test'))
-    return {name: linear_svm_accuracies(features(train.points), train.labels, features(test.points), test.labels)[1]
-            for name, features in (('hand-crafted global statistics', global_statistics),
-                                   ('untrained PointNet (shared MLP 3-32-256, max-pool)', random_encoder_features))}
+def baselines(num_points, seeds=(0,)):
+    """{name: [test accuracy % per seed]} of a linear SVM on two feature extractors that learn nothing from the
+    data (the untrained PointNet drawn with each seed), fitted on the synthetic train split, scored on its test
+    split, at num_points points."""
+    train, test = (load_split('synthetic', split, num_points=num_points) for split in ('train', 'test'))
+
+    def accuracy(features):
+        return linear_svm_accuracies(features(train.points), train.labels, features(test.points), test.labels)[1]
+    return {'hand-crafted global statistics': [accuracy(global_statistics)],
+            'untrained PointNet (shared MLP 3-32-256, max-pool)':
+                [accuracy(lambda xyz: random_encoder_features(xyz, seed=seed)) for seed in seeds]}
 
 
 # ---------------------------------------------------------------- the loop
@@ -175,9 +188,11 @@ def cell(values):
     return f'{np.mean(values):.1f}{spread} ({" / ".join(f"{v:.1f}" for v in values)})'
 
 
-def table(rows, seeds, finetune_rows, measure):
-    """Markdown table; measure(kind, row, seed) -> accuracy or None."""
+def table(rows, seeds, finetune_rows, measure, dataset_baselines):
+    """Markdown table; measure(kind, row, seed) -> accuracy or None; dataset_baselines: baselines()'s."""
     lines = ['| row | mask | 2D target | teacher | linear SVM, % | fine-tuned, % |', '|---|---|---|---|---|---|']
+    lines += [f'| dataset baseline: {name} (standardised features, LinearSVC) | - | - | - | {cell(values)} |  |'
+              for name, values in dataset_baselines.items()]
     for row in rows + (['scratch'] if 'scratch' in finetune_rows else []):
         what, mask, target, teacher, _ = ROWS.get(row, ('from scratch (no pre-training)', '-', '-', '-', None))
         svm = cell([measure('svm', row, s) for s in seeds]) if row in ROWS else ''
@@ -186,11 +201,40 @@ def table(rows, seeds, finetune_rows, measure):
     return '\n'.join(lines)
 
 
+def svm_curve(row, seed):
+    """The linear-SVM checks of runs/ablation-<row>-s<seed>/, one per epoch: (epochs done, accuracies)."""
+    path = os.path.join(folder(f'ablation-{row}-s{seed}'), 'log.jsonl')
+    records = [json.loads(line) for line in open(path) if line.endswith('\n')] if os.path.isfile(path) else []
+    checks = [(r['epoch'] + 1, r['svm_accuracy']) for r in records if 'svm_accuracy' in r and 'step' not in r]
+    return [e for e, _ in checks], [a for _, a in checks]
+
+
+def curves_picture(rows, seeds, references):
+    """SVM accuracy against pre-training epochs, mean (line) and ± std (bars) over the seeds, for `rows`;
+    references {name: accuracy}: horizontal lines (the untrained encoder, the dataset's baselines)."""
+    series, bands, last = {}, {}, 1
+    for row in rows:
+        curves = [c for c in (svm_curve(row, seed) for seed in seeds) if c[0]]
+        if not curves:
+            continue
+        n = min(len(epochs) for epochs, _ in curves)
+        epochs, accuracy = curves[0][0][:n], np.array([values[:n] for _, values in curves])
+        name, last = f'{ROWS[row][0]} ({len(curves)} seeds)', max(last, epochs[-1])
+        series[name] = (epochs, accuracy.mean(0).tolist(), 3)
+        if len(curves) > 1:
+            spread = accuracy.std(0, ddof=1)
+            bands[name] = (epochs, (accuracy.mean(0) - spread).tolist(), (accuracy.mean(0) + spread).tolist())
+    series.update({name: ([0, last], [value, value], 1) for name, value in references.items()})
+    return line_plot(series, f'linear SVM accuracy (%) on the synthetic test split after each pre-training epoch, '
+                             f'mean ± std over seeds {" ".join(map(str, seeds))}', size=(960, 520), bands=bands)
+
+
 def main(args):
+    points = PRESETS['synthetic']['num_points']
+    dataset_baselines = baselines(points, args.seeds)
     if args.baselines:
-        points = PRESETS['synthetic']['num_points']
-        for name, accuracy in baselines(points).items():
-            print(f'linear SVM on {name} at {points} points: {accuracy:.1f}%')
+        for name, values in dataset_baselines.items():
+            print(f'linear SVM on {name} at {points} points: {cell(values)}')
         return
     if not args.table_only:
         for seed in args.seeds:   # seed by seed: a partial loop still gives every row a number
@@ -199,11 +243,18 @@ def main(args):
             for row in args.finetune_rows:
                 finetune_accuracy(row, seed)
     text = (f'seeds {" ".join(map(str, args.seeds))}: mean ± std over the seeds (each seed\'s number in brackets)\n\n'
-            + table(args.rows, args.seeds, args.finetune_rows, measured))
+            + table(args.rows, args.seeds, args.finetune_rows, measured, dataset_baselines))
     os.makedirs(folder('ablation'), exist_ok=True)
     with open(os.path.join(folder('ablation'), 'table.md'), 'w') as f:
         f.write(text + '\n')
     print(text)
+    untrained = [measured('svm', 'untrained', seed) for seed in args.seeds]
+    references = {f'{name} (dataset baseline)': float(np.mean(values)) for name, values in dataset_baselines.items()}
+    if any(v is not None for v in untrained):
+        references['untrained encoder'] = float(np.mean([v for v in untrained if v is not None]))
+    path = os.path.join(folder('ablation'), 'curves.png')
+    curves_picture([r for r in CURVE_ROWS if r in args.rows], args.seeds, references).save(path)
+    print(f'wrote {path}')
 
 
 if __name__ == '__main__':

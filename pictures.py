@@ -270,16 +270,19 @@ def nice_ticks(low, high, log=False, count=5):
     return [k * step for k in range(math.floor(low / step), math.ceil(high / step) + 1)]
 
 
-def line_plot(series, title, x_label='epoch', log_y=False, size=(PLOT_W, PLOT_H)):
-    """One panel: series {name: (xs, ys, width)} as lines in GROUP_COLOURS order, with ticks and a legend.
+def line_plot(series, title, x_label='epoch', log_y=False, size=(PLOT_W, PLOT_H), bands=None):
+    """One panel: series {name: (xs, ys, width)} as lines in GROUP_COLOURS order, with ticks and a legend;
+    bands {name: (xs, lows, highs)}: a vertical bar from low to high at each x, in that series' colour.
     log_y draws the y axis in powers of ten (positive values only). Returns a PIL image."""
+    bands = bands or {}
     width, height = size
     panel = Image.new('RGB', size, WHITE)
     draw = ImageDraw.Draw(panel)
     draw.text((PLOT_LEFT, 4), title, fill=TEXT, font=FONT)
     box = (PLOT_LEFT, PLOT_TOP, width - PAD - 4, height - PLOT_BOTTOM)            # left, top, right, bottom
     xs = [x for x_list, _, _ in series.values() for x in x_list]
-    ys = [y for _, y_list, _ in series.values() for y in y_list]
+    ys = [y for _, y_list, _ in series.values() for y in y_list] + [y for _, lows, highs in bands.values()
+                                                                    for y in lows + highs]
     warp = (lambda y: math.log10(y)) if log_y else (lambda y: y)
     y_ticks = nice_ticks(min(ys), max(ys), log_y)
     y_low, y_high = warp(min(min(ys), y_ticks[0])), warp(max(max(ys), y_ticks[-1]))
@@ -301,15 +304,20 @@ def line_plot(series, title, x_label='epoch', log_y=False, size=(PLOT_W, PLOT_H)
             text = f'{x:g}'
             draw.text((column - FONT.getlength(text) / 2, box[3] + 3), text, fill=TEXT, font=FONT)
     draw.text(((box[0] + box[2] - FONT.getlength(x_label)) / 2, box[3] + LINE + 2), x_label, fill=TEXT, font=FONT)
-    legend_row = box[1] + 2
+    legend_row, legend_x = box[1] + 2, box[2] - 30 - max(min(FONT.getlength(name), 200) for name in series)
     for (name, (x_list, y_list, line_width)), colour in zip(series.items(), GROUP_COLOURS * 3):
+        for x, low, high in zip(*bands.get(name, ((), (), ()))):
+            (column, top), (_, bottom) = at(x, high), at(x, low)
+            draw.line([(column, top), (column, bottom)], fill=colour, width=1)
+            draw.line([(column - 3, top), (column + 3, top)], fill=colour)
+            draw.line([(column - 3, bottom), (column + 3, bottom)], fill=colour)
         points = [at(x, y) for x, y in zip(x_list, y_list)]
         if len(points) > 1:
             draw.line(points, fill=colour, width=line_width)
         for column, row in points if len(points) < 30 else points[-1:]:   # few points: mark each one
             draw.ellipse([column - 2, row - 2, column + 2, row + 2], fill=colour)
-        draw.line([(box[2] - 118, legend_row + LINE / 2), (box[2] - 102, legend_row + LINE / 2)], fill=colour, width=3)
-        draw.text((box[2] - 98, legend_row), name[:15], fill=TEXT, font=FONT)
+        draw.line([(legend_x, legend_row + LINE / 2), (legend_x + 16, legend_row + LINE / 2)], fill=colour, width=3)
+        draw.text((legend_x + 20, legend_row), name, fill=TEXT, font=FONT)
         legend_row += LINE
     return panel
 

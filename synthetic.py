@@ -411,3 +411,44 @@ def synthetic_clouds(num_shapes, num_points, rng):
     The same random draws as synthetic_part_clouds, which also returns the part labels."""
     clouds, labels, _ = synthetic_part_clouds(num_shapes, num_points, rng)
     return clouds, labels
+
+
+# ---------------------------------------------------------------- the demo teacher's own classes
+# The synthetic demo's 2D teacher (train_teacher.py) learns classes that are none of the 13 above: each is a
+# random assembly of the same primitives (2 to 5 parts: boxes, cylinders, cones, ellipsoids and rods, each
+# with its own place, size and axis), and each of its shapes moves and resizes the parts by up to a fifth,
+# then is sampled, scaled, turned and jittered as every synthetic shape is (sample_shape).
+
+PRIMITIVES = ('box', 'cylinder', 'cone', 'ellipsoid', 'rod')
+
+
+def random_assembly(rng):
+    """One class of random assemblies: [(primitive, centre (3,), size (3,), axis), ...], 2 to 5 parts."""
+    return [(str(rng.choice(PRIMITIVES)), rng.uniform([-0.5, 0.0, -0.5], [0.5, 1.0, 0.5]), rng.uniform(0.05, 0.6, 3),
+             str(rng.choice(['x', 'y', 'z']))) for _ in range(rng.integers(2, 6))]
+
+
+def assembly_surfaces(assembly, rng):
+    """The surfaces of one shape of an assembly class: each part moved and resized by up to a fifth."""
+    surfaces = []
+    for kind, centre, size, axis in assembly:
+        centre, (a, b, h) = centre + rng.uniform(-0.2, 0.2, 3) * size, size * rng.uniform(0.8, 1.2, 3)
+        along = np.eye(3)['xyz'.index(axis)]
+        base = centre - 0.5 * h * along                      # frustums and rods stand on their base
+        if kind == 'box':
+            surfaces.append(box_surface(centre, (a, b, h)))
+        elif kind == 'ellipsoid':
+            surfaces.append(ellipsoid_surface(centre, np.array([a, b, h]) / 2))
+        elif kind == 'rod':
+            surfaces.append(rod_surface(base, base + h * along, 0.1 * a))
+        else:                                                # a cylinder, or a cone (a narrow top)
+            surfaces.append(frustum_surface(base, a / 2, a / 2 if kind == 'cylinder' else 0.1 * a, h, axis))
+    return surfaces
+
+
+def assembly_clouds(assemblies, num_shapes, num_points, rng):
+    """-> clouds (S, N, 3) float32 as sampled and labels (S,) int64 (assembly index), balanced to within one."""
+    labels = rng.permutation(np.arange(num_shapes) % len(assemblies))
+    clouds = [sample_shape([(0, surface) for surface in assembly_surfaces(assemblies[k], rng)], num_points, rng)[0]
+              for k in labels]
+    return np.stack(clouds).astype(np.float32), labels.astype(np.int64)

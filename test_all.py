@@ -10,6 +10,7 @@ the files' config.
 """
 import argparse
 import copy
+import functools
 import glob
 import importlib.util
 import json
@@ -46,6 +47,7 @@ from teacher import build_teacher, normalize_images, teacher_features_and_salien
 from mask import guided_mask, hierarchical_masks, propagate_mask, random_mask, visible_counts
 from model import I2PMAE, SMALL_CONFIG, Classifier, ModelConfig, chamfer_l2
 from checkpoints import checkpoint_config, load_weights, official_to_ours, read_checkpoint
+import synthetic
 from synthetic import PART_ID, SYNTHETIC_PART_NAMES, SYNTHETIC_PARTS
 import data
 from data import PointSplit, load_split, random_point_subset, scale_and_translate
@@ -62,6 +64,7 @@ import pictures
 import demo
 import benchmark
 import ablation
+import assignment
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REFERENCE_DIR = os.environ.get('I2P_REFERENCE_DIR', os.path.join(HERE, 'authors_reference'))
@@ -123,22 +126,46 @@ class Recorder:
         module.register_forward_pre_hook(lambda m, args: self.values.__setitem__(name, args))
 
 
+class PretrainReference:
+    """The authors' pre-training case; each piece is computed when a test first asks for it, so a test
+    needs only the stages it checks (assignment.py's grading relies on that)."""
+    def __init__(self):
+        case = load_reference('pretrain_case.pt')
+        self.t, self.c = case['tensors'], case['config']
+        self.cfg = reference_config(self.c)
+        self.proj = load_reference('pretrain_proj.pt')['tensors']
+        self.img_size = self.proj['view1.hit'].shape[-1]
+        self.weights = load_reference('pretrain_weights.pt')['state_dict']
+
+    def __getitem__(self, name):
+        return getattr(self, name)
+
+    @functools.cached_property
+    def groups(self):
+        return build_token_hierarchy(self.t['points'], self.cfg.num_groups, self.cfg.group_sizes)
+
+    @functools.cached_property
+    def masks(self):
+        return hierarchical_masks(self.t['mask_top'], self.groups)
+
+    @functools.cached_property
+    def images(self):
+        return project_depth_images(self.t['points'], self.img_size)[0]
+
+    @functools.cached_property
+    def geometry(self):
+        return project_depth_images(self.t['points'], self.img_size)[1]
+
+    @functools.cached_property
+    def target_2d(self):
+        B, G1, K1 = self.groups[1].idx.shape
+        return back_project(self.groups[1].neighbors.flatten(1, 2), self.geometry, self.t['teacher.feats'],
+                            self.img_size).view(B, G1, K1, -1)
+
+
 @pytest.fixture(scope='module')
 def pretrain_reference():
-    case = load_reference('pretrain_case.pt')
-    t, c = case['tensors'], case['config']
-    cfg = reference_config(c)
-    groups = build_token_hierarchy(t['points'], cfg.num_groups, cfg.group_sizes)
-    masks = hierarchical_masks(t['mask_top'], groups)
-    proj = load_reference('pretrain_proj.pt')['tensors']
-    img_size = proj['view1.hit'].shape[-1]
-    images, geometry = project_depth_images(t['points'], img_size)
-    B, G1, K1 = groups[1].idx.shape
-    target_2d = back_project(groups[1].neighbors.flatten(1, 2), geometry, t['teacher.feats'],
-                             img_size).view(B, G1, K1, -1)
-    return dict(t=t, c=c, cfg=cfg, groups=groups, masks=masks, proj=proj, img_size=img_size,
-                images=images, geometry=geometry, target_2d=target_2d,
-                weights=load_reference('pretrain_weights.pt')['state_dict'])
+    return PretrainReference()
 
 
 def reference_student(ref):
@@ -1491,7 +1518,7 @@ def test_teacher_trainer_learns_from_labeled_depth_images_in_seconds():
     vit, record = train_teacher.train_demo_teacher(log=lambda line: threads_while_training.append(torch.get_num_threads()),
                                      image_size=32, patch_size=8, num_layers=2, num_heads=2,
                                      hidden_dim=32, stem_channels=(), num_points=128, train_shapes=390,
-                                     test_shapes=130, epochs=10, batch_size=32)   # about 4 s of one CPU core
+                                     test_shapes=130, epochs=10, batch_size=32, classes='test')   # 4 s, one core
     chance = 100 / 13
     assert record['accuracy'] > 2 * chance, record['view_accuracy']   # 23% measured
     assert not vit.training and not any(p.requires_grad for p in vit.parameters())
@@ -1540,15 +1567,22 @@ def test_the_run_that_trains_the_teacher_computes_what_every_later_run_computes(
     assert_same_weights(saved_weights('runs/first/last.pt'), saved_weights('runs/second/last.pt'))
 
 
-def test_teacher_shapes_come_from_their_own_stream():
-    TEACHER_STREAM, teacher_shapes = train_teacher.TEACHER_STREAM, train_teacher.teacher_shapes
-    # data.py's splits draw from default_rng([seed, split index]); ours from [seed, part, TEACHER_STREAM]
-    splits = [data.load_split('synthetic', split, num_points=16).points for split in ('pretrain', 'train', 'test')]
-    ours = [teacher_shapes(100, 16, part)[0] for part in (0, 1)]
+def test_the_demo_teachers_data_share_no_class_and_no_shape_with_the_students_splits(monkeypatch):
+    """The demo teacher learns 40 random assemblies of primitives: none of the 13 classes the student is scored
+    on (their generators are never called) and no shape of any student split (a random stream of its own)."""
+    monkeypatch.setattr(synthetic, 'PARTS_OF_CLASS', tuple(lambda rng: pytest.fail('a test class was drawn')
+                                                           for _ in data.SYNTHETIC_CLASSES))
+    ours = [train_teacher.teacher_shapes(120, 16, part) for part in (0, 1)]
+    monkeypatch.undo()
+    assert all(sorted(labels.unique().tolist()) == list(range(40)) for _, labels in ours)   # its own 40 classes
+    assert train_teacher.teacher_classes('other') == [f'assembly {k}' for k in range(40)]
+    assert not set(train_teacher.teacher_classes('other')) & set(data.SYNTHETIC_CLASSES)
+    splits = [load_split('synthetic', split, num_points=16).points for split in ('pretrain', 'train', 'test')]
     seen = {cloud.numpy().tobytes() for points in splits for cloud in points}
-    assert not any(cloud.numpy().tobytes() in seen for points in ours for cloud in points)
-    assert not torch.equal(ours[0][:10], ours[1][:10])
-    streams = [np.random.SeedSequence([0, part, TEACHER_STREAM]).generate_state(4) for part in (0, 1)]
+    leaky = [train_teacher.teacher_shapes(100, 16, part, classes='test')[0] for part in (0, 1)]   # the comparison row
+    assert not any(cloud.numpy().tobytes() in seen for points in [p for p, _ in ours] + leaky for cloud in points)
+    assert not torch.equal(ours[0][0][:10], ours[1][0][:10])
+    streams = [np.random.SeedSequence([0, part, train_teacher.TEACHER_STREAM]).generate_state(4) for part in (0, 1, 2)]
     for entropy in ([0, 0], [0, 1], [0, 2], 0, 1, 2):   # the three splits, and make_synthetic's seeds
         assert not any((np.random.SeedSequence(entropy).generate_state(4) == s).all() for s in streams)
 
@@ -1752,6 +1786,35 @@ def test_ctrl_c_inside_a_pretraining_step_then_resume_is_bit_identical(straight_
     assert_same_weights(saved_weights(straight_pretrain / 'last.pt'), saved_weights('runs/cut/last.pt'))
     assert log_records('runs/cut') == log_records(straight_pretrain)
     assert positions == [(0, 1), (1, 0), (1, 1)]   # each after the step it interrupted
+
+
+def test_the_command_printed_after_ctrl_c_resumes_the_run_as_printed(tmp_path, monkeypatch, small_pool, capsys):
+    """`python pretrain.py --run_name ctrlc`, Ctrl-C, then exactly the printed command: it continues runs/ctrlc
+    with the run's own flags (once refused: the default run name pointed at another folder) and finishes."""
+    monkeypatch.chdir(tmp_path)
+    with monkeypatch.context() as patch:
+        patch.setattr(I2PMAE, 'decode', before(I2PMAE.decode, signal_at_call(2)))
+        interrupted(pretrain_run, 'ctrlc')
+    printed = re.search(r'continue with (--resume \S+)', capsys.readouterr().out).group(1)
+    assert printed == '--resume runs/ctrlc/last.pt'
+    pretrain.main(parse_args(printed.split()))
+    assert position('runs/ctrlc/last.pt') == (2, 0) and not os.path.exists('runs/pretrain-synthetic')
+
+
+def test_cheap_checks_come_before_the_teacher(tmp_path, monkeypatch, small_pool):
+    """Missing data is named before a teacher is built (an ImageNet download, or minutes of demo-teacher
+    training), and a resume takes its teacher from the run, so it never trains the default one first."""
+    monkeypatch.chdir(tmp_path)
+    pretrain_run('random-teacher', epochs=1, steps=1)                       # --teacher_weights demo-random
+    monkeypatch.setattr(pretrain, 'train_and_save', lambda *a, **k: pytest.fail('trained the demo teacher'))
+    pretrain.main(parse_args(['--resume', 'runs/random-teacher/last.pt', '--epochs', '2']))   # no teacher file here
+    monkeypatch.setattr(pretrain, 'teacher_of', lambda *a: pytest.fail('built a teacher before reading the data'))
+    monkeypatch.undo()                                                       # the real load_split: no ShapeNet
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(pretrain, 'teacher_of', lambda *a: pytest.fail('built a teacher before reading the data'))
+    with pytest.raises(FileNotFoundError, match='ShapeNet-55'):
+        pretrain.main(parse_args(['--data', 'shapenet', '--data_root', 'nowhere', '--gpu', '-1']))
+    assert sorted(os.listdir('runs')) == ['random-teacher']                   # and it left no folder behind
 
 
 def test_killed_run_resumed_logs_every_record_once(straight_pretrain, tmp_path, monkeypatch, small_pool):
@@ -2291,7 +2354,7 @@ def test_draw_from_fps_pool_picks_each_pooled_sampling_uniformly():
     assert (counts - 0.25).abs().max() < 0.03
 
 
-def test_finetune_draws_its_train_fps_from_a_pool_of_fps_samplings_built_once(tmp_path, monkeypatch):
+def test_finetune_draws_its_train_fps_from_a_pool_of_fps_samplings_built_once(tmp_path, monkeypatch, capsys):
     """--train_fps: the pool of FPS samplings is computed once per run (not per step), and every training
     read is an exact FPS of its cloud from some start point (brute force, float64: no near-ties)."""
     generator = torch.Generator().manual_seed(0)
@@ -2305,6 +2368,9 @@ def test_finetune_draws_its_train_fps_from_a_pool_of_fps_samplings_built_once(tm
                         lambda clouds, pool: drawn.append((clouds, draw_from_fps_pool(clouds, pool))) or drawn[-1][1])
     finetune.finetune(Classifier(TINY, 4), split, split, args, Run(str(tmp_path), CPU))
     assert len(built) == 1 and len(drawn) == 4                                    # 2 epochs x 2 steps, one pool
+    out = capsys.readouterr().out                                                 # it says what it is doing first
+    assert 'building the FPS pool: 2 farthest-point samplings of 56 points from random starts for each of the 32' in out
+    assert '64/64 samplings' in out
     for clouds, views in drawn:
         assert views.shape == (16, 56, 3)
         for cloud, view in zip(clouds.double().numpy(), views.double().numpy()):
@@ -3264,6 +3330,38 @@ def test_every_ablation_row_names_flags_pretrain_accepts_and_a_teacher_that_buil
             assert 'untrained' in described and vit.image_size == train_teacher.DEMO_TEACHER['image_size']
         else:
             assert args.teacher_weights == 'demo' or not args.mask == 'guided' and args.no_2d_target, row
+
+
+# ---------------------------------------------------------------- assignment.py
+
+def test_an_assignment_stub_fails_exactly_its_grading_tests_and_a_solution_gets_full_marks(tmp_path, capsys):
+    """A small form of `python assignment.py --check` (which does this for every assignment, against every
+    other assignment's grading tests): the chamfer copy fails its own grading tests, passes another
+    assignment's, and a student's correct solution in the copy gets full marks."""
+    copy = assignment.write_assignment('chamfer', str(tmp_path / 'hw-chamfer'))
+    source = open(os.path.join(copy, 'model.py')).read()
+    assert 'raise NotImplementedError("""chamfer_l2: your task' in source and 'ASSIGNMENT.md' in os.listdir(copy)
+    assert 'python assignment.py chamfer --grade' in open(os.path.join(copy, 'ASSIGNMENT.md')).read()
+    results = assignment.run_tests(copy, ('test_chamfer_matches_brute_force', 'test_guided_mask_hides_exact_ratio'))
+    assert results == {'test_chamfer_matches_brute_force': False, 'test_guided_mask_hides_exact_ratio': True}
+    solution = ('    d = square_distance(pred, target)\n'
+                '    return d.min(dim=2).values.mean() + d.min(dim=1).values.mean()')
+    with open(os.path.join(copy, 'model.py'), 'w') as f:   # the student writes the body
+        f.write(re.sub(r'    raise NotImplementedError\("""chamfer_l2.*?"""\)', lambda m: solution, source, flags=re.S))
+    done = subprocess.run([sys.executable, 'assignment.py', 'chamfer', '--grade'], cwd=copy, capture_output=True,
+                          text=True, timeout=600)
+    assert 'chamfer: 5 of 5 grading tests pass' in done.stdout, done.stdout + done.stderr
+
+
+def test_every_assignment_names_grading_tests_that_exist_and_functions_it_can_stub():
+    tests = {name for name, value in globals().items() if name.startswith('test_') and callable(value)}
+    for name, task in assignment.ASSIGNMENTS.items():
+        assert set(task.tests) <= tests, (name, set(task.tests) - tests)
+        source = open(os.path.join(HERE, task.file)).read()
+        for function in task.functions:
+            stubbed = assignment.stub(source, function, task.task)
+            assert stubbed.count('raise NotImplementedError') == source.count('raise NotImplementedError') + 1
+            compile(stubbed, task.file, 'exec')
 
 
 # ---------------------------------------------------------------- the repository

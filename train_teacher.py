@@ -1,12 +1,18 @@
 """
 train_teacher.py: the synthetic demo's own "2D pre-trained model".
 
-I2P-MAE learns from a 2D model pre-trained on images (CLIP in the paper). With no such weights at
-hand (no download, a CPU), the synthetic demo makes its teacher: a small torchvision ViT trained WITH
-LABELS on depth images (project.py's) of a pool of synthetic shapes of its own. The 3D student never
-sees a label; it regresses this teacher's features and is masked by its attention.
+I2P-MAE learns from a 2D model pre-trained on images (CLIP in the paper): a model whose knowledge
+comes from other data than the 3D benchmark it helps on. With no such weights at hand (no download,
+a CPU), the synthetic demo makes its teacher: a small torchvision ViT trained with labels on depth
+images (project.py's) of shapes of its own, whose classes are NONE of the 13 the student is tested
+on: 40 random assemblies of the same primitives (synthetic.random_assembly), from a random stream of
+their own. So what the teacher knows is how objects made of parts look in depth images, not the
+test's labels. The 3D student never sees a label either: it regresses the teacher's features and is
+masked by its attention.
 
-  python train_teacher.py          # writes runs/teacher-synthetic/teacher.pt (a few CPU-minutes)
+  python train_teacher.py                                  # runs/teacher-synthetic/teacher.pt, a few CPU-minutes
+  python train_teacher.py --classes test --out runs/teacher-sameclass/teacher.pt
+      # the leaky comparison: the same teacher trained on the student's 13 test classes (docs/results.md)
 
 The file holds the weights, the architecture (`config`, which teacher.build_teacher reads) and the
 training record. pretrain.py's synthetic preset uses it, and trains it first if it is absent.
@@ -24,22 +30,37 @@ import torch.nn.functional as F
 from tokenizer import gather_points
 from project import VIEWS, project_depth_images
 from teacher import freeze, normalize_images, vit_from_config
-from data import SYNTHETIC_CLASSES, scale_and_translate, synthetic_shapes
+from synthetic import assembly_clouds, random_assembly
+from data import SYNTHETIC_CLASSES, normalize_unit_sphere, scale_and_translate, synthetic_shapes
 
 DEMO_TEACHER_PATH = os.path.join('runs', 'teacher-synthetic', 'teacher.pt')
 # Sized for a 2-core CPU: an 8 x 8 saliency grid over each view, against the demo student's 16 coarse tokens
+# classes: 'other' (random assemblies, none of the student's test classes) or 'test' (the student's 13 classes)
 DEMO_TEACHER = dict(image_size=64, patch_size=8, num_layers=4, num_heads=4, hidden_dim=64, stem_channels=(16, 32, 64),
                     num_points=512, train_shapes=4000, test_shapes=520, epochs=8, batch_size=64, lr=3e-3,
-                    weight_decay=0.05, seed=0, data_seed=0)
-# The teacher's shapes come from np.random.default_rng([data_seed, part, TEACHER_STREAM]). data.py's
-# splits use [data_seed, split index 0..2]; SeedSequence pads a short list with zeros, so each of
-# their streams has 0 as third word, ours has this tag there: the pools cannot share a shape.
+                    weight_decay=0.05, seed=0, data_seed=0, classes='other')
+ASSEMBLY_CLASSES = 40   # the teacher's own classes: random assemblies of primitives
+# The teacher's shapes come from np.random.default_rng([data_seed, part, TEACHER_STREAM]) (its assembly classes
+# from part 2). data.py's splits use [data_seed, split index 0..2]; SeedSequence pads a short list with zeros,
+# so each of their streams has 0 as third word, ours has this tag there: the pools cannot share a shape.
 TEACHER_STREAM = 0x7EAC
 
 
-def teacher_shapes(num_shapes, num_points, part, data_seed=0):
-    """Labeled synthetic shapes for the teacher only: part 0 trains it, part 1 is held out."""
-    return synthetic_shapes(num_shapes, num_points, np.random.default_rng([data_seed, part, TEACHER_STREAM]))
+def teacher_classes(classes):
+    """The names of the teacher's classes: 40 random assemblies, or the student's 13 test classes."""
+    return list(SYNTHETIC_CLASSES) if classes == 'test' else [f'assembly {k}' for k in range(ASSEMBLY_CLASSES)]
+
+
+def teacher_shapes(num_shapes, num_points, part, data_seed=0, classes='other'):
+    """Labeled shapes for the teacher only, normalised: part 0 trains it, part 1 is held out. classes 'other':
+    the random assemblies (the same 40 classes for both parts); 'test': the student's 13 classes."""
+    rng = np.random.default_rng([data_seed, part, TEACHER_STREAM])
+    if classes == 'test':
+        return synthetic_shapes(num_shapes, num_points, rng)
+    assemblies_rng = np.random.default_rng([data_seed, 2, TEACHER_STREAM])
+    assemblies = [random_assembly(assemblies_rng) for _ in range(ASSEMBLY_CLASSES)]
+    clouds, labels = assembly_clouds(assemblies, num_shapes, num_points, rng)
+    return normalize_unit_sphere(torch.from_numpy(clouds)), torch.from_numpy(labels)
 
 
 def depth_views(xyz, image_size):
@@ -86,7 +107,7 @@ def untrained_demo_teacher(cfg=DEMO_TEACHER):
     (the global random stream is left as it was). Frozen, it is the ablation's random teacher."""
     arch = dict(image_size=cfg['image_size'], patch_size=cfg['patch_size'], num_layers=cfg['num_layers'],
                 num_heads=cfg['num_heads'], hidden_dim=cfg['hidden_dim'], mlp_dim=4 * cfg['hidden_dim'],
-                num_classes=len(SYNTHETIC_CLASSES), stem_channels=list(cfg['stem_channels']))
+                num_classes=len(teacher_classes(cfg['classes'])), stem_channels=list(cfg['stem_channels']))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg['seed'])
         return vit_from_config(arch), arch
@@ -120,15 +141,17 @@ def train_demo_teacher(device='cpu', log=print, **settings):
         vit = vit.to(device)
         generator = torch.Generator(device).manual_seed(cfg['seed'])
         # twice the points a view shows, so every epoch draws a different subset of each shape
-        train_xyz, train_y = (t.to(device) for t in
-                              teacher_shapes(cfg['train_shapes'], 2 * cfg['num_points'], 0, cfg['data_seed']))
-        test_xyz, test_y = (t.to(device) for t in teacher_shapes(cfg['test_shapes'], cfg['num_points'], 1, cfg['data_seed']))
+        train_xyz, train_y = (t.to(device) for t in teacher_shapes(cfg['train_shapes'], 2 * cfg['num_points'], 0,
+                                                                   cfg['data_seed'], cfg['classes']))
+        test_xyz, test_y = (t.to(device) for t in teacher_shapes(cfg['test_shapes'], cfg['num_points'], 1,
+                                                                 cfg['data_seed'], cfg['classes']))
         steps_per_epoch = cfg['train_shapes'] // cfg['batch_size']
         total = cfg['epochs'] * steps_per_epoch
         optimizer = torch.optim.AdamW(vit.parameters(), lr=cfg['lr'], weight_decay=cfg['weight_decay'])
         schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, cfg['lr'], total_steps=total, pct_start=0.1)
-        log(f'training the demo teacher: ViT {arch} on {cfg["train_shapes"]} synthetic shapes x 3 views, '
-            f'{cfg["epochs"]} epochs of {steps_per_epoch} steps')
+        log(f'training the demo teacher: ViT {arch} on {cfg["train_shapes"]} synthetic shapes x 3 views of '
+            f'{len(teacher_classes(cfg["classes"]))} classes ({"the student" if cfg["classes"] == "test" else "none"} '
+            f'of the student\'s test classes), {cfg["epochs"]} epochs of {steps_per_epoch} steps')
         vit.train()
         for step in range(total):
             if step % steps_per_epoch == 0:
@@ -147,8 +170,10 @@ def train_demo_teacher(device='cpu', log=print, **settings):
                     f'{time.time() - start:.0f} s')
         accuracy = view_accuracy(vit, test_xyz, test_y)
         about = (f'small ViT ({arch["num_layers"]} layers, width {arch["hidden_dim"]}, {arch["image_size"]}-pixel '
-                 f'images, {arch["patch_size"]}-pixel patches) trained on synthetic depth images, held-out accuracy '
-                 f'{sum(accuracy) / 3:.1f}%')
+                 f'images, {arch["patch_size"]}-pixel patches) trained on depth images of '
+                 + ('the 13 classes the student is tested on' if cfg['classes'] == 'test' else
+                    f'{ASSEMBLY_CLASSES} classes of random assemblies, none of the student\'s')
+                 + f', held-out accuracy {sum(accuracy) / 3:.1f}%')
         training = {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}
         record = dict(config=arch, about=about, training=training, accuracy=sum(accuracy) / 3,
                       view_accuracy=accuracy, seconds=time.time() - start)
@@ -176,8 +201,11 @@ def main():
     import argparse
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--out', default=DEMO_TEACHER_PATH, help=f'where to write it (default: {DEMO_TEACHER_PATH})')
+    parser.add_argument('--classes', choices=['other', 'test'], default='other',
+                        help='other: random assemblies, none of the student\'s test classes (default); test: the '
+                             'student\'s 13 test classes, the ablation\'s leaky comparison')
     args = parser.parse_args()
-    train_and_save(args.out)
+    train_and_save(args.out, classes=args.classes)
 
 
 if __name__ == '__main__':
