@@ -7,7 +7,7 @@ data.py: every point cloud the project reads, behind one call.
       class_names  list[str]          label id -> name ([] for pre-training pools)
 
 Real datasets are read once, up front, from the exact on-disk formats of
-Point-BERT / Point-MAE / I2P-MAE (layout: README, "Data layout"); nothing is
+Point-BERT / Point-MAE / I2P-MAE (layout: docs/data.md); nothing is
 downloaded. 'synthetic', the default of every entry script, is generated from
 parts (tables, chairs, lamps, ...), so the whole chain runs with no data at all.
 The entry scripts index batches out of `points` and move them to the device;
@@ -44,7 +44,7 @@ from synthetic import SYNTHETIC_CLASSES, SYNTHETIC_PARTS, synthetic_clouds, synt
 # (linear SVM), ScanObjectNN OBJ-BG / OBJ-ONLY / PB-T50-RS (the hardest)
 DATASET_NAMES = ('synthetic', 'shapenet', 'modelnet40', 'modelnet40_svm',
                  'scan_objbg', 'scan_objonly', 'scan_hardest')
-# the standard shape_names order (label 0..39), README "Real datasets"
+# the standard shape_names order (label 0..39), docs/data.md
 MODELNET40_CLASSES = [
     'airplane', 'bathtub', 'bed', 'bench', 'bookshelf', 'bottle', 'bowl', 'car', 'chair', 'cone',
     'cup', 'curtain', 'desk', 'door', 'dresser', 'flower_pot', 'glass_box', 'guitar', 'keyboard',
@@ -115,7 +115,7 @@ def require_path(path, layout):
 
 def check_point_array(points, path, num_points):
     """points array (S, N, C>=3) float -> (S, num_points, 3) float32 tensor, every cloud checked
-    (check_clouds); errors name the file (and the cloud)."""
+    (check_cloud_values); errors name the file (and the cloud)."""
     points = np.asarray(points)
     if points.ndim != 3 or points.shape[2] < 3:
         raise DataError(f'{path}: expected point clouds of shape (S, N, 3), got shape {points.shape}')
@@ -217,7 +217,7 @@ def check_split(split, allowed=('train', 'test')):
         raise ValueError(f'split must be one of {allowed}, got {split!r}')
 
 
-# ---------------------------------------------------------------- real datasets (README: "Real datasets")
+# ---------------------------------------------------------------- real datasets (docs/data.md)
 
 def read_shapenet55(data_root, split, num_points=2048, seed=0):
     """ShapeNet-55 pre-training pool: a random num_points-subset of each 8192-point npy, normalised.
@@ -269,7 +269,7 @@ def save_array_atomically(path, array):
 
 def read_shapenet55_files(root, list_path, names, num_points, seed):
     """The ~42k reads: (S, num_points, 3) float32, each a seeded random subset of its npy, checked
-    (check_clouds) and normalised."""
+    (check_cloud_values) and normalised."""
     rng = np.random.default_rng(seed)
     clouds = np.empty((len(names), num_points, 3), np.float32)       # (S, num_points, 3)
     for i, name in enumerate(names):                                  # load time, not the training loop

@@ -80,7 +80,7 @@ def parse_args(argv=None):
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     d = p.add_argument_group('data (flags without a default take the --data preset)')
     d.add_argument('--data', default='synthetic', choices=list(PRESETS), help='dataset and its preset (PRESETS)')
-    d.add_argument('--data_root', default='./data', help='folder holding the datasets (README: data layout)')
+    d.add_argument('--data_root', default='./data', help='folder holding the datasets (docs/data.md)')
     d.add_argument('--load_points', type=non_negative_int, help='points read per cloud, 0 = all (preset: all; synthetic 1024)')
     d.add_argument('--points', type=positive_int, help='points the model sees (official: 1024 ModelNet40, 2048 ScanObjectNN)')
     d.add_argument('--train_fps', type=non_negative_int, help='training: FPS to this many, then a random --points of them; '

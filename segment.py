@@ -89,7 +89,7 @@ def parse_args(argv=None):
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     d = p.add_argument_group('data (flags without a default take the --data preset)')
     d.add_argument('--data', default='synthetic', choices=list(PRESETS), help='dataset and its preset (PRESETS)')
-    d.add_argument('--data_root', default='./data', help='folder holding the datasets (README: data layout)')
+    d.add_argument('--data_root', default='./data', help='folder holding the datasets (docs/data.md)')
     d.add_argument('--load_points', type=non_negative_int, help='synthetic points generated per shape (synthetic: 1024; '
                                                                 'ShapeNetPart: 0, every stored point)')
     d.add_argument('--points', type=positive_int, help='points drawn per shape, with replacement (official: 2048)')
@@ -147,7 +147,7 @@ class PartSegmenter(nn.Module):
 
     forward(xyz (B, N, 3), categories (B,)) -> log-probabilities (B, N, num_parts).
     """
-    # model.load_weights: what a pre-training file lacks (the encoder and its norms come from pre-training)
+    # checkpoints.load_weights: what a pre-training file lacks (the encoder and its norms come from pre-training)
     NAME, NEW_KEYS = 'segmenter', ('propagation.', 'label_conv.', 'head.')
 
     def __init__(self, cfg, num_categories=16, num_parts=50, propagation_dims=(1536, 1024), label_dim=64,

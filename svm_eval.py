@@ -33,7 +33,7 @@ from data import load_split
 from flags import ArgumentParser, gpu_index, positive_float, positive_int, run_script, seed_value
 from training import Process, Run, sum_over_processes
 
-# the authors' test-script values; their per-epoch monitor used 0.01 (README: deviations, B8). They were tuned for
+# the authors' test-script values; their per-epoch monitor used 0.01 (docs/deviations.md, B8). They were tuned for
 # their features on real data; on synthetic data (None) C is chosen by cross-validation on train.
 SVM_C = {'modelnet40': 0.0093, 'scanobjectnn': 0.018, 'synthetic': None}
 # the default --ckpt: the pre-training run of this kind of data (finetune.py and segment.py default to the same)

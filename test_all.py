@@ -2602,7 +2602,7 @@ def tiny_segmenter(args=None):
 
 
 def test_pretrained_encoder_loads_strictly_ours_and_the_authors(pretrain_checkpoint):
-    """model.load_weights, the one loader: every encoder and per-scale LayerNorm tensor by value, the
+    """checkpoints.load_weights, the one loader: every encoder and per-scale LayerNorm tensor by value, the
     pre-training parts skipped, the head new; anything missing, of another shape or a fine-tuned
     classifier (ours or theirs) stops with the reason."""
     checkpoint = torch.load(pretrain_checkpoint, weights_only=True)

@@ -90,7 +90,7 @@ def fps_loop(xyz, n_samples, skip_near_origin=False):
     B, N, _ = xyz.shape
     xyz = xyz.transpose(1, 2).contiguous()                    # (B, 3, N): each coordinate contiguous
     min_dist = torch.full((B, N), 1e10, dtype=xyz.dtype, device=xyz.device)
-    # deviation: the authors' kernel skips points near the origin (README, deviations); we do not by default
+    # deviation: the authors' kernel skips points near the origin (docs/deviations.md, B2); we do not by default
     if skip_near_origin:   # a distance of -1 can never rise above a real one, so they are never picked
         min_dist.masked_fill_((xyz ** 2).sum(1) <= 1e-3, -1.0)
     farthest = torch.zeros(B, 1, dtype=torch.long, device=xyz.device)
