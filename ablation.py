@@ -32,11 +32,9 @@ import sys
 
 import numpy as np
 import torch
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
-from sklearn.svm import LinearSVC
 
 from data import load_split
+from svm_eval import choose_C, linear_svm_accuracy
 from pretrain import PRESETS
 from pictures import line_plot
 
@@ -78,28 +76,23 @@ def global_statistics(xyz, bins=16):
 
 
 def random_encoder_features(xyz, width=256, seed=0):
-    """(B, N, 3) -> (B, width): a randomly initialised PointNet (shared MLP, max-pool), untrained.
-    A stand-in for svm_eval.py on a random-init I2P-MAE encoder."""
+    """(B, N, 3) -> (B, width): a randomly initialised PointNet (shared MLP, max-pool), untrained."""
     generator = torch.Generator().manual_seed(seed)
     w1 = torch.randn(3, 32, generator=generator).to(xyz.device)
     w2 = (torch.randn(32, width, generator=generator) / 32 ** 0.5).to(xyz.device)
     return torch.cat([(torch.relu(chunk @ w1) @ w2).amax(dim=1) for chunk in xyz.split(64)])   # (B, width)
 
 
-def linear_svm_accuracies(train_x, train_y, test_x, test_y):
-    """Standardised features, sklearn's LinearSVC -> (train accuracy, test accuracy) in %."""
-    svm = make_pipeline(StandardScaler(), LinearSVC(C=1.0, max_iter=20000)).fit(train_x.numpy(), train_y.numpy())
-    return 100 * svm.score(train_x.numpy(), train_y.numpy()), 100 * svm.score(test_x.numpy(), test_y.numpy())
-
-
 def baselines(num_points, seeds=(0,)):
-    """{name: [test accuracy % per seed]} of a linear SVM on two feature extractors that learn nothing from the
-    data (the untrained PointNet drawn with each seed), fitted on the synthetic train split, scored on its test
-    split, at num_points points."""
+    """{name: [test accuracy % per seed]} of the linear SVM of svm_eval.py (SVC, C by 5-fold cross-validation
+    on the training features, no scaling: the protocol of every encoder row) on two feature extractors that
+    learn nothing from the data (the untrained PointNet drawn with each seed), at num_points points."""
     train, test = (load_split('synthetic', split, num_points=num_points) for split in ('train', 'test'))
 
     def accuracy(features):
-        return linear_svm_accuracies(features(train.points), train.labels, features(test.points), test.labels)[1]
+        train_x, test_x = features(train.points).numpy(), features(test.points).numpy()
+        C = choose_C(train_x, train.labels.numpy())
+        return linear_svm_accuracy(train_x, train.labels.numpy(), test_x, test.labels.numpy(), C)
     return {'hand-crafted global statistics': [accuracy(global_statistics)],
             'untrained PointNet (shared MLP 3-32-256, max-pool)':
                 [accuracy(lambda xyz: random_encoder_features(xyz, seed=seed)) for seed in seeds]}
@@ -117,6 +110,9 @@ def parse_args(argv=None):
                         'none: leave the flag empty)')
     p.add_argument('--table_only', action='store_true', help='print the table of the results found, run nothing')
     p.add_argument('--baselines', action='store_true', help='print only the dataset\'s own baselines (seconds)')
+    p.add_argument('--epochs', type=int, default=PRESETS['synthetic']['epochs'],
+                   help='pre-training epochs of every row (default: the preset\'s); another number keeps its runs apart '
+                        '(runs/ablation-<row>-s<seed>-e<epochs>) and its table (table-e<epochs>.md, curves-e<epochs>.png)')
     return p.parse_args(argv)
 
 
@@ -146,37 +142,45 @@ def run(script, flags, name):
     subprocess.run(command, check=True)
 
 
-def pretrained(row, seed):
-    """runs/ablation-<row>-s<seed>/last.pt, pre-training it first if it is not finished."""
-    name = f'ablation-{row}-s{seed}'
+def run_name(row, seed, epochs, kind=''):
+    """runs/ablation-<row>-s<seed>[-e<epochs>][-<kind>]: -e<epochs> for a schedule other than the preset's,
+    -svm and -ft for the evaluations of that pre-training."""
+    schedule = '' if epochs == PRESETS['synthetic']['epochs'] else f'-e{epochs}'
+    return f'ablation-{row}-s{seed}{schedule}' + (f'-{kind}' if kind else '')
+
+
+def pretrained(row, seed, epochs):
+    """The last.pt of the row's pre-training, run first if it is not finished; a linear-SVM check every epoch."""
+    name = run_name(row, seed, epochs)
     last_epoch = last_record_with(name, 'train_loss_3d')
-    if last_epoch is None or last_epoch['epoch'] + 1 < PRESETS['synthetic']['epochs']:
-        run('pretrain.py', ROWS[row][4] + ['--seed', str(seed), '--svm_every', '1'], name)   # a curve per run
+    if last_epoch is None or last_epoch['epoch'] + 1 < epochs:
+        schedule = [] if epochs == PRESETS['synthetic']['epochs'] else ['--epochs', str(epochs), '--cosine_epochs',
+                                                                          str(epochs)]
+        run('pretrain.py', ROWS[row][4] + ['--seed', str(seed), '--svm_every', '1', *schedule], name)
     return os.path.join(folder(name), 'last.pt')
 
 
-def measured(kind, row, seed):
-    """The result of runs/ablation-<row>-s<seed>-<kind>/ (kind 'svm' or 'ft'), or None if it has none yet."""
+def measured(kind, row, seed, epochs):
+    """The result of the run's evaluation (kind 'svm' or 'ft'), or None if it has none yet."""
     key = {'svm': 'accuracy', 'ft': 'test_accuracy'}[kind]
-    record = last_record_with(f'ablation-{row}-s{seed}-{kind}', key)
+    record = last_record_with(run_name(row, seed, epochs, kind), key)
     return None if record is None else record[key]
 
 
-def svm_accuracy(row, seed):
-    name = f'ablation-{row}-s{seed}-svm'
-    if measured('svm', row, seed) is None:
+def svm_accuracy(row, seed, epochs):
+    if measured('svm', row, seed, epochs) is None:
         # the untrained row takes the 3D-only checkpoint's shape and draws new weights with this seed
         flags = ['--random_init', '--seed', str(seed)] if row == 'untrained' else []
-        checkpoint = pretrained('3d-only' if row == 'untrained' else row, seed)
-        run('svm_eval.py', ['--ckpt', checkpoint, '--cv', '--overwrite', *flags], name)
-    return measured('svm', row, seed)
+        checkpoint = pretrained('3d-only' if row == 'untrained' else row, seed, epochs)
+        run('svm_eval.py', ['--ckpt', checkpoint, '--cv', '--overwrite', *flags], run_name(row, seed, epochs, 'svm'))
+    return measured('svm', row, seed, epochs)
 
 
-def finetune_accuracy(row, seed):
-    if measured('ft', row, seed) is None:
-        start = ['--from_scratch'] if row == 'scratch' else ['--ckpt', pretrained(row, seed)]
-        run('finetune.py', [*start, '--seed', str(seed), '--test_every', '100'], f'ablation-{row}-s{seed}-ft')
-    return measured('ft', row, seed)
+def finetune_accuracy(row, seed, epochs):
+    if measured('ft', row, seed, epochs) is None:
+        start = ['--from_scratch'] if row == 'scratch' else ['--ckpt', pretrained(row, seed, epochs)]
+        run('finetune.py', [*start, '--seed', str(seed), '--test_every', '100'], run_name(row, seed, epochs, 'ft'))
+    return measured('ft', row, seed, epochs)
 
 
 def cell(values):
@@ -191,7 +195,7 @@ def cell(values):
 def table(rows, seeds, finetune_rows, measure, dataset_baselines):
     """Markdown table; measure(kind, row, seed) -> accuracy or None; dataset_baselines: baselines()'s."""
     lines = ['| row | mask | 2D target | teacher | linear SVM, % | fine-tuned, % |', '|---|---|---|---|---|---|']
-    lines += [f'| dataset baseline: {name} (standardised features, LinearSVC) | - | - | - | {cell(values)} |  |'
+    lines += [f'| dataset baseline: {name} | - | - | - | {cell(values)} |  |'
               for name, values in dataset_baselines.items()]
     for row in rows + (['scratch'] if 'scratch' in finetune_rows else []):
         what, mask, target, teacher, _ = ROWS.get(row, ('from scratch (no pre-training)', '-', '-', '-', None))
@@ -201,20 +205,20 @@ def table(rows, seeds, finetune_rows, measure, dataset_baselines):
     return '\n'.join(lines)
 
 
-def svm_curve(row, seed):
-    """The linear-SVM checks of runs/ablation-<row>-s<seed>/, one per epoch: (epochs done, accuracies)."""
-    path = os.path.join(folder(f'ablation-{row}-s{seed}'), 'log.jsonl')
+def svm_curve(row, seed, epochs):
+    """The linear-SVM checks of the row's pre-training, one per epoch: (epochs done, accuracies)."""
+    path = os.path.join(folder(run_name(row, seed, epochs)), 'log.jsonl')
     records = [json.loads(line) for line in open(path) if line.endswith('\n')] if os.path.isfile(path) else []
     checks = [(r['epoch'] + 1, r['svm_accuracy']) for r in records if 'svm_accuracy' in r and 'step' not in r]
     return [e for e, _ in checks], [a for _, a in checks]
 
 
-def curves_picture(rows, seeds, references):
+def curves_picture(rows, seeds, epochs, references):
     """SVM accuracy against pre-training epochs, mean (line) and ± std (bars) over the seeds, for `rows`;
     references {name: accuracy}: horizontal lines (the untrained encoder, the dataset's baselines)."""
     series, bands, last = {}, {}, 1
     for row in rows:
-        curves = [c for c in (svm_curve(row, seed) for seed in seeds) if c[0]]
+        curves = [c for c in (svm_curve(row, seed, epochs) for seed in seeds) if c[0]]
         if not curves:
             continue
         n = min(len(epochs) for epochs, _ in curves)
@@ -239,21 +243,26 @@ def main(args):
     if not args.table_only:
         for seed in args.seeds:   # seed by seed: a partial loop still gives every row a number
             for row in args.rows:
-                svm_accuracy(row, seed)
+                svm_accuracy(row, seed, args.epochs)
             for row in args.finetune_rows:
-                finetune_accuracy(row, seed)
-    text = (f'seeds {" ".join(map(str, args.seeds))}: mean ± std over the seeds (each seed\'s number in brackets)\n\n'
-            + table(args.rows, args.seeds, args.finetune_rows, measured, dataset_baselines))
+                finetune_accuracy(row, seed, args.epochs)
+
+    def measure(kind, row, seed):
+        return measured(kind, row, seed, args.epochs)
+    text = (f'{args.epochs} epochs of pre-training, seeds {" ".join(map(str, args.seeds))}: mean ± std over the seeds '
+            f'(each seed\'s number in brackets)\n\n'
+            + table(args.rows, args.seeds, args.finetune_rows, measure, dataset_baselines))
+    suffix = '' if args.epochs == PRESETS['synthetic']['epochs'] else f'-e{args.epochs}'
     os.makedirs(folder('ablation'), exist_ok=True)
-    with open(os.path.join(folder('ablation'), 'table.md'), 'w') as f:
+    with open(os.path.join(folder('ablation'), f'table{suffix}.md'), 'w') as f:
         f.write(text + '\n')
     print(text)
-    untrained = [measured('svm', 'untrained', seed) for seed in args.seeds]
+    untrained = [measure('svm', 'untrained', seed) for seed in args.seeds]
     references = {f'{name} (dataset baseline)': float(np.mean(values)) for name, values in dataset_baselines.items()}
     if any(v is not None for v in untrained):
         references['untrained encoder'] = float(np.mean([v for v in untrained if v is not None]))
-    path = os.path.join(folder('ablation'), 'curves.png')
-    curves_picture([r for r in CURVE_ROWS if r in args.rows], args.seeds, references).save(path)
+    path = os.path.join(folder('ablation'), f'curves{suffix}.png')
+    curves_picture([r for r in CURVE_ROWS if r in args.rows], args.seeds, args.epochs, references).save(path)
     print(f'wrote {path}')
 
 

@@ -3279,12 +3279,13 @@ def test_ablation_runs_each_row_once_resumes_and_tabulates_mean_and_seed_spread(
         os.makedirs(ablation.folder(name), exist_ok=True)
         row, seed = re.match(r'ablation-(.+)-s(\d)', name).groups()
         seed = int(seed)
-        record = {'pretrain.py': dict(epoch=epochs - 1, train_loss_3d=0.02),
+        record = {'pretrain.py': dict(epoch=epochs - 1, train_loss_3d=0.02, svm_accuracy=accuracy[row] - 1 + seed),
                   'svm_eval.py': dict(accuracy=accuracy[row] + seed),
                   'finetune.py': dict(test_accuracy=accuracy[row] + 2 * seed)}[script]
         with open(os.path.join(ablation.folder(name), 'log.jsonl'), 'a') as f:
             f.write(json.dumps(record) + '\n')
     monkeypatch.setattr(ablation, 'run', fake_run)
+    monkeypatch.setattr(ablation, 'baselines', lambda points, seeds: {'a baseline': [75.0, 77.0]})
     os.makedirs('runs/ablation-i2p-mae-s1')   # an interrupted pre-training: two epochs done
     with open('runs/ablation-i2p-mae-s1/log.jsonl', 'w') as f:
         f.write(json.dumps(dict(epoch=1, train_loss_3d=0.03)) + '\n')
@@ -3300,8 +3301,15 @@ def test_ablation_runs_each_row_once_resumes_and_tabulates_mean_and_seed_spread(
     ablation.main(args)                        # everything measured: nothing runs again
     assert len(calls) == first
     table = open('runs/ablation/table.md').read()
-    assert '| I2P-MAE | guided | yes | trained | 85.5 ± 0.7 (85.0 / 86.0) | 86.0 ± 1.4 (85.0 / 87.0) |' in table
+    assert '| I2P-MAE | guided | yes | other classes | 85.5 ± 0.7 (85.0 / 86.0) | 86.0 ± 1.4 (85.0 / 87.0) |' in table
     assert '| from scratch (no pre-training) | - | - | - |  | 81.0 ± 1.4 (80.0 / 82.0) |' in table
+    assert '| dataset baseline: a baseline | - | - | - | 76.0 ± 1.4 (75.0 / 77.0) |  |' in table
+    assert ablation.svm_curve('i2p-mae', 1, epochs) == ([epochs], [85.0])        # the check after each epoch
+    assert Image.open('runs/ablation/curves.png').size == (960, 520)
+    assert ablation.pretrained('3d-only', 0, 18) == 'runs/ablation-3d-only-s0-e18/last.pt'   # a longer schedule
+    assert calls[-1] == ('pretrain.py', 'ablation-3d-only-s0-e18', ('--mask', 'random', '--no_2d_target', '--seed', '0',
+                                                                    '--svm_every', '1', '--epochs', '18',
+                                                                    '--cosine_epochs', '18'))
 
 
 def test_ablation_resumes_an_interrupted_run_and_restarts_one_that_saved_nothing(tmp_path, monkeypatch):
@@ -3325,11 +3333,13 @@ def test_every_ablation_row_names_flags_pretrain_accepts_and_a_teacher_that_buil
             continue
         args = parse_args(flags + ['--seed', '0'])
         assert (args.mask, 'no' if args.no_2d_target else 'yes') == (mask, target), row
-        if source == 'random':   # the trained teacher is a file (tested above); a random one is built here
+        if source == 'untrained':   # the trained teachers are files (tested above); an untrained one is built here
             vit, described = pretrain.teacher_of(args, CPU)
             assert 'untrained' in described and vit.image_size == train_teacher.DEMO_TEACHER['image_size']
+        elif source == 'the test classes':   # the leaky comparison: train_teacher.py --classes test writes it
+            assert args.teacher_weights == 'runs/teacher-sameclass/teacher.pt' and 'teacher-sameclass' in ablation.__doc__
         else:
-            assert args.teacher_weights == 'demo' or not args.mask == 'guided' and args.no_2d_target, row
+            assert args.teacher_weights == 'demo' and source in ('other classes', '-'), row
 
 
 # ---------------------------------------------------------------- assignment.py

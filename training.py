@@ -317,7 +317,8 @@ class Run:
             if getattr(args, 'tensorboard', False):   # optional: flags.parse_run_flags checked it is installed
                 from torch.utils.tensorboard import SummaryWriter
                 self.tensorboard = SummaryWriter(self.path('tensorboard'))
-        header = run_header(self.process, **about, **({'resumed_from': args.resume} if getattr(args, 'resume', None) else {}))
+        resumed = {'resumed_from': args.resume} if getattr(args, 'resume', None) else {}
+        header = run_header(self.process, **about, **resumed)
         self.log(f'{self.folder}: args.json, log.jsonl; git {header["git"]}, torch {header["torch"]}, '
                  f'{header["device_name"]}, {self.process.world} process(es)'
                  + ''.join(f'\n  resumed with --allow_changes: {change}' for change in getattr(args, 'changes', [])),
@@ -343,7 +344,7 @@ class Run:
     def draw_curves(self):
         """Redraw curves.png from log.jsonl (atomically: a viewer never sees half a picture)."""
         with open(self.path('log.jsonl')) as f:
-            picture = curves_picture([json.loads(line) for line in f], self.folder)
+            picture = curves_picture([json.loads(line) for line in f if line.endswith('\n')], self.folder)
         if picture is not None:
             picture.save(self.path('curves.png.tmp'), format='PNG')
             os.replace(self.path('curves.png.tmp'), self.path('curves.png'))
