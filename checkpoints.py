@@ -19,6 +19,7 @@ import torch
 
 from model import Classifier, ModelConfig
 
+
 def read_checkpoint(path, flag='--ckpt'):
     """The dict saved at `path`, read with torch.load(weights_only=True): tensors and plain Python
     values only, so a file can never run code. Our checkpoints and the authors' .pth files both read

@@ -713,6 +713,7 @@ def scale_isotropic_and_shift(xyz, scale_low=0.8, scale_high=1.25, shift=0.1, ge
     offset = (torch.rand(B, 1, 3, generator=generator, device=xyz.device) * 2 - 1) * shift
     return xyz * scale + offset
 
+
 # ---------------------------------------------------------------- augmentations (batched, on the device)
 # `generator` must live on xyz's device; None uses torch's global RNG (seeded once by --seed).
 

@@ -18,6 +18,7 @@ The file holds the weights, the architecture (`config`, which teacher.build_teac
 training record. pretrain.py's synthetic preset uses it, and trains it first if it is absent.
 Tests: the train_teacher.py section of test_all.py
 """
+import argparse
 import contextlib
 import math
 import os
@@ -198,7 +199,6 @@ def train_and_save(path=DEMO_TEACHER_PATH, device='cpu', log=print, **settings):
 
 
 def main():
-    import argparse
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--out', default=DEMO_TEACHER_PATH, help=f'where to write it (default: {DEMO_TEACHER_PATH})')
     parser.add_argument('--classes', choices=['other', 'test'], default='other',
