@@ -279,7 +279,8 @@ def line_plot(series, title, x_label='epoch', log_y=False, size=(PLOT_W, PLOT_H)
     panel = Image.new('RGB', size, WHITE)
     draw = ImageDraw.Draw(panel)
     draw.text((PLOT_LEFT, 4), title, fill=TEXT, font=FONT)
-    box = (PLOT_LEFT, PLOT_TOP, width - PAD - 4, height - PLOT_BOTTOM)            # left, top, right, bottom
+    legend_width = 30 + max(FONT.getlength(name) for name in series)              # the legend, right of the plot
+    box = (PLOT_LEFT, PLOT_TOP, width - PAD - 4 - legend_width, height - PLOT_BOTTOM)   # left, top, right, bottom
     xs = [x for x_list, _, _ in series.values() for x in x_list]
     ys = [y for _, y_list, _ in series.values() for y in y_list] + [y for _, lows, highs in bands.values()
                                                                     for y in lows + highs]
@@ -304,7 +305,7 @@ def line_plot(series, title, x_label='epoch', log_y=False, size=(PLOT_W, PLOT_H)
             text = f'{x:g}'
             draw.text((column - FONT.getlength(text) / 2, box[3] + 3), text, fill=TEXT, font=FONT)
     draw.text(((box[0] + box[2] - FONT.getlength(x_label)) / 2, box[3] + LINE + 2), x_label, fill=TEXT, font=FONT)
-    legend_row, legend_x = box[1] + 2, box[2] - 30 - max(min(FONT.getlength(name), 200) for name in series)
+    legend_row, legend_x = box[1] + 2, box[2] + 10
     for (name, (x_list, y_list, line_width)), colour in zip(series.items(), GROUP_COLOURS * 3):
         for x, low, high in zip(*bands.get(name, ((), (), ()))):
             (column, top), (_, bottom) = at(x, high), at(x, low)
