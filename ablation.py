@@ -10,9 +10,9 @@ features), and, for the rows in --finetune_rows, fine-tunes it (finetune.py's sy
 to a run from scratch. The teachers: the demo's (train_teacher.py: 40 classes of random assemblies,
 none of the student's), the same ViT trained on the student's 13 test classes (the leaky
 comparison, runs/teacher-sameclass/teacher.pt, trained first if absent), and the same ViT
-untrained. It prints a markdown table of mean ± std over the seeds (ddof 1, every seed's number beside it) with the dataset's own
-baselines, writes it to runs/ablation/table.md, and draws the SVM accuracy against pre-training
-epochs, mean ± std over the seeds, to runs/ablation/curves.png.
+untrained. It prints a markdown table of mean ± std over the seeds (ddof 1, every seed's number
+beside it) with the dataset's own baselines, writes it to runs/ablation/table.md, and draws the SVM
+accuracy against pre-training epochs, mean ± std over the seeds, to runs/ablation/curves.png.
 
 Every run keeps its folder under runs/ (ablation-<row>-s<seed>, ...-svm, ...-ft): a run whose
 result is already there is not redone, an interrupted one is resumed, so the loop can be stopped
@@ -106,8 +106,8 @@ def parse_args(argv=None):
     p.add_argument('--rows', nargs='+', default=list(ROWS), choices=list(ROWS), help='rows to measure (default: all)')
     p.add_argument('--seeds', nargs='+', type=int, default=[0, 1, 2], help='seeds (default: 0 1 2)')
     p.add_argument('--finetune_rows', nargs='*', default=FINETUNE_ROWS, choices=list(ROWS) + ['scratch'],
-                   help=f'rows also fine-tuned, "scratch" for no pre-training (default: {" ".join(FINETUNE_ROWS)}; '
-                        'none: leave the flag empty)')
+                   help=f'rows also fine-tuned (those among --rows), "scratch" for no pre-training '
+                        f'(default: {" ".join(FINETUNE_ROWS)}; none: leave the flag empty)')
     p.add_argument('--table_only', action='store_true', help='print the table of the results found, run nothing')
     p.add_argument('--baselines', action='store_true', help='print only the dataset\'s own baselines (seconds)')
     p.add_argument('--epochs', type=int, default=PRESETS['synthetic']['epochs'],
@@ -223,7 +223,7 @@ def curves_picture(rows, seeds, epochs, references):
             continue
         n = min(len(done) for done, _ in curves)
         done, accuracy = curves[0][0][:n], np.array([values[:n] for _, values in curves])
-        name, last = f'{CURVE_ROWS[row]} ({len(curves)} seeds)', max(last, done[-1])
+        name, last = f'{CURVE_ROWS[row]} ({len(curves)} seed{"s" * (len(curves) > 1)})', max(last, done[-1])
         series[name] = (done, accuracy.mean(0).tolist(), 3)
         if len(curves) > 1:
             spread = accuracy.std(0, ddof=1)
@@ -249,7 +249,7 @@ def main(args):
         for seed in args.seeds:   # seed by seed: a partial loop still gives every row a number
             for row in args.rows:
                 svm_accuracy(row, seed, args.epochs)
-            for row in args.finetune_rows:
+            for row in [r for r in args.finetune_rows if r in args.rows or r == 'scratch']:
                 finetune_accuracy(row, seed, args.epochs)
 
     def measure(kind, row, seed):
