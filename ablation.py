@@ -142,11 +142,14 @@ def run(script, flags, name):
     subprocess.run(command, check=True)
 
 
+def schedule_suffix(epochs):
+    """'' for the preset's number of epochs, '-e<epochs>' for another: its runs, table and curves apart."""
+    return '' if epochs == PRESETS['synthetic']['epochs'] else f'-e{epochs}'
+
+
 def run_name(row, seed, epochs, kind=''):
-    """runs/ablation-<row>-s<seed>[-e<epochs>][-<kind>]: -e<epochs> for a schedule other than the preset's,
-    -svm and -ft for the evaluations of that pre-training."""
-    schedule = '' if epochs == PRESETS['synthetic']['epochs'] else f'-e{epochs}'
-    return f'ablation-{row}-s{seed}{schedule}' + (f'-{kind}' if kind else '')
+    """runs/ablation-<row>-s<seed>[-e<epochs>][-<kind>]: -svm and -ft for the evaluations of that pre-training."""
+    return f'ablation-{row}-s{seed}{schedule_suffix(epochs)}' + (f'-{kind}' if kind else '')
 
 
 def pretrained(row, seed, epochs):
@@ -154,8 +157,7 @@ def pretrained(row, seed, epochs):
     name = run_name(row, seed, epochs)
     last_epoch = last_record_with(name, 'train_loss_3d')
     if last_epoch is None or last_epoch['epoch'] + 1 < epochs:
-        schedule = [] if epochs == PRESETS['synthetic']['epochs'] else ['--epochs', str(epochs), '--cosine_epochs',
-                                                                          str(epochs)]
+        schedule = ['--epochs', str(epochs), '--cosine_epochs', str(epochs)] if schedule_suffix(epochs) else []
         run('pretrain.py', ROWS[row][4] + ['--seed', str(seed), '--svm_every', '1', *schedule], name)
     return os.path.join(folder(name), 'last.pt')
 
@@ -257,7 +259,7 @@ def main(args):
     text = (f'{args.epochs} epochs of pre-training, seeds {" ".join(map(str, args.seeds))}: mean ± std over the seeds '
             f'(each seed\'s number in brackets)\n\n'
             + table(args.rows, args.seeds, args.finetune_rows, measure, dataset_baselines))
-    suffix = '' if args.epochs == PRESETS['synthetic']['epochs'] else f'-e{args.epochs}'
+    suffix = schedule_suffix(args.epochs)
     os.makedirs(folder('ablation'), exist_ok=True)
     with open(os.path.join(folder('ablation'), f'table{suffix}.md'), 'w') as f:
         f.write(text + '\n')
