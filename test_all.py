@@ -3304,6 +3304,22 @@ def test_ablation_runs_each_row_once_resumes_and_tabulates_mean_and_seed_spread(
                                                                     '--cosine_epochs', '18'))
 
 
+def test_ablation_curves_draw_every_row_that_has_runs(tmp_path, monkeypatch):
+    """Each row's curve (mean over the seeds found) and each reference line reach the picture."""
+    monkeypatch.chdir(tmp_path)
+    for row, seeds in (('3d-only', (0, 1)), ('i2p-mae', (0,))):
+        for seed in seeds:
+            os.makedirs(ablation.folder(ablation.run_name(row, seed, 6)))
+            with open(os.path.join(ablation.folder(ablation.run_name(row, seed, 6)), 'log.jsonl'), 'w') as f:
+                f.writelines(json.dumps(dict(epoch=e, svm_accuracy=70.0 + e + seed)) + '\n' for e in range(3))
+    drawn = {}
+    monkeypatch.setattr(ablation, 'line_plot', lambda series, title, **kw: drawn.update(series))
+    ablation.curves_picture(['3d-only', 'i2p-mae', 'random-teacher'], [0, 1], 6, {'a baseline': 80.0})
+    assert drawn['3D-only (2 seeds)'][:2] == ([1, 2, 3], [70.5, 71.5, 72.5])
+    assert drawn['I2P-MAE (1 seed)'][:2] == ([1, 2, 3], [70.0, 71.0, 72.0])
+    assert drawn['a baseline'][:2] == ([0, 3], [80.0, 80.0]) and len(drawn) == 3
+
+
 def test_ablation_resumes_an_interrupted_run_and_restarts_one_that_saved_nothing(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     commands = []
