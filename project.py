@@ -112,12 +112,16 @@ def sample_upsampled(maps, pixels, img_size):
 
 
 def back_project(points, geometry, maps, img_size):
-    """Teacher maps (V*B, C, h, w) read at points (B, M, 3) -> (B, M, V*C), views concatenated."""
+    """Teacher maps (V*B, C, h, w) read at points (B, M, 3) -> (B, M, V*C), views concatenated.
+
+    In float32 even under bf16 autocast (--amp): the read-back saliency decides the mask (a sort).
+    """
     check_points(points, 'points')
     B, M, _ = points.shape
     V = len(geometry.views)
     if maps.dim() != 4 or maps.shape[0] != V * B:
         raise ValueError(f'maps must be (V*B, C, h, w) = ({V * B}, C, h, w), got {tuple(maps.shape)}')
-    values = sample_upsampled(maps, point_pixels(points, geometry, img_size), img_size)
+    with torch.autocast(points.device.type, enabled=False):
+        values = sample_upsampled(maps.float(), point_pixels(points, geometry, img_size), img_size)
     return values.view(V, B, M, -1).permute(1, 2, 0, 3).reshape(B, M, -1)
 

@@ -144,10 +144,20 @@ def normalize_images(images):
 
 @torch.no_grad()
 def teacher_features_and_saliency(vit, images):
-    """Run the frozen ViT on normalised images (N, 3, S, S) -> features (N, D, h, w), saliency (N, h, w)."""
+    """Run the frozen ViT on normalised images (N, 3, S, S) -> features (N, D, h, w), saliency (N, h, w).
+
+    In float32 even under bf16 autocast (--amp): the saliency decides which tokens stay visible (a sort),
+    and bf16's rounding would change that decision.
+    """
     if images.dim() != 4 or images.shape[1] != 3 or images.shape[-1] != vit.image_size:
         raise ValueError(f'images must be (N, 3, {vit.image_size}, {vit.image_size}) for this teacher, '
                          f'got {tuple(images.shape)}')
+    with torch.autocast(images.device.type, enabled=False):
+        return vit_features_and_attention(vit, images.float())
+
+
+def vit_features_and_attention(vit, images):
+    """teacher_features_and_saliency's forward: torchvision's, with the last block's attention kept."""
     N = images.shape[0]
     h = w = vit.image_size // vit.patch_size
     x = vit.conv_proj(images).flatten(2).transpose(1, 2)           # (N, h*w, D) patches, row-major

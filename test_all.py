@@ -15,6 +15,7 @@ import glob
 import importlib.util
 import io
 import json
+import linecache
 import math
 import os
 import pickle
@@ -3098,6 +3099,298 @@ def test_two_processes_segment_with_evaluation_summed_over_both(two_processes):
                                                    test.category_names))
     assert alone['miou_i'] == pytest.approx(first['test_miou_i'], abs=1e-4)
     assert alone['accuracy'] == pytest.approx(first['test_accuracy'], abs=1e-4)
+
+
+# ---------------------------------------------------------------- on a GPU: proven on the CPU (devices, bf16)
+
+# No GPU runs the suite, so every entry point runs on a pretend one: every tensor lives on the CPU, but
+# the ones made for cuda:0 (device='cuda', .to('cuda'), the results of ops on them) are marked and say
+# .device == cuda:0. An op that takes a marked tensor and an unmarked CPU tensor raises, naming the op
+# and the project's line, as a real GPU raises ("Expected all tensors to be on the same device"); so
+# does drawing random numbers for one device from a generator of the other. (PyTorch's fake tensors
+# carry a cuda device too, but their backward asks for a real CUDA context, and they hold no values to
+# read back; these hold real values, so a whole run, backward, .tolist() and checkpoints included, runs.)
+PRETEND_GPU = torch.device('cuda', 0)
+# calls that may take tensors of both devices on a real GPU: copies and moves, reads to the host, metadata
+CROSSES_DEVICES = {'to', 'cpu', 'cuda', 'copy_', 'numpy', 'tolist', 'item', '__setitem__', '__format__', '__repr__',
+                   '__reduce_ex__', '_has_compatible_shallow_copy_type'}
+
+
+class DeviceMismatch(RuntimeError):
+    pass
+
+
+class PretendGPUGenerator(torch._C.Generator):
+    """What torch.Generator(device='cuda') makes on the pretend GPU: a CPU generator marked as the GPU's."""
+
+
+def pretend_generator(device='cpu'):
+    return PretendGPUGenerator('cpu') if torch.device(device).type == 'cuda' else torch._C.Generator(device)
+
+
+def project_line():
+    """'file:line (code)' of the project's line that made the current call."""
+    frame = sys._getframe(2)
+    while frame is not None and ('/torch/' in frame.f_code.co_filename or frame.f_code.co_name == '__torch_function__'):
+        frame = frame.f_back
+    if frame is None:
+        return 'torch'
+    code = frame.f_code.co_filename
+    return f'{os.path.basename(code)}:{frame.f_lineno} ({linecache.getline(code, frame.f_lineno).strip()})'
+
+
+def names_gpu(value):
+    return isinstance(value, (torch.device, str)) and torch.device(value).type == 'cuda'
+
+
+def leaves_for_cpu(args, kwargs):
+    return any(isinstance(a, (torch.device, str)) and torch.device(a).type == 'cpu'
+               for a in [*args[1:], kwargs.get('device')])
+
+
+class PretendGPU(torch.overrides.TorchFunctionMode):
+    """Marks the tensors that would be on the GPU and refuses what a GPU refuses (see above)."""
+    def __init__(self):
+        super().__init__()
+        self.on_gpu = torch.utils.weak.WeakTensorKeyDictionary()
+        self.attributes = {torch.Tensor.device.__get__: 'device', torch.Tensor.is_cuda.__get__: 'is_cuda',
+                           torch.Tensor.grad.__get__: 'follows', torch.Tensor.data.__get__: 'follows',
+                           torch.Tensor.data.__set__: 'set data'}
+
+    def mark(self, out):
+        for t in torch.utils._pytree.tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                self.on_gpu[t] = True
+        return out
+
+    def attribute(self, what, func, args):
+        t = args[0]
+        if what == 'device':
+            return PRETEND_GPU if t in self.on_gpu else func(*args)
+        if what == 'is_cuda':
+            return t in self.on_gpu
+        if what == 'set data':   # param.data = moved (what Module.to does): the parameter moves with its data
+            self.on_gpu.pop(t, None)
+            if args[1] in self.on_gpu:
+                self.on_gpu[t] = True
+            return func(*args)
+        out = func(*args)       # .grad and .data are where their tensor is
+        return self.mark(out) if out is not None and t in self.on_gpu else out
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self.attributes:
+            return self.attribute(self.attributes[func], func, args)
+        name = getattr(func, '__name__', '')
+        # a deep copy's memo holds the copies made so far: only the tensor copied counts
+        tensors = [t for t in torch.utils._pytree.tree_flatten(args[:1] if name == '__deepcopy__' else (args, kwargs))[0]
+                   if isinstance(t, torch.Tensor)]
+        on_gpu = any(t in self.on_gpu for t in tensors)
+        to_gpu = names_gpu(kwargs.get('device')) or (name == 'to' and any(
+            names_gpu(a) or (isinstance(a, torch.Tensor) and a in self.on_gpu) for a in args[1:]))
+        if to_gpu:   # made (or moved) on the CPU, marked as the GPU's
+            args = tuple(torch.device('cpu') if names_gpu(a) else a for a in args)
+            kwargs = {k: torch.device('cpu') if names_gpu(v) else v for k, v in kwargs.items()}
+        generator = kwargs.get('generator')
+        if generator is not None and isinstance(generator, PretendGPUGenerator) != (on_gpu or to_gpu):
+            raise DeviceMismatch(f'{project_line()}: {name} draws on {"cuda:0" if on_gpu or to_gpu else "the CPU"} '
+                                 f'from a generator of {"the CPU" if on_gpu or to_gpu else "cuda:0"}')
+        if on_gpu and name not in CROSSES_DEVICES:
+            cpu = [t for t in tensors if t not in self.on_gpu and t.dim() > 0]   # a GPU op takes 0-dim CPU tensors
+            if cpu:
+                raise DeviceMismatch(f'{project_line()}: {name}: a CPU tensor {tuple(cpu[0].shape)} ({cpu[0].dtype}) '
+                                     f'meets a tensor on cuda:0')
+        out = func(*args, **kwargs)
+        if args and isinstance(out, torch.Tensor) and out is args[0]:   # .to() of a tensor on the CPU returns itself
+            if to_gpu and not on_gpu:
+                return self.mark(torch.ops.aten.alias.default(out))   # the CPU tensor stays on the CPU
+            if on_gpu and (name == 'cpu' or (name == 'to' and leaves_for_cpu(args, kwargs))):
+                return torch.ops.aten.alias.default(out)              # and the GPU one on the GPU
+        if name in ('cpu', 'numpy', 'tolist', 'item') or (name == 'to' and leaves_for_cpu(args, kwargs)):
+            return out
+        return self.mark(out) if on_gpu or to_gpu else out
+
+
+@contextlib.contextmanager
+def on_a_pretend_gpu(patch):
+    """A PretendGPU, with torch.cuda's functions that a run calls answering as a GPU would."""
+    for name, value in dict(is_available=lambda: True, set_device=lambda device: None,
+                            is_bf16_supported=lambda including_emulation=True: True,
+                            get_rng_state=lambda device=None: torch.get_rng_state(),
+                            set_rng_state=lambda state, device=None: None,
+                            get_device_name=lambda device=None: 'a CPU posing as cuda:0 (test_all.py)',
+                            is_current_stream_capturing=lambda: False).items():
+        patch.setattr(torch.cuda, name, value)
+    patch.setattr(torch, 'Generator', pretend_generator)
+    patch.setattr(torch.accelerator, 'current_stream', lambda device=None: argparse.Namespace(is_capturing=lambda: False))
+    import tokenizer
+    patch.setattr(tokenizer, 'fps_cuda_graph', lambda *args: None)   # the loop itself, eagerly
+    mode = PretendGPU()
+    make_subclass = torch.Tensor._make_subclass
+
+    def parameter_of(cls, data, *args, **kwargs):   # nn.Parameter(data), a deep copy's too, stays where data is
+        made = make_subclass(cls, data, *args, **kwargs)
+        return mode.mark(made) if data in mode.on_gpu else made
+    patch.setattr(torch.Tensor, '_make_subclass', staticmethod(parameter_of))
+    with mode:
+        yield mode
+
+
+def test_the_pretend_gpu_refuses_what_a_gpu_refuses_and_names_the_line(monkeypatch):
+    with on_a_pretend_gpu(monkeypatch):
+        cpu = torch.ones(4, 3)
+        xyz = cpu.to('cuda')
+        assert xyz.device == PRETEND_GPU and xyz.is_cuda and cpu.device.type == 'cpu'
+        moved = torch.nn.Linear(3, 2).to(PRETEND_GPU)
+        assert moved.weight.device == PRETEND_GPU and moved(xyz).device == PRETEND_GPU
+        assert (xyz + torch.tensor(2.0)).device == PRETEND_GPU                  # a 0-dim CPU tensor is a scalar
+        assert (xyz + torch.zeros(3, device=xyz.device)).tolist() == cpu.tolist()
+        assert xyz.cpu().device.type == 'cpu' and (xyz.cpu() + cpu).device.type == 'cpu'
+        with pytest.raises(DeviceMismatch, match=r'test_all.py:\d+ \(xyz \+ torch.zeros\(3\)\): add: a CPU tensor \(3,\)'):
+            xyz + torch.zeros(3)
+        with pytest.raises(DeviceMismatch, match='gather: a CPU tensor'):
+            xyz.gather(1, torch.zeros(4, 1, dtype=torch.long))
+        with pytest.raises(DeviceMismatch, match='rand draws on cuda:0 from a generator of the CPU'):
+            torch.rand(3, device=xyz.device, generator=torch.Generator())
+        torch.rand(3, device=xyz.device, generator=torch.Generator(xyz.device))
+        loss = moved(xyz).sum()
+        loss.backward()
+        assert moved.weight.grad.device == PRETEND_GPU
+
+
+def small_split(name, split, num_points, n):
+    """The first n shapes of a synthetic split (quick runs of the real scripts)."""
+    data = load_split(name, split, num_points=num_points)
+    return data._replace(points=data.points[:n], labels=data.labels[:n])
+
+
+def pretend_gpu_runs(entry, checkpoint, root, patch):
+    """The entry point's run, at a tiny size, on the (pretend or real) GPU: --gpu 0, --amp as its default."""
+    gpu = ['--gpu', '0']
+    if entry == 'pretrain':   # the step (projection, the teacher, guided mask, 2D target), the SVM check
+        use_small_pool(patch)
+        patch.setattr(svm_eval, 'load_split', lambda name, split, data_root, num_points: small_split(
+            name, split, num_points, 48 if split == 'train' else 16))
+        pretrain_run('gpu', '--svm_every', '1', *gpu, epochs=1, steps=2)
+    elif entry == 'finetune':   # training from a pre-trained encoder, validation (best.pt), the test, voting
+        use_small_splits(patch)
+        finetune.main(finetune.parse_args(['--ckpt', checkpoint, *TINY_FLAGS, '--epochs', '1', '--batch_size', '8',
+                                           '--max_steps_per_epoch', '2', '--val_fraction', '0.25', '--vote',
+                                           '--vote_runs', '1', *gpu]))
+    elif entry == 'fewshot':
+        write_fewshot_folds(root / 'data', way=3, shot=4, folds=[0])
+        finetune.main(finetune.parse_args(['--data', 'fewshot', '--data_root', 'data', '--ckpt', checkpoint, *TINY_FLAGS,
+                                           '--ways', '3', '--shots', '4', '--folds', '0', '--epochs', '1',
+                                           '--batch_size', '4', *gpu]))
+    elif entry == 'segment':   # training, the per-epoch evaluation, then --test_only of the weights it saved
+        use_small_part_splits(patch)
+        segment_run('gpu', checkpoint, '--epochs', '1', '--max_steps_per_epoch', '2', *gpu)
+        segment.main(segment.parse_args(['--test_only', '--ckpt', 'runs/gpu/last.pt', '--run_name', 'gpu-test', *gpu]))
+    elif entry == 'train_teacher':   # the demo teacher's training (on a GPU when asked) and its held-out accuracy
+        train_teacher.train_demo_teacher('cuda', log=lambda line: None, image_size=32, patch_size=8, num_layers=1,
+                                         num_heads=2, hidden_dim=16, stem_channels=(), num_points=128,
+                                         train_shapes=64, test_shapes=16, epochs=1, batch_size=32)
+    elif entry == 'svm_eval':   # BatchNorm calibration and the frozen features
+        patch.setattr(svm_eval, 'load_split', lambda name, split, data_root, num_points: small_split(
+            name, split, num_points, 48 if split == 'train' else 16))
+        svm_eval.main(svm_eval.parse_args(['--ckpt', checkpoint, '--random_init', '--num_points', '64', *gpu]))
+
+
+GPU_ENTRY_POINTS = ['pretrain', 'finetune', 'fewshot', 'segment', 'svm_eval', 'train_teacher']
+
+
+@pytest.mark.parametrize('entry', GPU_ENTRY_POINTS)
+def test_every_entry_point_keeps_its_tensors_on_the_gpu(entry, pretrain_checkpoint, tmp_path, monkeypatch):
+    """Each script's work, at a tiny size, with --gpu 0 on the pretend GPU: any tensor made on the CPU
+    that meets one on the GPU stops it, naming the line."""
+    monkeypatch.chdir(tmp_path)
+    with on_a_pretend_gpu(monkeypatch):
+        pretend_gpu_runs(entry, pretrain_checkpoint, tmp_path, monkeypatch)
+
+
+# bf16's relative error on the authors' reference cases, measured on a 2-core Xeon: the pre-training losses 4.4e-3
+# (3D) and 2.5e-5 (2D) in eval mode, 1.5e-2 and 2.4e-3 in train mode (BatchNorm over 2 clouds amplifies rounding),
+# the fine-tuning logits 1.0e-2 (ModelNet40) and 1.1e-2 (ScanObjectNN); bf16 keeps 8 bits of mantissa (4e-3).
+BF16_TOLERANCE = 5e-2
+
+
+@pytest.mark.parametrize('case', ['pretrain eval', 'pretrain train', 'modelnet40', 'scanobjectnn'])
+def test_under_bf16_autocast_the_reference_cases_keep_their_decisions_and_stay_within_tolerance(pretrain_reference,
+                                                                                              case):
+    """The authors' cases under bf16 autocast: the tokens (and the fine-tuning models' radius masks) are exactly
+    float32's, the losses and logits within BF16_TOLERANCE of the reference."""
+    bf16 = torch.autocast('cpu', dtype=torch.bfloat16)
+    if case.startswith('pretrain'):
+        ref, mode = pretrain_reference, case.split()[1]
+        with bf16:
+            groups = build_token_hierarchy(ref['t']['points'], ref['cfg'].num_groups, ref['cfg'].group_sizes)
+            masks = hierarchical_masks(ref['t']['mask_top'], groups)
+            model = reference_student(ref).train(mode == 'train')
+            losses = model.pretrain_losses(groups, masks, ref['target_2d'][~masks[1]])
+        assert all(torch.equal(g.idx, r.idx) for g, r in zip(groups, ref['groups']))
+        assert all(torch.equal(m, r) for m, r in zip(masks, ref['masks']))
+        for name, loss in zip(('loss_3d', 'loss_2d'), losses):
+            assert relative_error(loss, ref['t'][f'{mode}.{name}']) < BF16_TOLERANCE, name
+        return
+    reference = load_reference(f'finetune_{case}_case.pt')
+    t, c = reference['tensors'], reference['config']
+    model = Classifier(reference_config(c), c['num_classes'], 'concat' if 'concat' in c['pooling'] else 'mean+max')
+    assert load_weights(model, {'base_model': load_reference(f'finetune_{case}_weights.pt')['state_dict']}) == {}
+    rec = Recorder()
+    for i, blocks in enumerate(model.encoder.blocks):
+        rec.inputs(blocks[0], f'enc{i}.first_block')
+    with bf16:
+        logits = model.eval()(t['points'])
+    n_in = t['points'].shape[1]
+    for i, group in enumerate(build_token_hierarchy(t['points'], model.cfg.num_groups, model.cfg.group_sizes)):
+        assert_close(flat_idx(group, n_in), t[f'g{i}.idx'], f'g{i}.idx')
+        assert_close(rec.values[f'enc{i}.first_block'][1][:, 0] < 0, t[f'enc{i}.radius_mask'], f'enc{i}.radius_mask')
+        n_in = model.cfg.num_groups[i]
+    assert logits.dtype == torch.bfloat16 and relative_error(logits, t['logits']) < BF16_TOLERANCE
+
+
+class Recording(torch.nn.Module):
+    """Stands in for the student in pretrain_step: keeps what the step hands it, then runs the student."""
+    def __init__(self, student):
+        super().__init__()
+        self.module = student
+
+    def forward(self, *inputs):
+        self.inputs = inputs
+        return self.module(*inputs)
+
+
+def step_under(amp, xyz, student, vit, args, patch):
+    """(groups, token saliency, masks, 2D targets, losses) of one pretrain_step, under bf16 autocast or not,
+    from one random state."""
+    model, saliency = Recording(student), []
+    patch.setattr(pretrain, 'guided_mask', lambda s, ratio: saliency.append(s) or guided_mask(s, ratio))
+    with torch.random.fork_rng(devices=[]), torch.autocast('cpu', dtype=torch.bfloat16, enabled=amp):
+        torch.manual_seed(0)
+        losses = pretrain_step(model, vit, xyz, args)
+    groups, masks, target_2d, _ = model.inputs
+    return groups, saliency[0], masks, target_2d, losses
+
+
+def test_under_bf16_autocast_a_steps_tokens_masks_and_2d_targets_equal_float32s(monkeypatch):
+    """--amp (the default on a GPU) runs the step under bf16 autocast. Every decision stays in float32: the FPS
+    and kNN indices, the teacher's saliency (teacher.py) and its read-back (project.py), which decide the mask,
+    and the mask; so the tokens, the saliency, the masks and the 2D targets are float32's, bit for bit, and the
+    losses move by bf16's rounding only."""
+    args = parse_args([])   # the demo: guided mask, 2D target, the demo teacher's architecture
+    vit = teacher.freeze(train_teacher.untrained_demo_teacher()[0])
+    torch.manual_seed(0)
+    student = pretrain.student_of(args, vit).eval()   # eval: the two steps leave BatchNorm as it was
+    xyz = pretrain_pool(args.num_points)[:16]
+    groups, saliency, masks, target_2d, losses = step_under(False, xyz, student, vit, args, monkeypatch)
+    groups_16, saliency_16, masks_16, target_2d_16, losses_16 = step_under(True, xyz, student, vit, args, monkeypatch)
+    for g, g16 in zip(groups, groups_16):
+        assert torch.equal(g.idx, g16.idx) and torch.equal(g.centers, g16.centers)
+    assert saliency_16.dtype == torch.float32 and torch.equal(saliency, saliency_16)
+    assert all(torch.equal(m, m16) for m, m16 in zip(masks, masks_16))
+    assert target_2d_16.dtype == torch.float32 and torch.equal(target_2d, target_2d_16)
+    for loss, loss_16 in zip(losses, losses_16):
+        assert loss_16.dtype == torch.float32 and relative_error(loss_16, loss) < BF16_TOLERANCE, (losses, losses_16)
 
 
 # ---------------------------------------------------------------- demo.py and pictures.py
