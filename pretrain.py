@@ -14,6 +14,7 @@ args.json (every flag) and curves.png. docs/training.md says how runs, resume an
 import argparse
 import os
 import time
+import warnings
 from dataclasses import asdict, replace
 
 import torch
@@ -180,14 +181,30 @@ def student_of(args, teacher):
     return I2PMAE(replace(base, feat_dim_2d=0 if args.no_2d_target else teacher.hidden_dim, num_views=args.views))
 
 
-def compile_student(student):
+def compile_student(student, backend='inductor'):
     """--compile: torch.compile the student's fixed-shape parts (the token embeddings, most of a step's
     arithmetic, and the decoder's upsampling), in place: the state_dict keeps its keys. The encoder's
-    blocks see another number of visible tokens at every step, so they stay eager."""
+    blocks see another number of visible tokens at every step, so they stay eager. A part that cannot
+    be compiled (no C++ compiler, no Triton for this GPU, ...) says why in a warning and runs eagerly."""
     for module in student.modules():
         if isinstance(module, (TokenEmbed, TokenPropagation)):
-            module.compile(dynamic=False)
+            module.compile(dynamic=False, backend=backend)
+            module._compiled_call_impl = eager_if_compiling_fails(module, module._compiled_call_impl)
     return student
+
+
+def eager_if_compiling_fails(module, compiled):
+    """module's compiled call; if compiling raises (before any of it runs), a warning, then module's own call."""
+    def call(*args, **kwargs):
+        try:
+            return compiled(*args, **kwargs)
+        except torch._dynamo.exc.TorchDynamoException as error:
+            why = getattr(error, 'inner_exception', None) or error   # the backend's own error
+            warnings.warn(f'--compile: torch.compile could not compile {type(module).__name__} ({type(why).__name__}: '
+                          f'{(str(why).strip() or "no message").splitlines()[0]}); it runs eagerly')
+            module._compiled_call_impl = None
+            return module._call_impl(*args, **kwargs)
+    return call
 
 
 def main(args):

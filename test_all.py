@@ -1749,6 +1749,18 @@ def test_compile_flag_compiles_only_the_fixed_shape_parts_in_place(monkeypatch, 
     assert marked == {'TokenEmbed', 'TokenPropagation'}
 
 
+def test_a_part_that_cannot_be_compiled_warns_saying_why_and_runs_eagerly():
+    def no_compiler(graph, example_inputs):   # what a machine without a C++ compiler or Triton gives
+        raise RuntimeError('no working C++ compiler')
+    torch.manual_seed(0)
+    student, xyz = I2PMAE(TINY), torch.rand(2, 64, 3)
+    expected = student.eval().svm_features(xyz)
+    pretrain.compile_student(student, backend=no_compiler)
+    with pytest.warns(UserWarning, match=r'could not compile TokenEmbed \(.*no working C\+\+ compiler.*it runs eagerly'):
+        assert torch.equal(student.svm_features(xyz), expected)
+    assert all(getattr(m, '_compiled_call_impl', None) is None for m in student.encoder.token_embed)
+
+
 # ---------------------------------------------------------------- training.py and flags.py: runs, resume, Ctrl-C, user mistakes
 
 def test_ctrl_c_inside_a_pretraining_step_then_resume_is_bit_identical(straight_pretrain, tmp_path, monkeypatch, small_pool):
