@@ -183,6 +183,8 @@ TINY_FLAGS = ['--points', '48', '--train_fps', '56', '--group_sizes', '8', '4', 
 
 
 CPU = Process(torch.device('cpu'))   # a run of one process
+# a test that needs a GPU; its name holds 'cuda' (test id included), which is how benchmark.py gpu selects them
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a GPU')
 
 
 def tiny_student_and_teacher(feat_dim=32):
@@ -404,7 +406,7 @@ def test_knn_topk_keeps_lowest_index_on_ties():
     assert knn_indices(torch.zeros(1, 1, 3), torch.zeros(1, 5, 3), 5).tolist() == [[[0, 1, 2, 3, 4]]]
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a GPU: the CUDA graph of the FPS loop')
+@needs_cuda
 def test_fps_cuda_graph_replays_the_loop_exactly():
     for xyz in tie_heavy_clouds():
         for trial in range(2):   # the second call replays the recorded graph on new points
@@ -3320,6 +3322,13 @@ def test_every_entry_point_keeps_its_tensors_on_the_gpu(entry, pretrain_checkpoi
         pretend_gpu_runs(entry, pretrain_checkpoint, tmp_path, monkeypatch)
 
 
+@needs_cuda
+@pytest.mark.parametrize('entry', GPU_ENTRY_POINTS)
+def test_cuda_every_entry_point_runs_on_the_real_gpu(entry, pretrain_checkpoint, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    pretend_gpu_runs(entry, pretrain_checkpoint, tmp_path, monkeypatch)
+
+
 # bf16's relative error on the authors' reference cases, measured on a 2-core Xeon: the pre-training losses 4.4e-3
 # (3D) and 2.5e-5 (2D) in eval mode, 1.5e-2 and 2.4e-3 in train mode (BatchNorm over 2 clouds amplifies rounding),
 # the fine-tuning logits 1.0e-2 (ModelNet40) and 1.1e-2 (ScanObjectNN); bf16 keeps 8 bits of mantissa (4e-3).
@@ -3361,44 +3370,24 @@ def test_under_bf16_autocast_the_reference_cases_keep_their_decisions_and_stay_w
     assert logits.dtype == torch.bfloat16 and relative_error(logits, t['logits']) < BF16_TOLERANCE
 
 
-class Recording(torch.nn.Module):
-    """Stands in for the student in pretrain_step: keeps what the step hands it, then runs the student."""
-    def __init__(self, student):
-        super().__init__()
-        self.module = student
-
-    def forward(self, *inputs):
-        self.inputs = inputs
-        return self.module(*inputs)
-
-
-def step_under(amp, xyz, student, vit, args, patch):
-    """(groups, token saliency, masks, 2D targets, losses) of one pretrain_step, under bf16 autocast or not,
-    from one random state."""
-    model, saliency = Recording(student), []
-    patch.setattr(pretrain, 'guided_mask', lambda s, ratio: saliency.append(s) or guided_mask(s, ratio))
-    with torch.random.fork_rng(devices=[]), torch.autocast('cpu', dtype=torch.bfloat16, enabled=amp):
-        torch.manual_seed(0)
-        losses = pretrain_step(model, vit, xyz, args)
-    groups, masks, target_2d, _ = model.inputs
-    return groups, saliency[0], masks, target_2d, losses
-
-
-def test_under_bf16_autocast_a_steps_tokens_masks_and_2d_targets_equal_float32s(monkeypatch):
+@pytest.mark.parametrize('device', ['cpu', pytest.param('cuda', marks=needs_cuda)])
+def test_under_bf16_autocast_a_steps_tokens_masks_and_2d_targets_equal_float32s(device, monkeypatch):
     """--amp (the default on a GPU) runs the step under bf16 autocast. Every decision stays in float32: the FPS
     and kNN indices, the teacher's saliency (teacher.py) and its read-back (project.py), which decide the mask,
     and the mask; so the tokens, the saliency, the masks and the 2D targets are float32's, bit for bit, and the
-    losses move by bf16's rounding only."""
-    args = parse_args([])   # the demo: guided mask, 2D target, the demo teacher's architecture
-    vit = teacher.freeze(train_teacher.untrained_demo_teacher()[0])
+    losses move by bf16's rounding only. (benchmark.py gpu makes the same comparison at the paper's size.)"""
+    args = parse_args(['--gpu', '0' if device == 'cuda' else '-1'])   # the demo: guided mask, 2D target
+    vit = teacher.freeze(train_teacher.untrained_demo_teacher()[0]).to(device)
     torch.manual_seed(0)
-    student = pretrain.student_of(args, vit).eval()   # eval: the two steps leave BatchNorm as it was
-    xyz = pretrain_pool(args.num_points)[:16]
-    groups, saliency, masks, target_2d, losses = step_under(False, xyz, student, vit, args, monkeypatch)
-    groups_16, saliency_16, masks_16, target_2d_16, losses_16 = step_under(True, xyz, student, vit, args, monkeypatch)
+    student = pretrain.student_of(args, vit).to(device).eval()   # eval: the two steps leave BatchNorm as it was
+    xyz = pretrain_pool(args.num_points)[:16].to(device)
+    saliency = []
+    monkeypatch.setattr(pretrain, 'guided_mask', lambda s, ratio: saliency.append(s) or guided_mask(s, ratio))
+    groups, masks, target_2d, losses = benchmark.step_under(False, xyz, student, vit, args)
+    groups_16, masks_16, target_2d_16, losses_16 = benchmark.step_under(True, xyz, student, vit, args)
     for g, g16 in zip(groups, groups_16):
         assert torch.equal(g.idx, g16.idx) and torch.equal(g.centers, g16.centers)
-    assert saliency_16.dtype == torch.float32 and torch.equal(saliency, saliency_16)
+    assert saliency[1].dtype == torch.float32 and torch.equal(saliency[0], saliency[1])
     assert all(torch.equal(m, m16) for m, m16 in zip(masks, masks_16))
     assert target_2d_16.dtype == torch.float32 and torch.equal(target_2d, target_2d_16)
     for loss, loss_16 in zip(losses, losses_16):
@@ -3561,6 +3550,29 @@ def test_benchmark_svm_and_fps_modes_print_their_numbers(capsys):
                     '1', '--gpu', '-1'])
     out = capsys.readouterr().out
     assert 'shapes/s' in out and 'syncs per batch' in out and 'draw from the pool' in out
+
+
+def test_the_gpu_check_runs_on_the_cpu_at_a_tiny_size_and_writes_its_report(tmp_path, monkeypatch, capsys):
+    """`python benchmark.py gpu --gpu -1 --tiny`: the code of the first GPU's check, every check, on the CPU."""
+    monkeypatch.chdir(tmp_path)
+    use_small_pool(monkeypatch)
+    monkeypatch.setattr(svm_eval, 'load_split', lambda name, split, data_root, num_points: small_split(
+        name, split, num_points, 48 if split == 'train' else 16))
+    benchmark.main(['gpu', '--gpu', '-1', '--tiny'])
+    report = json.load(open('runs/gpu-check/report.json'))
+    checks = ['CUDA-only tests', 'step fp32', 'step bf16', 'ShapeNet-55 epoch, projected', 'bf16 against fp32, one batch',
+              'FPS: CUDA graph against the loop', '--compile', 'synthetic demo, one epoch, then its SVM',
+              'torchrun, 2 processes']
+    assert [c for c in checks if c not in report or 'error' in report[c]] == []
+    agreement = report['bf16 against fp32, one batch']
+    assert agreement['tokens_identical'] and agreement['masks_identical'] and agreement['targets_2d_identical']
+    assert abs(agreement['loss_3d_relative_difference']) < BF16_TOLERANCE
+    assert abs(agreement['loss_2d_relative_difference']) < BF16_TOLERANCE
+    assert report['step bf16']['amp'] and not report['step fp32']['amp'] and report['step fp32']['syncs_without_teacher'] == 1
+    assert report['FPS: CUDA graph against the loop']['identical'] and report['--compile']['fell_back'] == []
+    assert 'skipped' in report['CUDA-only tests']['summary'] and 'needs 2' in report['torchrun, 2 processes']['skipped']
+    table = capsys.readouterr().out.split('GPU check on CPU')[1]
+    assert all(c in table for c in checks) and 'FAILED' not in table
 
 
 def test_ablation_runs_each_row_once_resumes_and_tabulates_mean_and_seed_spread(tmp_path, monkeypatch):
