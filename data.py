@@ -437,6 +437,32 @@ def load_fewshot_fold(data_root, way, shot, fold, num_points=None):
     return splits[0], splits[1]
 
 
+# ---------------------------------------------------------------- held-out and few-label subsets of a labelled split
+
+def draw_per_class(labels, count, seed):
+    """Indices of a seeded random `count(n)` of the n shapes of every class, class by class (count: n -> k)."""
+    generator, drawn = torch.Generator().manual_seed(seed), [torch.zeros(0, dtype=torch.long)]
+    for c in labels.unique():   # a loop over classes, not samples
+        members = (labels == c).nonzero()[:, 0]
+        drawn.append(members[torch.randperm(len(members), generator=generator)][:count(len(members))])
+    return torch.cat(drawn)
+
+
+def validation_split(labels, fraction, seed):
+    """(train indices, validation indices): a seeded `fraction` of every class held out."""
+    is_val = torch.zeros(len(labels), dtype=torch.bool)
+    is_val[draw_per_class(labels, lambda n: round(fraction * n), seed)] = True
+    return (~is_val).nonzero()[:, 0], is_val.nonzero()[:, 0]
+
+
+def few_labels(labels, shots, seed):
+    """Indices of `shots` shapes of every class (seeded): the labelled few of a few-label evaluation."""
+    too_few = [int(c) for c in labels.unique() if (labels == c).sum() < shots]
+    if too_few:
+        raise ValueError(f'{shots} shapes per class: classes {too_few} have fewer')
+    return draw_per_class(labels, lambda n: shots, seed)
+
+
 # ---------------------------------------------------------------- synthetic dataset (shapes: synthetic.py)
 
 def synthetic_shapes(num_shapes, num_points, rng):

@@ -28,7 +28,7 @@ from tokenizer import farthest_point_sample, gather_points
 from model import SMALL_CONFIG, Classifier, ModelConfig, smoothed_cross_entropy
 from checkpoints import checkpoint_config, load_weights, read_checkpoint
 from data import (fewshot_fold_path, fps_subsample, load_fewshot_fold, load_split, random_point_subset,
-                  rotate_about_up_axis, scale_and_translate)
+                  rotate_about_up_axis, scale_and_translate, validation_split)
 from flags import (ArgumentParser, add_run_flags, fraction, non_negative_float, non_negative_int, parse_run_flags,
                    positive_float, positive_int, run_script)
 from training import Run, end_process, param_groups, run_folder, seed_process, setup_process, sum_over_processes, train
@@ -164,9 +164,6 @@ def build_classifier(args, num_classes, resume=None):
     if args.from_scratch:
         cfg = with_preset(SMALL_CONFIG if args.config == 'small' else ModelConfig())
         return Classifier(cfg, num_classes, args.pooling), f'random initialisation ({args.config} config)'
-    if not os.path.isfile(args.ckpt):
-        raise SystemExit(f'--ckpt {args.ckpt}: no such file. Pre-train first (python pretrain.py), pass our last.pt '
-                         f'or the authors\' pre-train.pth as --ckpt, or train with --from_scratch')
     checkpoint = read_checkpoint(args.ckpt, '--ckpt')
     classifier = Classifier(with_preset(checkpoint_config(checkpoint, args.ckpt)), num_classes, args.pooling)
     skipped = load_weights(classifier, checkpoint, args.ckpt, fine_tune=not args.test_only)
@@ -285,17 +282,6 @@ def voting(classifier, pool, labels, args, process):
     return dict(vote_runs=runs, vote_mean=float(np.mean(runs)), vote_std=float(np.std(runs)))
 
 
-def validation_split(labels, fraction, seed):
-    """(train indices, validation indices): a seeded `fraction` of every class held out."""
-    generator, held = torch.Generator().manual_seed(seed), [torch.zeros(0, dtype=torch.long)]
-    for c in labels.unique():   # a loop over classes, not samples
-        members = (labels == c).nonzero()[:, 0]
-        held.append(members[torch.randperm(len(members), generator=generator)][:round(fraction * len(members))])
-    is_val = torch.zeros(len(labels), dtype=torch.bool)
-    is_val[torch.cat(held)] = True
-    return (~is_val).nonzero()[:, 0], is_val.nonzero()[:, 0]
-
-
 # ---------------------------------------------------------------- the recipe
 
 
@@ -404,6 +390,10 @@ def check_cloud_points(split, args):
 
 
 def main(args):
+    if not (args.resume or args.from_scratch or os.path.isfile(args.ckpt)):   # before anything is announced or built
+        raise SystemExit(f'--ckpt {args.ckpt}: no such file' + '. Pre-train first (python pretrain.py'
+                         + ('' if args.data == 'synthetic' else ' --data shapenet') + '), pass our last.pt or the '
+                         'authors\' pre-train.pth as --ckpt, or train with --from_scratch')
     process = setup_process(args)
     if args.batch_size % process.world or args.batch_size // process.world < 2:
         raise SystemExit(f'--batch_size {args.batch_size} over {process.world} processes: each process needs an '

@@ -359,12 +359,6 @@ def read_pretrained(args):
     computes; returns the lines that say which changed."""
     if args.from_scratch:
         return None, []
-    if not os.path.isfile(args.ckpt) and args.test_only:
-        raise SystemExit(f'--ckpt {args.ckpt}: no such file; --test_only tests the last.pt of a segmentation run '
-                         f'(runs/segment-{args.data}/last.pt after python segment.py --data {args.data})')
-    if not os.path.isfile(args.ckpt):
-        raise SystemExit(f'--ckpt {args.ckpt}: no such file. Pre-train first (python pretrain.py), pass our last.pt '
-                         f'or the authors\' pre-train.pth as --ckpt, or train with --from_scratch')
     checkpoint = read_checkpoint(args.ckpt, '--ckpt')
     trained = checkpoint.get('args', {})
     if not args.test_only or 'head' not in trained:   # not a segmentation run: load_weights says what it is
@@ -425,6 +419,13 @@ def train_segmenter(segmenter, train_split, test, test_xyz, test_parts, args, ru
 
 
 def main(args):
+    if not (args.resume or args.from_scratch or os.path.isfile(args.ckpt)):   # before anything is announced or built
+        raise SystemExit(
+            f'--ckpt {args.ckpt}: no such file; --test_only tests the last.pt of a segmentation run (runs/segment-'
+            f'{args.data}/last.pt after python segment.py --data {args.data})' if args.test_only else
+            f'--ckpt {args.ckpt}: no such file' + '. Pre-train first (python pretrain.py'
+            + ('' if args.data == 'synthetic' else ' --data shapenet') + '), pass our last.pt or the authors\' '
+            'pre-train.pth as --ckpt, or train with --from_scratch')
     process = setup_process(args)
     if args.batch_size % process.world or args.batch_size // process.world < 2:
         raise SystemExit(f'--batch_size {args.batch_size} over {process.world} processes: each process needs an '

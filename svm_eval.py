@@ -9,7 +9,10 @@ the training features and scored on the test features; no feature scaling, as th
   python svm_eval.py --ckpt runs/pretrain-shapenet/last.pt --data modelnet40
   python svm_eval.py --ckpt pre-train.pth --data scanobjectnn   # the authors' checkpoint
   python svm_eval.py --random_init                     # the same encoder, untrained: the baseline
+  python svm_eval.py --shots 1 5 10                    # also: a linear SVM on 1, 5, 10 labelled shapes per class
+  python svm_eval.py --split val --cv                  # scored on a fifth of the training shapes held out
   python svm_eval.py --run_name svm-demo --save_features runs/svm-demo/features.npz
+--split val never reads the test split: choose schedules and recipes with it.
 ScanObjectNN's training clouds are read in a seeded random point order (--seed), as the authors'
 loader reads them, so that the eval-mode FPS (from index 0) starts anywhere. --run_name keeps the
 evaluation in an SVM run folder, runs/<run_name>/: args.json (every flag, the encoder's configuration,
@@ -29,13 +32,20 @@ from sklearn.svm import SVC
 
 from model import I2PMAE
 from checkpoints import checkpoint_config, load_weights, read_checkpoint
-from data import load_split
+from data import few_labels, load_split, validation_split
 from flags import ArgumentParser, gpu_index, positive_float, positive_int, run_script, seed_value
 from training import Process, Run, sum_over_processes
 
 # the authors' test-script values; their per-epoch monitor used 0.01 (docs/deviations.md, B8). They were tuned for
 # their features on real data; on synthetic data (None) C is chosen by cross-validation on train.
 SVM_C = {'modelnet40': 0.0093, 'scanobjectnn': 0.018, 'synthetic': None}
+# --split val: the share of every training class held out (seed 0) and scored in place of the test split
+VAL_FRACTION = 0.2
+# --shots: a few labelled shapes per class, drawn FEW_LABEL_DRAWS times. At most a few hundred shapes in 256 or 384
+# dimensions are linearly separable, and a hard margin (a C this large) needs no C chosen, which so few labels
+# could not do (nor may the test split)
+FEW_LABEL_C = 1e4
+FEW_LABEL_DRAWS = 10
 # the default --ckpt: the pre-training run of this kind of data (finetune.py and segment.py default to the same)
 PRETRAINED = {'modelnet40': 'runs/pretrain-shapenet/last.pt', 'scanobjectnn': 'runs/pretrain-shapenet/last.pt',
               'synthetic': 'runs/pretrain-synthetic/last.pt'}
@@ -60,6 +70,12 @@ def parse_args(argv=None):
     p.add_argument('--C', type=positive_float, default=None,
                    help='SVM C (default: 0.0093 ModelNet40, 0.018 ScanObjectNN, cross-validated on synthetic)')
     p.add_argument('--cv', action='store_true', help='choose C by 5-fold cross-validation on the training features only')
+    p.add_argument('--split', choices=['test', 'val'], default='test',
+                   help=f'score on the test split (default), or on a held-out {VAL_FRACTION:.0%} of every training '
+                        f'class, fitting on the rest (val: to choose schedules and recipes; the test split is not read)')
+    p.add_argument('--shots', type=positive_int, nargs='+', default=[],
+                   help=f'also fit a linear SVM on this many labelled shapes per class ({FEW_LABEL_DRAWS} seeded draws, '
+                        f'hard margin C {FEW_LABEL_C:g}) and score it on the same split: the few-label setting')
     p.add_argument('--random_init', action='store_true',
                    help='evaluate a randomly initialised encoder of the same shape (BatchNorm statistics '
                         'estimated on the training clouds first, see calibrate_batchnorm)')
@@ -164,19 +180,39 @@ def load_svm_split(data, split, data_root, num_points):
         raise FileNotFoundError(f'svm_eval.py --data {data} reads {DATA_FILES[data]}:\n{error}') from None
 
 
+def load_svm_splits(data, data_root, num_points, split='test', seed=0):
+    """(fit, score) PointSplits: the training and the test split; with split 'val' the training split without
+    a held-out VAL_FRACTION of every class, and that held-out part (the test split is not read). ScanObjectNN's
+    training clouds are shuffled point-wise (shuffle_points, `seed`), as the authors' loader does."""
+    train = load_svm_split(data, 'train', data_root, num_points)
+    if data == 'scanobjectnn':
+        train = train._replace(points=shuffle_points(train.points, seed))
+    if split == 'test':
+        return train, load_svm_split(data, 'test', data_root, num_points)
+    fit, held = validation_split(train.labels, VAL_FRACTION, seed=0)
+    return tuple(train._replace(points=train.points[i], labels=train.labels[i]) for i in (fit, held))
+
+
+def few_label_accuracy(train_x, train_y, test_x, test_y, shots, draws=FEW_LABEL_DRAWS):
+    """{k: [accuracy % of each draw]}: a hard-margin linear SVM fitted on k labelled shapes per class (drawn
+    with seeds 0 .. draws-1) and scored on all the test features."""
+    labels = torch.from_numpy(train_y)
+    return {k: [linear_svm_accuracy(train_x[i], train_y[i], test_x, test_y, FEW_LABEL_C)
+                for i in (few_labels(labels, k, seed).numpy() for seed in range(draws))] for k in shots}
+
+
 def evaluate(student, data, data_root, num_points, C, batch_size, device, cv=False, calibrate=False, process=None,
-             seed=0, features_path=None):
-    """Linear-SVM accuracy of the student's frozen features; returns (accuracy, C, n_train, n_test).
+             seed=0, features_path=None, split='test', shots=()):
+    """Linear-SVM accuracy of the student's frozen features: a dict of accuracy, C, n_train, n_test, and
+    few_label ({k: [accuracy of each draw]} for k in shots).
 
     calibrate=True first estimates BatchNorm statistics on the training clouds (random-init baseline).
     process: in a multi-process run every process extracts its share of the features, then fits the
     same SVM on all of them (no process waits in a collective while another fits).
-    ScanObjectNN's training clouds are shuffled point-wise first (shuffle_points, `seed`), as the authors'
-    loader does. features_path: also write the features and labels there (train_x, train_y, test_x, test_y).
+    split, seed: load_svm_splits'. features_path: also write the features and labels there (train_x,
+    train_y, test_x, test_y; with split 'val', test_* are the held-out shapes').
     """
-    train, test = (load_svm_split(data, split, data_root, num_points) for split in ('train', 'test'))
-    if data == 'scanobjectnn':
-        train = train._replace(points=shuffle_points(train.points, seed))
+    train, test = load_svm_splits(data, data_root, num_points, split, seed)
     if calibrate:
         calibrate_batchnorm(student, train.points, batch_size, device)
     train_x = extract_features(student, train.points, batch_size, device, process)
@@ -186,7 +222,8 @@ def evaluate(student, data, data_root, num_points, C, batch_size, device, cv=Fal
     accuracy = linear_svm_accuracy(train_x, train.labels.numpy(), test_x, test.labels.numpy(), C)
     if features_path is not None:
         save_features(features_path, train_x, train.labels.numpy(), test_x, test.labels.numpy())
-    return accuracy, C, len(train_x), len(test_x)
+    few = few_label_accuracy(train_x, train.labels.numpy(), test_x, test.labels.numpy(), shots)
+    return dict(accuracy=accuracy, C=C, n_train=len(train_x), n_test=len(test_x), few_label=few)
 
 
 def save_features(path, train_x, train_y, test_x, test_y):
@@ -208,9 +245,9 @@ def svm_check(student, args, process):
     Every process of the run takes part and gets the same accuracy."""
     data = 'synthetic' if args.data == 'synthetic' else 'modelnet40'
     points = args.num_points if data == 'synthetic' else None
-    accuracy, *_ = evaluate(student, data, args.data_root, points, SVM_C[data], 128, process.device, process=process)
+    result = evaluate(student, data, args.data_root, points, SVM_C[data], 128, process.device, process=process)
     student.train()
-    return accuracy
+    return result['accuracy']
 
 
 def main(args):
@@ -219,12 +256,14 @@ def main(args):
         raise SystemExit(f'--gpu {args.gpu}: no CUDA device here; use --gpu -1 for the CPU')
     device = torch.device('cuda', args.gpu) if args.gpu >= 0 else torch.device('cpu')
     path = args.ckpt or PRETRAINED[args.data]
-    print(f'linear SVM on {args.data} of the {"RANDOMLY INITIALISED" if args.random_init else "pre-trained"} encoder of '
-          f'{path}' + ('' if args.ckpt else f' (the default --ckpt: the run of pretrain.py on {args.data} data)'))
-    if not args.ckpt and not os.path.isfile(path):
+    if not os.path.isfile(path):   # before anything is announced or read
         command = 'python pretrain.py' + ('' if args.data == 'synthetic' else ' --data shapenet')
-        raise SystemExit(f'no {path}: pre-train first ({command}), or pass --ckpt PATH (our last.pt or the authors\' '
-                         f'pre-train.pth)')
+        raise SystemExit((f'--ckpt {path}: no such file. Pre-train first' if args.ckpt else f'no {path}: pre-train first')
+                         + f' ({command}), or pass --ckpt PATH (our last.pt or the authors\' pre-train.pth)')
+    print(f'linear SVM on {args.data} of the {"RANDOMLY INITIALISED" if args.random_init else "pre-trained"} encoder of '
+          f'{path}' + ('' if args.ckpt else f' (the default --ckpt: the run of pretrain.py on {args.data} data)')
+          + (f', scored on the validation split (a held-out {VAL_FRACTION:.0%} of every training class)'
+             if args.split == 'val' else ''))
     student, trained_with = load_student(path, args.random_init)
     student.to(device)
     num_points = args.num_points or (trained_with.get('num_points') if args.data == 'synthetic' else None)
@@ -243,20 +282,27 @@ def main(args):
     print(f'  model {asdict(student.cfg)}')
     start = time.time()
     given_C = args.C if args.C is not None else SVM_C[args.data]
-    accuracy, C, n_train, n_test = evaluate(student, args.data, args.data_root, num_points, given_C, args.batch_size,
-                                            device, args.cv, calibrate=args.random_init or args.calibrate_batchnorm,
-                                            seed=args.seed, features_path=args.save_features)
+    r = evaluate(student, args.data, args.data_root, num_points, given_C, args.batch_size, device, args.cv,
+                 calibrate=args.random_init or args.calibrate_batchnorm, seed=args.seed, features_path=args.save_features,
+                 split=args.split, shots=args.shots)
     chosen = args.cv or given_C is None
-    line = (f'accuracy {accuracy:.2f}%  (C {C}{" by cross-validation on the training features" if chosen else ""}, '
-            f'{n_train} train / {n_test} test shapes, {time.time() - start:.1f} s)')
+    scored = 'test' if args.split == 'test' else 'held-out'
+    line = (f'{"accuracy" if args.split == "test" else "validation accuracy"} {r["accuracy"]:.2f}%  (C {r["C"]}'
+            f'{" by cross-validation on the training features" if chosen else ""}, {r["n_train"]} train / {r["n_test"]} '
+            f'{scored} shapes, {time.time() - start:.1f} s)')
+    few = {k: (float(np.mean(v)), float(np.std(v))) for k, v in r['few_label'].items()}
+    line += ''.join(f'\n  {k} labelled shape{"s" * (k > 1)} per class: {m:.2f} ± {sd:.2f}% (hard margin, mean ± std '
+                    f'over {FEW_LABEL_DRAWS} draws)' for k, (m, sd) in few.items())
     if run is None:
         print(line)
     else:
         run.start(args, model_config=asdict(student.cfg), checkpoint=path, checkpoint_sha256=checkpoint_sha256,
                   trained_with=trained_with)
-        run.log(line, accuracy=accuracy, C=C, C_by_cross_validation=chosen, n_train=n_train, n_test=n_test,
-                seconds=time.time() - start, checkpoint=path, features=args.save_features)
-    return accuracy
+        run.log(line, accuracy=r['accuracy'], C=r['C'], C_by_cross_validation=chosen, n_train=r['n_train'],
+                n_test=r['n_test'], split=args.split, seconds=time.time() - start, checkpoint=path,
+                features=args.save_features, few_label={str(k): v for k, v in r['few_label'].items()},
+                few_label_mean={str(k): m for k, (m, _) in few.items()})
+    return r['accuracy']
 
 
 if __name__ == '__main__':

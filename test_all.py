@@ -2201,7 +2201,8 @@ def test_finetune_group_sizes_that_do_not_fit_the_model_name_the_flag(tmp_path, 
 def test_svm_eval_scores_encoder_width_features_with_sklearn():
     torch.manual_seed(0)
     student = I2PMAE(TINY)
-    accuracy, C, n_train, n_test = svm_eval.evaluate(student, 'synthetic', './data', 64, 0.0093, 256, torch.device('cpu'))
+    r = svm_eval.evaluate(student, 'synthetic', './data', 64, 0.0093, 256, torch.device('cpu'))
+    accuracy, C, n_train, n_test = r['accuracy'], r['C'], r['n_train'], r['n_test']
     train, test = (load_split('synthetic', split, num_points=64) for split in ('train', 'test'))
     train_x = svm_eval.extract_features(student, train.points, 256, torch.device('cpu'))
     test_x = svm_eval.extract_features(student, test.points, 256, torch.device('cpu'))
@@ -2210,6 +2211,38 @@ def test_svm_eval_scores_encoder_width_features_with_sklearn():
     expected = 100 * (svm.predict(test_x) == test.labels.numpy()).mean()
     assert accuracy == pytest.approx(expected) and C == 0.0093
     assert svm_eval.linear_svm_accuracy(train_x, train.labels.numpy(), test_x, test.labels.numpy(), C) == pytest.approx(expected)
+
+
+def test_svm_validation_split_holds_out_a_fifth_of_every_training_class_and_never_reads_the_test_split(monkeypatch):
+    asked = []
+    monkeypatch.setattr(svm_eval, 'load_split', lambda name, split, **k: asked.append(split) or load_split(name, split, **k))
+    fit, held = svm_eval.load_svm_splits('synthetic', './data', 64, split='val')
+    assert asked == ['train']
+    train = load_split('synthetic', 'train', num_points=64)
+    for c in range(len(train.class_names)):
+        members = int((train.labels == c).sum())
+        assert int((held.labels == c).sum()) == round(svm_eval.VAL_FRACTION * members)
+    clouds = {tuple(p.flatten()[:6].tolist()) for p in torch.cat([fit.points, held.points])}
+    assert len(fit.points) + len(held.points) == len(train.points) == len(clouds)   # disjoint, and all of train
+
+
+def test_few_label_svm_fits_a_hard_margin_on_k_shapes_of_every_class_per_draw():
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.arange(4).repeat_interleave(12)                                  # 4 classes of 12
+    features = torch.randn(48, 8, generator=generator) + 3 * F.one_hot(labels, 8)
+    test_y = torch.arange(4).repeat(5)
+    test_x = torch.randn(20, 8, generator=generator) + 3 * F.one_hot(test_y, 8)
+    result = svm_eval.few_label_accuracy(features.numpy(), labels.numpy(), test_x.numpy(), test_y.numpy(), [1, 5], draws=3)
+    for k in (1, 5):
+        assert len(result[k]) == 3
+        for seed, accuracy in enumerate(result[k]):
+            chosen = data.few_labels(labels, k, seed)
+            assert sorted(labels[chosen].tolist()) == sorted(list(range(4)) * k)
+            svm = SVC(kernel='linear', C=svm_eval.FEW_LABEL_C).fit(features[chosen].numpy(), labels[chosen].numpy())
+            assert accuracy == pytest.approx(100 * (svm.predict(test_x.numpy()) == test_y.numpy()).mean())
+    assert not torch.equal(data.few_labels(labels, 5, 0), data.few_labels(labels, 5, 1))   # each draw its own
+    with pytest.raises(ValueError, match='13 shapes per class: classes'):
+        data.few_labels(labels, 13, 0)
 
 
 def test_random_init_baseline_gets_batchnorm_statistics_of_the_data_without_stochastic_depth():
@@ -2264,16 +2297,25 @@ def test_svm_eval_finetune_and_segment_take_the_same_default_checkpoint_and_say_
     monkeypatch.chdir(tmp_path)
     assert svm_eval.PRETRAINED['synthetic'] == finetune.PRESETS['synthetic']['ckpt'] == segment.PRESETS['synthetic']['ckpt']
     assert svm_eval.PRETRAINED['modelnet40'] == finetune.PRESETS['modelnet40']['ckpt'] == segment.PRESETS['shapenetpart']['ckpt']
-    for script in (svm_eval, finetune, segment):
-        with pytest.raises(SystemExit, match=r'runs/pretrain-synthetic/last.pt.*pre-train'):
+    for script in (svm_eval, finetune, segment):   # missing: said at once, before anything else is printed
+        with pytest.raises(SystemExit, match=r'runs/pretrain-synthetic/last.pt.*[pP]re-train first \(python pretrain'):
             script.main(script.parse_args(['--gpu', '-1']))
-        first = capsys.readouterr().out.splitlines()[0]
-        assert 'runs/pretrain-synthetic/last.pt (the default --ckpt: the' in first, first
+        assert capsys.readouterr().out == ''
     assert not os.path.exists('runs')                      # a command that fails leaves no folder behind
     os.makedirs('runs/pretrain-exercise')
     shutil.copy(pretrain_checkpoint, 'runs/pretrain-exercise/last.pt')   # newer, but not the default
     with pytest.raises(SystemExit, match='no runs/pretrain-synthetic/last.pt: pre-train first'):
         svm_eval.main(svm_eval.parse_args([]))
+    os.makedirs('runs/pretrain-synthetic')
+    shutil.copy(pretrain_checkpoint, 'runs/pretrain-synthetic/last.pt')
+    stop = RuntimeError('stopped after the first line')
+    monkeypatch.setattr(svm_eval, 'load_student', lambda *a: (_ for _ in ()).throw(stop))
+    monkeypatch.setattr(Run, 'resume', lambda *a: (_ for _ in ()).throw(stop))
+    for script in (svm_eval, finetune, segment):   # there: named on the first line
+        with pytest.raises(RuntimeError, match='stopped after the first line'):
+            script.main(script.parse_args(['--gpu', '-1']))
+        first = capsys.readouterr().out.splitlines()[0]
+        assert 'runs/pretrain-synthetic/last.pt (the default --ckpt' in first, first
 
 
 # ---------------------------------------------------------------- finetune.py
@@ -2532,7 +2574,7 @@ def test_finetune_bad_inputs_are_explained(pretrain_checkpoint, tmp_path, monkey
         load_weights(I2PMAE(TINY), fine_tuned, 'ft.pt')       # e.g. svm_eval --ckpt of a fine-tuned run
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit, match='python pretrain.py'):   # no checkpoint at the default path
-        finetune.build_classifier(finetune.parse_args([]), 13)
+        finetune.main(finetune.parse_args(['--gpu', '-1']))
 
 
 # ---------------------------------------------------------------- segment.py
