@@ -455,12 +455,38 @@ def validation_split(labels, fraction, seed):
     return (~is_val).nonzero()[:, 0], is_val.nonzero()[:, 0]
 
 
+def validation_folds(labels, folds, seed=0):
+    """[(fit indices, held-out indices)] for each of `folds` folds: every class's shapes dealt, in a seeded
+    order, into `folds` parts of sizes within one; each part is held out once (stratified k-fold)."""
+    generator, fold_of = torch.Generator().manual_seed(seed), torch.empty(len(labels), dtype=torch.long)
+    for c in labels.unique():   # a loop over classes, not samples
+        members = (labels == c).nonzero()[:, 0]
+        fold_of[members[torch.randperm(len(members), generator=generator)]] = torch.arange(len(members)) % folds
+    return [((fold_of != k).nonzero()[:, 0], (fold_of == k).nonzero()[:, 0]) for k in range(folds)]
+
+
 def few_labels(labels, shots, seed):
     """Indices of `shots` shapes of every class (seeded): the labelled few of a few-label evaluation."""
     too_few = [int(c) for c in labels.unique() if (labels == c).sum() < shots]
     if too_few:
         raise ValueError(f'{shots} shapes per class: classes {too_few} have fewer')
     return draw_per_class(labels, lambda n: shots, seed)
+
+
+def synthetic_fewshot_fold(way, shot, fold, num_points=None, test_per_class=20):
+    """One synthetic few-shot fold -> (train, test) PointSplits, labels 0..way-1: `way` of the 13 classes, `shot`
+    shapes of each from the synthetic train split and `test_per_class` from its test split (20, as Point-BERT's
+    ModelNet40 folds), all drawn with the fold's own seed (from way, shot and fold)."""
+    seed = int(np.random.SeedSequence([way, shot, fold]).generate_state(1)[0])
+    classes = torch.randperm(len(SYNTHETIC_CLASSES), generator=torch.Generator().manual_seed(seed))[:way].sort().values
+
+    def part_of(split, per_class):
+        keep = torch.isin(split.labels, classes).nonzero()[:, 0]
+        idx = keep[draw_per_class(split.labels[keep], lambda n: per_class, seed)]
+        labels = torch.searchsorted(classes, split.labels[idx])       # a class's position among the fold's
+        return PointSplit(split.points[idx], labels, [split.class_names[c] for c in classes])
+    return (part_of(load_split('synthetic', 'train', num_points=num_points), shot),
+            part_of(load_split('synthetic', 'test', num_points=num_points), test_per_class))
 
 
 # ---------------------------------------------------------------- synthetic dataset (shapes: synthetic.py)

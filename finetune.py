@@ -7,6 +7,7 @@ learning (paper section "Downstream Tasks"; the authors' tools/runner_finetune.p
   python finetune.py --data modelnet40 --gpu 0 --vote  # ModelNet40 1k, then voting
   python finetune.py --data scan_hardest --ckpt pre-train.pth    # from the authors' pre-training
   python finetune.py --data fewshot --ways 5 --shots 10          # 10 folds, mean +- std
+  python finetune.py --data fewshot-synthetic --ways 5 --shots 10 --folds 0 1 2   # the demo's few-shot folds
   python finetune.py --data modelnet40 --ckpt modelnet40.pth --test_only --vote
   torchrun --nproc_per_node=4 finetune.py --data scan_objbg
 --data picks a preset (PRESETS); any flag overrides it. The architecture comes from the checkpoint;
@@ -27,8 +28,9 @@ import torch
 from tokenizer import farthest_point_sample, gather_points
 from model import SMALL_CONFIG, Classifier, ModelConfig, smoothed_cross_entropy
 from checkpoints import checkpoint_config, load_weights, read_checkpoint
-from data import (fewshot_fold_path, fps_subsample, load_fewshot_fold, load_split, random_point_subset,
-                  rotate_about_up_axis, scale_and_translate, validation_split)
+from data import (SYNTHETIC_CLASSES, fewshot_fold_path, fps_subsample, load_fewshot_fold, load_split,
+                  random_point_subset, rotate_about_up_axis, scale_and_translate, synthetic_fewshot_fold,
+                  validation_split)
 from flags import (ArgumentParser, add_run_flags, fraction, non_negative_float, non_negative_int, parse_run_flags,
                    positive_float, positive_int, run_script)
 from training import Run, end_process, param_groups, run_folder, seed_process, setup_process, sum_over_processes, train
@@ -53,6 +55,9 @@ PRESETS = {
     'synthetic': dict(MODELNET40, load_points=1024, points=512, train_fps=600, group_sizes=(32, 16, 16), epochs=6,
                       warmup_epochs=1, val_fraction=0.1, config='small', ckpt='runs/pretrain-synthetic/last.pt'),
 }
+# the demo's few-shot folds (data.synthetic_fewshot_fold): the demo's recipe, FEWSHOT_EPOCHS, no validation split
+FEWSHOT_EPOCHS = 150
+PRESETS['fewshot-synthetic'] = dict(PRESETS['synthetic'], epochs=FEWSHOT_EPOCHS, val_fraction=0.0)
 # the files each --data reads, for the messages about missing ones (svm_eval.py reads ModelNet40 from the h5 files)
 DATA_FILES = {
     'modelnet40': "Point-BERT's ModelNet/modelnet40_normal_resampled/modelnet40_{train,test}_8192pts_fps.dat (8192 "
@@ -63,12 +68,13 @@ DATA_FILES = {
     'scan_objonly': 'ScanObjectNN/main_split_nobg/{training,test}_objectdataset.h5',
     'scan_hardest': 'ScanObjectNN/main_split/{training,test}_objectdataset_augmentedrot_scale75.h5',
     'synthetic': 'no files (generated)',
+    'fewshot-synthetic': 'no files (generated)',
 }
 # flags that may change on --resume: they do not change what the run computes
 MAY_DIFFER = ('test_every', 'ckpt', 'from_scratch', 'config', 'test_only', 'vote', 'vote_runs', 'ways', 'shots', 'folds')
 # Point-MAE's few-shot head predicts all 40 ModelNet40 classes (cls_dim 40), whatever the fold's way; the labels
-# are 0..way-1, and label smoothing spreads over the 39 other outputs
-FEWSHOT_CLASSES = 40
+# are 0..way-1, and label smoothing spreads over the 39 other outputs. The synthetic folds' head: all 13 classes.
+FEWSHOT_CLASSES = {'fewshot': 40, 'fewshot-synthetic': len(SYNTHETIC_CLASSES)}
 # a fresh BatchNorm's running statistics are 0.9^steps away from their start at momentum 0.1: eval-mode accuracy
 # of a short run can sit at chance until they catch up (finetune says so when it sees it)
 BATCHNORM_CATCH_UP_STEPS = 100
@@ -135,7 +141,7 @@ def parse_args(argv=None):
     for low, high in (('scale_low', 'scale_high'), ('min_lr', 'lr')):
         if getattr(args, low) > getattr(args, high):
             p.error(f'--{low} {getattr(args, low)} is above --{high} {getattr(args, high)}')
-    if args.save_every and args.data == 'fewshot':
+    if args.save_every and args.data.startswith('fewshot'):
         p.error('--save_every keeps snapshots of one training run; few-shot trains one classifier per fold')
     args.group_sizes, args.local_radius = tuple(args.group_sizes), tuple(args.local_radius)
     if args.cosine_epochs is None:
@@ -359,17 +365,21 @@ def run_fewshot(args, run, checkpoint=None):
             for fold in args.folds:
                 key = f'{setting}/{fold}'
                 if key not in done:
-                    path = fewshot_fold_path(args.data_root, way, shot, fold)
-                    train_split, test = load_fewshot_fold(args.data_root, way, shot, fold, args.load_points or None)
+                    if args.data == 'fewshot':
+                        source = f'read {fewshot_fold_path(args.data_root, way, shot, fold)}'
+                        train_split, test = load_fewshot_fold(args.data_root, way, shot, fold, args.load_points or None)
+                    else:
+                        train_split, test = synthetic_fewshot_fold(way, shot, fold, args.load_points or None)
+                        source = f'classes {", ".join(train_split.class_names)}'
                     state = checkpoint if checkpoint is not None and checkpoint.get('fold') == key else None
                     seed_process(args.seed, run.process.rank)   # a fold's result does not depend on which ran before
-                    classifier, described = build_classifier(args, FEWSHOT_CLASSES, state)
+                    head = FEWSHOT_CLASSES[args.data]
+                    classifier, described = build_classifier(args, head, state)
                     if not started:   # this session's first fold: args.json, the log's header
-                        run.start(args, model_config=asdict(classifier.cfg), weights=described,
-                                  num_classes=FEWSHOT_CLASSES)
+                        run.start(args, model_config=asdict(classifier.cfg), weights=described, num_classes=head)
                         started = True
-                    run.log(f'{key}: read {path}: {len(train_split.labels)} train / {len(test.labels)} test shapes, '
-                            f'labels 0..{way - 1} of a {FEWSHOT_CLASSES}-way head (as Point-MAE), {described}')
+                    run.log(f'{key}: {source}: {len(train_split.labels)} train / {len(test.labels)} test shapes, '
+                            f'labels 0..{way - 1} of a {head}-way head (as Point-MAE), {described}')
                     done[key] = finetune(classifier.to(run.process.device), train_split, test, args, run, state,
                                          fold=key, fewshot_results=dict(done))['test_accuracy']
                 run.log(f'{key}: final-epoch test accuracy {done[key]:.2f}%', fold=key, test_accuracy=done[key])
@@ -392,7 +402,7 @@ def check_cloud_points(split, args):
 def main(args):
     if not (args.resume or args.from_scratch or os.path.isfile(args.ckpt)):   # before anything is announced or built
         raise SystemExit(f'--ckpt {args.ckpt}: no such file' + '. Pre-train first (python pretrain.py'
-                         + ('' if args.data == 'synthetic' else ' --data shapenet') + '), pass our last.pt or the '
+                         + ('' if 'synthetic' in args.data else ' --data shapenet') + '), pass our last.pt or the '
                          'authors\' pre-train.pth as --ckpt, or train with --from_scratch')
     process = setup_process(args)
     if args.batch_size % process.world or args.batch_size // process.world < 2:
@@ -404,7 +414,7 @@ def main(args):
             ' (the default --ckpt: the pre-training run of this kind of data, as svm_eval.py)'
             if args.ckpt == PRESETS[args.data]['ckpt'] else '')))
     checkpoint = None if args.test_only else run.resume(args)   # --test_only appends to its own folder's log
-    if args.data == 'fewshot':
+    if args.data.startswith('fewshot'):
         result = run_fewshot(args, run, checkpoint)
     else:
         train_split, test = (load_classification_split(args, split) for split in ('train', 'test'))

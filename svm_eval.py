@@ -10,7 +10,7 @@ the training features and scored on the test features; no feature scaling, as th
   python svm_eval.py --ckpt pre-train.pth --data scanobjectnn   # the authors' checkpoint
   python svm_eval.py --random_init                     # the same encoder, untrained: the baseline
   python svm_eval.py --shots 1 5 10                    # also: a linear SVM on 1, 5, 10 labelled shapes per class
-  python svm_eval.py --split val --cv                  # scored on a fifth of the training shapes held out
+  python svm_eval.py --split val --cv                  # scored by 5-fold cross-validation on the training split
   python svm_eval.py --run_name svm-demo --save_features runs/svm-demo/features.npz
 --split val never reads the test split: choose schedules and recipes with it.
 ScanObjectNN's training clouds are read in a seeded random point order (--seed), as the authors'
@@ -32,15 +32,16 @@ from sklearn.svm import SVC
 
 from model import I2PMAE
 from checkpoints import checkpoint_config, load_weights, read_checkpoint
-from data import few_labels, load_split, validation_split
+from data import few_labels, load_split, validation_folds
 from flags import ArgumentParser, gpu_index, positive_float, positive_int, run_script, seed_value
 from training import Process, Run, sum_over_processes
 
 # the authors' test-script values; their per-epoch monitor used 0.01 (docs/deviations.md, B8). They were tuned for
 # their features on real data; on synthetic data (None) C is chosen by cross-validation on train.
 SVM_C = {'modelnet40': 0.0093, 'scanobjectnn': 0.018, 'synthetic': None}
-# --split val: the share of every training class held out (seed 0) and scored in place of the test split
-VAL_FRACTION = 0.2
+# --split val: cross-validation over the training split (each fifth of every class held out once), in place of
+# the test split
+VAL_FOLDS = 5
 # --shots: a few labelled shapes per class, drawn FEW_LABEL_DRAWS times. At most a few hundred shapes in 256 or 384
 # dimensions are linearly separable, and a hard margin (a C this large) needs no C chosen, which so few labels
 # could not do (nor may the test split)
@@ -71,8 +72,9 @@ def parse_args(argv=None):
                    help='SVM C (default: 0.0093 ModelNet40, 0.018 ScanObjectNN, cross-validated on synthetic)')
     p.add_argument('--cv', action='store_true', help='choose C by 5-fold cross-validation on the training features only')
     p.add_argument('--split', choices=['test', 'val'], default='test',
-                   help=f'score on the test split (default), or on a held-out {VAL_FRACTION:.0%} of every training '
-                        f'class, fitting on the rest (val: to choose schedules and recipes; the test split is not read)')
+                   help=f'score on the test split (default), or by {VAL_FOLDS}-fold cross-validation over the training '
+                        f'split (val: each fold fitted on the rest, scored on the fold; to choose schedules and '
+                        f'recipes, the test split is not read)')
     p.add_argument('--shots', type=positive_int, nargs='+', default=[],
                    help=f'also fit a linear SVM on this many labelled shapes per class ({FEW_LABEL_DRAWS} seeded draws, '
                         f'hard margin C {FEW_LABEL_C:g}) and score it on the same split: the few-label setting')
@@ -91,6 +93,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.C is not None and args.cv:
         p.error('--C and --cv: give a C, or let cross-validation choose it, not both')
+    if args.save_features is not None and args.split == 'val':
+        p.error('--save_features writes the test split\'s features too; --split val does not read it')
     if args.save_features is not None and not args.save_features.endswith('.npz'):
         p.error(f'--save_features {args.save_features}: name a .npz file (numpy.savez adds .npz otherwise)')
     return args
@@ -180,19 +184,6 @@ def load_svm_split(data, split, data_root, num_points):
         raise FileNotFoundError(f'svm_eval.py --data {data} reads {DATA_FILES[data]}:\n{error}') from None
 
 
-def load_svm_splits(data, data_root, num_points, split='test', seed=0):
-    """(fit, score) PointSplits: the training and the test split; with split 'val' the training split without
-    a held-out VAL_FRACTION of every class, and that held-out part (the test split is not read). ScanObjectNN's
-    training clouds are shuffled point-wise (shuffle_points, `seed`), as the authors' loader does."""
-    train = load_svm_split(data, 'train', data_root, num_points)
-    if data == 'scanobjectnn':
-        train = train._replace(points=shuffle_points(train.points, seed))
-    if split == 'test':
-        return train, load_svm_split(data, 'test', data_root, num_points)
-    fit, held = validation_split(train.labels, VAL_FRACTION, seed=0)
-    return tuple(train._replace(points=train.points[i], labels=train.labels[i]) for i in (fit, held))
-
-
 def few_label_accuracy(train_x, train_y, test_x, test_y, shots, draws=FEW_LABEL_DRAWS):
     """{k: [accuracy % of each draw]}: a hard-margin linear SVM fitted on k labelled shapes per class (drawn
     with seeds 0 .. draws-1) and scored on all the test features."""
@@ -201,29 +192,47 @@ def few_label_accuracy(train_x, train_y, test_x, test_y, shots, draws=FEW_LABEL_
                 for i in (few_labels(labels, k, seed).numpy() for seed in range(draws))] for k in shots}
 
 
+def svm_scores(train_x, train_y, test_x, test_y, C, cv, shots):
+    """(accuracy, C, few-label accuracies) of one fit; C by cross-validation on the fitted features if cv or C is None."""
+    C = choose_C(train_x, train_y) if cv or C is None else C
+    return (linear_svm_accuracy(train_x, train_y, test_x, test_y, C), C,
+            few_label_accuracy(train_x, train_y, test_x, test_y, shots))
+
+
 def evaluate(student, data, data_root, num_points, C, batch_size, device, cv=False, calibrate=False, process=None,
              seed=0, features_path=None, split='test', shots=()):
     """Linear-SVM accuracy of the student's frozen features: a dict of accuracy, C, n_train, n_test, and
     few_label ({k: [accuracy of each draw]} for k in shots).
 
+    split 'test': fitted on the training split, scored on the test split. split 'val': VAL_FOLDS-fold
+    cross-validation over the training split (data.validation_folds), the test split is not read: each fold
+    is fitted on the rest (with C chosen there) and scored on its held-out part; accuracy is their mean and
+    C the list of each fold's.
     calibrate=True first estimates BatchNorm statistics on the training clouds (random-init baseline).
     process: in a multi-process run every process extracts its share of the features, then fits the
     same SVM on all of them (no process waits in a collective while another fits).
-    split, seed: load_svm_splits'. features_path: also write the features and labels there (train_x,
-    train_y, test_x, test_y; with split 'val', test_* are the held-out shapes').
+    ScanObjectNN's training clouds are shuffled point-wise first (shuffle_points, `seed`), as the authors'
+    loader does. features_path: also write the features and labels there (train_x, train_y, test_x, test_y).
     """
-    train, test = load_svm_splits(data, data_root, num_points, split, seed)
+    train = load_svm_split(data, 'train', data_root, num_points)
+    if data == 'scanobjectnn':
+        train = train._replace(points=shuffle_points(train.points, seed))
     if calibrate:
         calibrate_batchnorm(student, train.points, batch_size, device)
-    train_x = extract_features(student, train.points, batch_size, device, process)
-    test_x = extract_features(student, test.points, batch_size, device, process)
-    if cv or C is None:
-        C = choose_C(train_x, train.labels.numpy())
-    accuracy = linear_svm_accuracy(train_x, train.labels.numpy(), test_x, test.labels.numpy(), C)
-    if features_path is not None:
-        save_features(features_path, train_x, train.labels.numpy(), test_x, test.labels.numpy())
-    few = few_label_accuracy(train_x, train.labels.numpy(), test_x, test.labels.numpy(), shots)
-    return dict(accuracy=accuracy, C=C, n_train=len(train_x), n_test=len(test_x), few_label=few)
+    train_x, train_y = extract_features(student, train.points, batch_size, device, process), train.labels.numpy()
+    if split == 'test':
+        test = load_svm_split(data, 'test', data_root, num_points)
+        test_x, test_y = extract_features(student, test.points, batch_size, device, process), test.labels.numpy()
+        if features_path is not None:
+            save_features(features_path, train_x, train_y, test_x, test_y)
+        parts = [(train_x, train_y, test_x, test_y)]
+    else:
+        parts = [(train_x[fit], train_y[fit], train_x[held], train_y[held])
+                 for fit, held in validation_folds(train.labels, VAL_FOLDS)]
+    scores = [svm_scores(*part, C, cv, shots) for part in parts]
+    return dict(accuracy=float(np.mean([accuracy for accuracy, _, _ in scores])), n_train=len(parts[0][0]),
+                C=scores[0][1] if split == 'test' else [C for _, C, _ in scores], n_test=sum(len(p[2]) for p in parts),
+                few_label={k: [a for _, _, few in scores for a in few[k]] for k in shots})
 
 
 def save_features(path, train_x, train_y, test_x, test_y):
@@ -262,7 +271,7 @@ def main(args):
                          + f' ({command}), or pass --ckpt PATH (our last.pt or the authors\' pre-train.pth)')
     print(f'linear SVM on {args.data} of the {"RANDOMLY INITIALISED" if args.random_init else "pre-trained"} encoder of '
           f'{path}' + ('' if args.ckpt else f' (the default --ckpt: the run of pretrain.py on {args.data} data)')
-          + (f', scored on the validation split (a held-out {VAL_FRACTION:.0%} of every training class)'
+          + (f', scored by {VAL_FOLDS}-fold cross-validation over the training split (--split val)'
              if args.split == 'val' else ''))
     student, trained_with = load_student(path, args.random_init)
     student.to(device)
@@ -286,7 +295,7 @@ def main(args):
                  calibrate=args.random_init or args.calibrate_batchnorm, seed=args.seed, features_path=args.save_features,
                  split=args.split, shots=args.shots)
     chosen = args.cv or given_C is None
-    scored = 'test' if args.split == 'test' else 'held-out'
+    scored = 'test' if args.split == 'test' else f'held-out (each once, {VAL_FOLDS} folds)'
     line = (f'{"accuracy" if args.split == "test" else "validation accuracy"} {r["accuracy"]:.2f}%  (C {r["C"]}'
             f'{" by cross-validation on the training features" if chosen else ""}, {r["n_train"]} train / {r["n_test"]} '
             f'{scored} shapes, {time.time() - start:.1f} s)')

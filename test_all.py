@@ -2213,17 +2213,25 @@ def test_svm_eval_scores_encoder_width_features_with_sklearn():
     assert svm_eval.linear_svm_accuracy(train_x, train.labels.numpy(), test_x, test.labels.numpy(), C) == pytest.approx(expected)
 
 
-def test_svm_validation_split_holds_out_a_fifth_of_every_training_class_and_never_reads_the_test_split(monkeypatch):
+def test_svm_validation_cross_validates_over_the_training_split_and_never_reads_the_test_split(monkeypatch):
     asked = []
     monkeypatch.setattr(svm_eval, 'load_split', lambda name, split, **k: asked.append(split) or load_split(name, split, **k))
-    fit, held = svm_eval.load_svm_splits('synthetic', './data', 64, split='val')
+    torch.manual_seed(0)
+    student = I2PMAE(TINY)
+    result = svm_eval.evaluate(student, 'synthetic', './data', 64, 0.1, 256, torch.device('cpu'), split='val')
     assert asked == ['train']
     train = load_split('synthetic', 'train', num_points=64)
-    for c in range(len(train.class_names)):
-        members = int((train.labels == c).sum())
-        assert int((held.labels == c).sum()) == round(svm_eval.VAL_FRACTION * members)
-    clouds = {tuple(p.flatten()[:6].tolist()) for p in torch.cat([fit.points, held.points])}
-    assert len(fit.points) + len(held.points) == len(train.points) == len(clouds)   # disjoint, and all of train
+    folds = data.validation_folds(train.labels, svm_eval.VAL_FOLDS)
+    held = torch.cat([h for _, h in folds])
+    assert sorted(held.tolist()) == list(range(len(train.labels)))               # every shape held out once
+    for fit, h in folds:
+        assert set(fit.tolist()).isdisjoint(h.tolist()) and len(fit) + len(h) == len(train.labels)
+        counts = train.labels[h].bincount(minlength=13) * svm_eval.VAL_FOLDS
+        assert ((counts - train.labels.bincount()).abs() <= svm_eval.VAL_FOLDS).all()   # a fifth of every class
+    x, y = svm_eval.extract_features(student, train.points, 256, torch.device('cpu')), train.labels.numpy()
+    expected = [100 * (SVC(kernel='linear', C=0.1).fit(x[f], y[f]).predict(x[h]) == y[h]).mean() for f, h in folds]
+    assert result['accuracy'] == pytest.approx(np.mean(expected))
+    assert result['n_test'] == len(train.labels) and result['C'] == [0.1] * svm_eval.VAL_FOLDS
 
 
 def test_few_label_svm_fits_a_hard_margin_on_k_shapes_of_every_class_per_draw():
