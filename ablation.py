@@ -6,8 +6,11 @@ teacher whose knowledge is NOT the test's labels help the 3D student?
 Each row pre-trains the small encoder with pretrain.py's synthetic preset (one schedule for every
 row) and seed, with a linear-SVM check after every epoch (a curve), scores the frozen encoder with
 a linear SVM on the synthetic test split (svm_eval.py, C by 5-fold cross-validation on the training
-features), and, for the rows in --finetune_rows, fine-tunes it (finetune.py's synthetic preset) next
-to a run from scratch. The teachers: the demo's (train_teacher.py: 40 classes of random assemblies,
+features) and with few labels (a hard-margin linear SVM on 1, 5 and 10 labelled shapes per class,
+svm_eval.py --shots), and, for the rows in --finetune_rows and --fewshot_rows, fine-tunes it
+(finetune.py's synthetic preset; and on --folds 5-way 10-shot folds of the synthetic classes) next
+to runs from scratch. --split val scores the linear SVMs by cross-validation over the training
+split instead (runs/ablation/table-val.md): how the demo's schedule was chosen, the test split unread. The teachers: the demo's (train_teacher.py: 40 classes of random assemblies,
 none of the student's), the same ViT trained on the student's 13 test classes (the leaky
 comparison, runs/teacher-sameclass/teacher.pt, trained first if absent), and the same ViT
 untrained. It prints a markdown table of mean ± std over the seeds (ddof 1, every seed's number
@@ -18,7 +21,7 @@ Every run keeps its folder under runs/ (ablation-<row>-s<seed>, ...-svm, ...-ft)
 result is already there is not redone, an interrupted one is resumed, so the loop can be stopped
 with Ctrl-C and started again.
 
-    python ablation.py                                   # all rows, seeds 0 1 2: about 3 hours on 2 CPU cores
+    python ablation.py                                   # all rows, seeds 0 1 2: hours on 2 CPU cores
     python ablation.py --rows i2p-mae 3d-only --seeds 0  # a part of it
     python ablation.py --table_only                      # the table and curves of what has been measured so far
     python ablation.py --baselines                       # the dataset's own baselines (seconds)
@@ -32,8 +35,8 @@ import sys
 import numpy as np
 import torch
 
-from data import load_split
-from svm_eval import choose_C, linear_svm_accuracy
+from data import load_split, validation_folds
+from svm_eval import VAL_FOLDS, svm_scores
 from pretrain import PRESETS
 from pictures import line_plot
 
@@ -51,6 +54,9 @@ ROWS = {
 CURVE_ROWS = {'3d-only': '3D-only', 'i2p-mae': 'I2P-MAE', 'i2p-mae-same-classes': 'I2P-MAE, leaky teacher',
               'random-teacher': 'I2P-MAE, untrained teacher'}   # drawn in curves.png, with these names
 FINETUNE_ROWS = ['3d-only', 'i2p-mae', 'i2p-mae-same-classes', 'scratch']   # 'scratch': finetune.py --from_scratch
+FEWSHOT_ROWS = ['3d-only', 'i2p-mae', 'scratch']   # few-shot fine-tuning (finetune.py --data fewshot-synthetic)
+FEW_LABELS = (1, 5, 10)   # labelled shapes per class of the few-label linear SVM (svm_eval.py --shots)
+FEWSHOT = (5, 10)         # (ways, shots) of the few-shot folds
 
 
 # ---------------------------------------------------------------- the dataset's own baselines
@@ -83,19 +89,24 @@ def random_encoder_features(xyz, width=256, seed=0):
     return torch.cat([(torch.relu(chunk @ w1) @ w2).amax(dim=1) for chunk in xyz.split(64)])   # (B, width)
 
 
-def baselines(num_points, seeds=(0,)):
-    """{name: [test accuracy % per seed]} of the linear SVM of svm_eval.py (SVC, C by 5-fold cross-validation
-    on the training features, no scaling: the protocol of every encoder row) on two feature extractors that
-    learn nothing from the data (the untrained PointNet drawn with each seed), at num_points points."""
-    train, test = (load_split('synthetic', split, num_points=num_points) for split in ('train', 'test'))
+def baselines(num_points, seeds=(0,), split='test'):
+    """{name: [(accuracy %, {k: few-label accuracy %}) per seed]} of svm_eval.py's linear SVM (SVC, C by 5-fold
+    cross-validation on the training features, no scaling: the protocol of every encoder row; FEW_LABELS shapes
+    per class for the few-label ones) on two feature extractors that learn nothing from the data (the untrained
+    PointNet drawn with each seed), at num_points points; split 'val' cross-validates over the training split."""
+    train = load_split('synthetic', 'train', num_points=num_points)
+    test = load_split('synthetic', 'test', num_points=num_points) if split == 'test' else None
 
-    def accuracy(features):
-        train_x, test_x = features(train.points).numpy(), features(test.points).numpy()
-        C = choose_C(train_x, train.labels.numpy())
-        return linear_svm_accuracy(train_x, train.labels.numpy(), test_x, test.labels.numpy(), C)
-    return {'hand-crafted global statistics': [accuracy(global_statistics)],
+    def scores(features):
+        x, y = features(train.points).numpy(), train.labels.numpy()
+        parts = ([(x, y, features(test.points).numpy(), test.labels.numpy())] if split == 'test' else
+                 [(x[fit], y[fit], x[held], y[held]) for fit, held in validation_folds(train.labels, VAL_FOLDS)])
+        done = [svm_scores(*part, None, True, FEW_LABELS) for part in parts]
+        return (float(np.mean([accuracy for accuracy, _, _ in done])),
+                {k: float(np.mean([a for _, _, few in done for a in few[k]])) for k in FEW_LABELS})
+    return {'hand-crafted global statistics': [scores(global_statistics)],
             'untrained PointNet (shared MLP 3-32-256, max-pool)':
-                [accuracy(lambda xyz: random_encoder_features(xyz, seed=seed)) for seed in seeds]}
+                [scores(lambda xyz: random_encoder_features(xyz, seed=seed)) for seed in seeds]}
 
 
 # ---------------------------------------------------------------- the loop
@@ -108,6 +119,15 @@ def parse_args(argv=None):
     p.add_argument('--finetune_rows', nargs='*', default=FINETUNE_ROWS, choices=list(ROWS) + ['scratch'],
                    help=f'rows also fine-tuned (those among --rows), "scratch" for no pre-training '
                         f'(default: {" ".join(FINETUNE_ROWS)}; none: leave the flag empty)')
+    p.add_argument('--fewshot_rows', nargs='*', default=FEWSHOT_ROWS, choices=list(ROWS) + ['scratch'],
+                   help=f'rows also fine-tuned on the {FEWSHOT[0]}-way {FEWSHOT[1]}-shot folds of the synthetic classes '
+                        f'(default: {" ".join(FEWSHOT_ROWS)}; none: leave the flag empty)')
+    p.add_argument('--folds', type=int, default=3, help='few-shot folds per seed (default: 3, a lab session; the '
+                                                        'protocol\'s 10 with --folds 10)')
+    p.add_argument('--split', choices=['test', 'val'], default='test',
+                   help=f'the linear SVMs\' scores: the test split (default), or {VAL_FOLDS}-fold cross-validation over '
+                        f'the training split (val: to choose a schedule; the test split is not read, and nothing is '
+                        f'fine-tuned)')
     p.add_argument('--table_only', action='store_true', help='print the table of the results found, run nothing')
     p.add_argument('--baselines', action='store_true', help='print only the dataset\'s own baselines (seconds)')
     p.add_argument('--epochs', type=int, default=PRESETS['synthetic']['epochs'],
@@ -162,20 +182,29 @@ def pretrained(row, seed, epochs):
     return os.path.join(folder(name), 'last.pt')
 
 
-def measured(kind, row, seed, epochs):
-    """The result of the run's evaluation (kind 'svm' or 'ft'), or None if it has none yet."""
-    key = {'svm': 'accuracy', 'ft': 'test_accuracy'}[kind]
-    record = last_record_with(run_name(row, seed, epochs, kind), key)
-    return None if record is None else record[key]
+# an evaluation's run-name suffix -> the field its result record holds (few-shot: the accuracy of each fold)
+RESULTS = {'svm': 'accuracy', 'svm-val': 'accuracy', 'ft': 'test_accuracy', 'fs': 'accuracies'}
 
 
-def svm_accuracy(row, seed, epochs):
-    if measured('svm', row, seed, epochs) is None:
+def measured(kind, row, seed, epochs, key=None):
+    """The result the row's evaluation logged (kind: 'svm', 'svm-val', 'ft', or 'fs<folds>', the mean over the
+    folds), or None if it has none yet; key: another field of that record (the SVM's 'few_label_mean')."""
+    field = RESULTS[kind.rstrip('0123456789')]
+    record = last_record_with(run_name(row, seed, epochs, kind), field)
+    if record is None:
+        return None
+    return record.get(key) if key else float(np.mean(record[field])) if kind.startswith('fs') else record[field]
+
+
+def svm_accuracy(row, seed, epochs, split='test'):
+    kind = 'svm' if split == 'test' else 'svm-val'
+    if measured(kind, row, seed, epochs) is None:
         # the untrained row takes the 3D-only checkpoint's shape and draws new weights with this seed
         flags = ['--random_init', '--seed', str(seed)] if row == 'untrained' else []
         checkpoint = pretrained('3d-only' if row == 'untrained' else row, seed, epochs)
-        run('svm_eval.py', ['--ckpt', checkpoint, '--cv', '--overwrite', *flags], run_name(row, seed, epochs, 'svm'))
-    return measured('svm', row, seed, epochs)
+        run('svm_eval.py', ['--ckpt', checkpoint, '--cv', '--overwrite', '--split', split, '--shots',
+                            *map(str, FEW_LABELS), *flags], run_name(row, seed, epochs, kind))
+    return measured(kind, row, seed, epochs)
 
 
 def finetune_accuracy(row, seed, epochs):
@@ -185,25 +214,43 @@ def finetune_accuracy(row, seed, epochs):
     return measured('ft', row, seed, epochs)
 
 
-def cell(values):
-    """'mean ± std (a / b / c)' of what has been measured, '' if nothing."""
+def fewshot_accuracy(row, seed, epochs, folds):
+    """Mean test accuracy over few-shot folds 0 .. folds-1 (FEWSHOT's ways and shots), each fine-tuned afresh."""
+    kind = f'fs{folds}'
+    if measured(kind, row, seed, epochs) is None:
+        start = ['--from_scratch'] if row == 'scratch' else ['--ckpt', pretrained(row, seed, epochs)]
+        run('finetune.py', ['--data', 'fewshot-synthetic', *start, '--seed', str(seed), '--ways', str(FEWSHOT[0]),
+                            '--shots', str(FEWSHOT[1]), '--folds', *map(str, range(folds)), '--test_every', '1000'],
+            run_name(row, seed, epochs, kind))
+    return measured(kind, row, seed, epochs)
+
+
+def cell(values, seeds=True):
+    """'mean ± std (a / b / c)' of what has been measured ('mean ± std' without seeds), '' if nothing."""
     values = [v for v in values if v is not None]
     if not values:
         return ''
     spread = f' ± {np.std(values, ddof=1):.1f}' if len(values) > 1 else ''
-    return f'{np.mean(values):.1f}{spread} ({" / ".join(f"{v:.1f}" for v in values)})'
+    return f'{np.mean(values):.1f}{spread}' + (f' ({" / ".join(f"{v:.1f}" for v in values)})' if seeds else '')
 
 
-def table(rows, seeds, finetune_rows, measure, dataset_baselines):
-    """Markdown table; measure(kind, row, seed) -> accuracy or None; dataset_baselines: baselines()'s."""
-    lines = ['| row | mask | 2D target | teacher | linear SVM, % | fine-tuned, % |', '|---|---|---|---|---|---|']
-    lines += [f'| dataset baseline: {name} | - | - | - | {cell(values)} |  |'
-              for name, values in dataset_baselines.items()]
-    for row in rows + (['scratch'] if 'scratch' in finetune_rows else []):
+def table(rows, seeds, finetune_rows, fewshot_rows, measure, dataset_baselines, split='test', folds=3):
+    """Markdown table; measure(kind, row, seed, key=None) -> measured()'s; dataset_baselines: baselines()'s."""
+    labels = ' | '.join(f'{k} label{"s" * (k > 1)} per class, %' for k in FEW_LABELS)
+    lines = [f'| row | mask | 2D target | teacher | linear SVM, % | {labels} | {FEWSHOT[0]}-way {FEWSHOT[1]}-shot, '
+             f'fine-tuned ({folds} folds), % | fine-tuned, % |', '|---|---|---|---|---|' + '---|' * len(FEW_LABELS) + '---|---|']
+    for name, values in dataset_baselines.items():
+        few = ' | '.join(cell([v[1][k] for v in values], seeds=False) for k in FEW_LABELS)
+        lines.append(f'| dataset baseline: {name} | - | - | - | {cell([v[0] for v in values])} | {few} |  |  |')
+    svm = 'svm' if split == 'test' else 'svm-val'
+    for row in rows + (['scratch'] if 'scratch' in finetune_rows + fewshot_rows else []):
         what, mask, target, teacher, _ = ROWS.get(row, ('from scratch (no pre-training)', '-', '-', '-', None))
-        svm = cell([measure('svm', row, s) for s in seeds]) if row in ROWS else ''
+        few_label = [measure(svm, row, s, 'few_label_mean') or {} for s in seeds] if row in ROWS else []
+        few = ' | '.join(cell([f.get(str(k)) for f in few_label], seeds=False) for k in FEW_LABELS)
+        accuracy = cell([measure(svm, row, s) for s in seeds]) if row in ROWS else ''
+        fewshot = cell([measure(f'fs{folds}', row, s) for s in seeds]) if row in fewshot_rows else ''
         tuned = cell([measure('ft', row, s) for s in seeds]) if row in finetune_rows else ''
-        lines.append(f'| {what} | {mask} | {target} | {teacher} | {svm} | {tuned} |')
+        lines.append(f'| {what} | {mask} | {target} | {teacher} | {accuracy} | {few} | {fewshot} | {tuned} |')
     return '\n'.join(lines)
 
 
@@ -237,11 +284,14 @@ def curves_picture(rows, seeds, epochs, references):
 
 def main(args):
     points = PRESETS['synthetic']['num_points']
-    dataset_baselines = baselines(points, args.seeds)
+    dataset_baselines = baselines(points, args.seeds, args.split)
     if args.baselines:
         for name, values in dataset_baselines.items():
-            print(f'linear SVM on {name} at {points} points: {cell(values)}')
+            print(f'linear SVM on {name} at {points} points ({args.split}): {cell([v[0] for v in values])}; '
+                  + ', '.join(f'{k} per class {cell([v[1][k] for v in values], seeds=False)}' for k in FEW_LABELS))
         return
+    tune = [r for r in args.finetune_rows if r in args.rows or r == 'scratch'] if args.split == 'test' else []
+    fewshot = [r for r in args.fewshot_rows if r in args.rows or r == 'scratch'] if args.split == 'test' else []
     if not args.table_only:
         leaky_teacher = ROWS['i2p-mae-same-classes'][4][1]
         if 'i2p-mae-same-classes' in args.rows and not os.path.isfile(leaky_teacher):
@@ -250,26 +300,29 @@ def main(args):
             subprocess.run([sys.executable, *command], check=True)
         for seed in args.seeds:   # seed by seed: a partial loop still gives every row a number
             for row in args.rows:
-                svm_accuracy(row, seed, args.epochs)
-            for row in [r for r in args.finetune_rows if r in args.rows or r == 'scratch']:
+                svm_accuracy(row, seed, args.epochs, args.split)
+            for row in tune:
                 finetune_accuracy(row, seed, args.epochs)
+            for row in fewshot:
+                fewshot_accuracy(row, seed, args.epochs, args.folds)
 
-    def measure(kind, row, seed):
-        return measured(kind, row, seed, args.epochs)
-    text = (f'{args.epochs} epochs of pre-training, seeds {" ".join(map(str, args.seeds))}: mean ± std over the seeds '
-            f'(each seed\'s number in brackets)\n\n'
-            + table(args.rows, args.seeds, args.finetune_rows, measure, dataset_baselines))
-    suffix = schedule_suffix(args.epochs)
+    def measure(kind, row, seed, key=None):
+        return measured(kind, row, seed, args.epochs, key)
+    scored = 'the test split' if args.split == 'test' else f'{VAL_FOLDS}-fold cross-validation over the training split'
+    text = (f'{args.epochs} epochs of pre-training, seeds {" ".join(map(str, args.seeds))}, linear SVMs scored on '
+            f'{scored}: mean ± std over the seeds (each seed\'s number in brackets)\n\n'
+            + table(args.rows, args.seeds, tune, fewshot, measure, dataset_baselines, args.split, args.folds))
+    suffix = schedule_suffix(args.epochs) + ('' if args.split == 'test' else '-val')
     os.makedirs(folder('ablation'), exist_ok=True)
     with open(os.path.join(folder('ablation'), f'table{suffix}.md'), 'w') as f:
         f.write(text + '\n')
     print(text)
     untrained = [measure('svm', 'untrained', seed) for seed in args.seeds]
-    references = {f'{name.split(" (")[0]} (dataset baseline)': float(np.mean(values))
-                  for name, values in dataset_baselines.items()}
+    references = {f'{name.split(" (")[0]} (dataset baseline)': float(np.mean([v[0] for v in values]))
+                  for name, values in dataset_baselines.items()} if args.split == 'test' else {}
     if any(v is not None for v in untrained):
         references['untrained encoder'] = float(np.mean([v for v in untrained if v is not None]))
-    path = os.path.join(folder('ablation'), f'curves{suffix}.png')
+    path = os.path.join(folder('ablation'), f'curves{schedule_suffix(args.epochs)}.png')
     curves_picture([r for r in CURVE_ROWS if r in args.rows], args.seeds, args.epochs, references).save(path)
     print(f'wrote {path}')
 

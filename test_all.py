@@ -3637,34 +3637,44 @@ def test_ablation_runs_each_row_once_resumes_and_tabulates_mean_and_seed_spread(
         calls.append((script, name, tuple(flags)))
         os.makedirs(ablation.folder(name), exist_ok=True)
         row, seed = re.match(r'ablation-(.+)-s(\d)', name).groups()
-        seed = int(seed)
+        seed, few = int(seed), {'1': 40.0, '5': 60.0, '10': 70.0}
         record = {'pretrain.py': dict(epoch=epochs - 1, train_loss_3d=0.02, svm_accuracy=accuracy[row] - 1 + seed),
-                  'svm_eval.py': dict(accuracy=accuracy[row] + seed),
-                  'finetune.py': dict(test_accuracy=accuracy[row] + 2 * seed)}[script]
+                  'svm_eval.py': dict(accuracy=accuracy[row] + seed, few_label_mean={k: v + seed for k, v in few.items()}),
+                  'finetune.py': dict(test_accuracy=accuracy[row] + 2 * seed) if '--data' not in flags else
+                                 dict(accuracies=[accuracy[row] + 3 * seed, accuracy[row] + 3 * seed + 2])}[script]
         with open(os.path.join(ablation.folder(name), 'log.jsonl'), 'a') as f:
             f.write(json.dumps(record) + '\n')
     monkeypatch.setattr(ablation, 'run', fake_run)
-    monkeypatch.setattr(ablation, 'baselines', lambda points, seeds: {'a baseline': [75.0, 77.0]})
+    monkeypatch.setattr(ablation, 'baselines', lambda points, seeds, split='test': {
+        'a baseline': [(75.0, {1: 30.0, 5: 50.0, 10: 55.0}), (77.0, {1: 32.0, 5: 50.0, 10: 55.0})]})
     os.makedirs('runs/ablation-i2p-mae-s1')   # an interrupted pre-training: two epochs done
     with open('runs/ablation-i2p-mae-s1/log.jsonl', 'w') as f:
         f.write(json.dumps(dict(epoch=1, train_loss_3d=0.03)) + '\n')
-    args = ablation.parse_args(['--rows', 'untrained', '3d-only', 'i2p-mae', '--seeds', '0', '1'])
+    args = ablation.parse_args(['--rows', 'untrained', '3d-only', 'i2p-mae', '--seeds', '0', '1', '--folds', '2'])
     ablation.main(args)
     pretrained = [name for script, name, _ in calls if script == 'pretrain.py']
     assert sorted(pretrained) == ['ablation-3d-only-s0', 'ablation-3d-only-s1', 'ablation-i2p-mae-s0',
                                   'ablation-i2p-mae-s1']
     untrained = [flags for script, name, flags in calls if name == 'ablation-untrained-s1-svm']
-    assert untrained == [('--ckpt', 'runs/ablation-3d-only-s1/last.pt', '--cv', '--overwrite', '--random_init',
-                          '--seed', '1')]
+    assert untrained == [('--ckpt', 'runs/ablation-3d-only-s1/last.pt', '--cv', '--overwrite', '--split', 'test',
+                          '--shots', '1', '5', '10', '--random_init', '--seed', '1')]
+    fewshot = [flags for script, name, flags in calls if name == 'ablation-scratch-s1-fs2']
+    assert fewshot == [('--data', 'fewshot-synthetic', '--from_scratch', '--seed', '1', '--ways', '5', '--shots', '10',
+                        '--folds', '0', '1', '--test_every', '1000')]
     first = len(calls)
     ablation.main(args)                        # everything measured: nothing runs again
     assert len(calls) == first
     table = open('runs/ablation/table.md').read()
-    assert '| I2P-MAE | guided | yes | other classes | 85.5 ± 0.7 (85.0 / 86.0) | 86.0 ± 1.4 (85.0 / 87.0) |' in table
-    assert '| from scratch (no pre-training) | - | - | - |  | 81.0 ± 1.4 (80.0 / 82.0) |' in table
-    assert '| dataset baseline: a baseline | - | - | - | 76.0 ± 1.4 (75.0 / 77.0) |  |' in table
+    assert ('| I2P-MAE | guided | yes | other classes | 85.5 ± 0.7 (85.0 / 86.0) | 40.5 ± 0.7 | 60.5 ± 0.7 | '
+            '70.5 ± 0.7 | 87.5 ± 2.1 (86.0 / 89.0) | 86.0 ± 1.4 (85.0 / 87.0) |') in table
+    assert '| from scratch (no pre-training) | - | - | - |  |  |  |  | 82.5 ± 2.1 (81.0 / 84.0) | 81.0 ± 1.4 (80.0 / 82.0) |' in table
+    assert '| dataset baseline: a baseline | - | - | - | 76.0 ± 1.4 (75.0 / 77.0) | 31.0 ± 1.4 | 50.0 ± 0.0 | 55.0 ± 0.0 |  |  |' in table
     assert ablation.svm_curve('i2p-mae', 1, epochs) == ([epochs], [85.0])        # the check after each epoch
     assert Image.open('runs/ablation/curves.png').size == (960, 520)
+    ablation.main(ablation.parse_args(['--rows', 'i2p-mae', '--seeds', '0', '--split', 'val']))   # choosing a schedule
+    assert calls[-1][1:] == ('ablation-i2p-mae-s0-svm-val', ('--ckpt', 'runs/ablation-i2p-mae-s0/last.pt', '--cv',
+                                                              '--overwrite', '--split', 'val', '--shots', '1', '5', '10'))
+    assert '85.0 (85.0)' in open('runs/ablation/table-val.md').read()
     assert ablation.pretrained('3d-only', 0, 18) == 'runs/ablation-3d-only-s0-e18/last.pt'   # a longer schedule
     assert calls[-1] == ('pretrain.py', 'ablation-3d-only-s0-e18', ('--mask', 'random', '--no_2d_target', '--seed', '0',
                                                                     '--svm_every', '1', '--epochs', '18',
