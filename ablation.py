@@ -35,7 +35,12 @@ import sys
 import numpy as np
 import torch
 
-from data import load_split, validation_folds
+from PIL import Image
+
+from tokenizer import build_token_hierarchy, gather_points, square_distance
+from mask import hierarchical_masks, random_mask
+from model import chamfer_l2
+from data import load_split, scale_and_translate, validation_folds
 from svm_eval import VAL_FOLDS, svm_scores
 from pretrain import PRESETS
 from pictures import line_plot
@@ -129,6 +134,9 @@ def parse_args(argv=None):
                         f'the training split (val: to choose a schedule; the test split is not read, and nothing is '
                         f'fine-tuned)')
     p.add_argument('--table_only', action='store_true', help='print the table of the results found, run nothing')
+    p.add_argument('--why_3d_only', action='store_true', help='3D-only and I2P-MAE after every pre-training epoch '
+                                                             '(first --seeds): each scale\'s SVM accuracy, the features\' '
+                                                             'effective rank (runs/ablation/why-3d-only.png)')
     p.add_argument('--baselines', action='store_true', help='print only the dataset\'s own baselines (seconds)')
     p.add_argument('--epochs', type=int, default=PRESETS['synthetic']['epochs'],
                    help='pre-training epochs of every row (default: the preset\'s); another number keeps its runs apart '
@@ -282,7 +290,112 @@ def curves_picture(rows, seeds, epochs, references):
                              f'mean ± std over seeds {" ".join(map(str, seeds))}', size=(960, 520), bands=bands)
 
 
+# ---------------------------------------------------------------- why 3D-only learns so little here
+
+WHY_ROWS = ('3d-only', 'i2p-mae')
+
+
+@torch.no_grad()
+def scale_features(student, points, batch_size=128):
+    """(S, N, 3) -> [(S, C_i) numpy per scale]: the frozen encoder's max over each scale's tokens (svm_features
+    is the last; nothing masked at the top, finer tokens no coarse one covers left out)."""
+    student.eval()
+    features = [[] for _ in student.cfg.num_groups]
+    for chunk in points.split(batch_size):
+        groups = build_token_hierarchy(chunk, student.cfg.num_groups, student.cfg.group_sizes)
+        visible = torch.zeros(len(chunk), student.cfg.num_groups[-1], dtype=torch.bool)
+        for i, e in enumerate(student.encode(groups, hierarchical_masks(visible, groups))):
+            features[i].append(e.x.masked_fill(e.is_pad[..., None], float('-inf')).amax(dim=1))
+    return [torch.cat(f).numpy() for f in features]
+
+
+def effective_rank(x):
+    """exp of the entropy of the normalised singular values of the centred features (S, C): how many directions
+    the features spread over (1: all on a line; C: evenly over all)."""
+    s = torch.linalg.svdvals(torch.from_numpy(x - x.mean(0)).double())
+    p = s / s.sum()
+    return float(torch.exp(-(p * torch.log(p.clamp_min(1e-300))).sum()))
+
+
+def nearest_visible_chamfer(points, cfg, mask_ratio=0.8, seed=0):
+    """The 3D loss of a predictor that knows nothing of shapes: each masked scale-1 token's neighbourhood is
+    guessed to be the nearest visible scale-1 token's (relative coordinates), scored with the model's
+    Chamfer-L2, on clouds augmented and masked as the 3D-only row's training steps are (seeded)."""
+    generator, total, count = torch.Generator().manual_seed(seed), 0.0, 0
+    for chunk in points.split(128):
+        xyz = scale_and_translate(chunk, generator=generator)
+        groups = build_token_hierarchy(xyz, cfg.num_groups, cfg.group_sizes)
+        masks = hierarchical_masks(random_mask(len(xyz), cfg.num_groups[-1], mask_ratio, generator=generator), groups)
+        group, hidden = groups[1], masks[1]                                               # the 3D head's scale
+        d = square_distance(group.centers, group.centers).masked_fill(hidden[:, None, :], float('inf'))
+        nearest = d.argmin(dim=2)                                                         # (B, G_1) visible token
+        guess = gather_points(group.relative.flatten(2), nearest).view_as(group.relative)
+        total += float(chamfer_l2(guess[hidden], group.relative[hidden])) * int(hidden.sum())
+        count += int(hidden.sum())
+    return total / count
+
+
+def snapshot_run(row, seed, epochs):
+    """runs/ablation-<row>-s<seed>-e<epochs>-every-epoch: the row's pre-training keeping epoch-<n>.pt after every
+    epoch (run first if it is not finished)."""
+    name = f'ablation-{row}-s{seed}-e{epochs}-every-epoch'
+    last_epoch = last_record_with(name, 'train_loss_3d')
+    if last_epoch is None or last_epoch['epoch'] + 1 < epochs:
+        run('pretrain.py', ROWS[row][4] + ['--seed', str(seed), '--epochs', str(epochs), '--cosine_epochs', str(epochs),
+                                           '--svm_every', '0', '--save_every', '1'], name)
+    return name
+
+
+def why_3d_only(seed, epochs):
+    """For 3D-only and I2P-MAE: after every pre-training epoch, each scale's linear-SVM test accuracy and the top
+    scale's effective rank; with the 3D loss of a predictor that knows nothing of shapes. Writes
+    runs/ablation/why-3d-only.json and .png."""
+    from svm_eval import load_student
+    points = PRESETS['synthetic']['num_points']
+    train, test = (load_split('synthetic', split, num_points=points) for split in ('train', 'test'))
+    results = {}
+    for row in WHY_ROWS:
+        name = snapshot_run(row, seed, epochs)
+        losses = {r['epoch'] + 1: r['train_loss_3d'] for r in map(json.loads, open(os.path.join(folder(name), 'log.jsonl')))
+                  if 'train_loss_3d' in r and 'step' not in r}
+        for epoch in range(1, epochs + 1):
+            student, _ = load_student(os.path.join(folder(name), f'epoch-{epoch}.pt'))
+            train_x, test_x = scale_features(student, train.points), scale_features(student, test.points)
+            accuracy = [svm_scores(a, train.labels.numpy(), b, test.labels.numpy(), None, True, ())[0]
+                        for a, b in zip(train_x, test_x)]
+            results.setdefault(row, []).append(dict(epoch=epoch, svm_accuracy_per_scale=accuracy, loss_3d=losses[epoch],
+                                                    effective_rank_top=effective_rank(train_x[-1]),
+                                                    width_top=train_x[-1].shape[1]))
+            print(f'{row} epoch {epoch}: SVM per scale ' + ' / '.join(f'{a:.1f}' for a in accuracy)
+                  + f' %, top scale effective rank {results[row][-1]["effective_rank_top"]:.1f} of '
+                  f'{train_x[-1].shape[1]}, loss_3d {losses[epoch]:.4f}', flush=True)
+    cfg = load_student(os.path.join(folder(snapshot_run('3d-only', seed, epochs)), 'last.pt'))[0].cfg
+    results['nearest_visible_loss_3d'] = nearest_visible_chamfer(load_split('synthetic', 'pretrain', num_points=points)
+                                                                 .points[:512], cfg)
+    print(f'the 3D loss of copying the nearest visible token\'s neighbourhood: {results["nearest_visible_loss_3d"]:.4f}')
+    os.makedirs(folder('ablation'), exist_ok=True)
+    with open(os.path.join(folder('ablation'), 'why-3d-only.json'), 'w') as f:
+        json.dump(results, f, indent=1)
+    names = {'3d-only': '3D-only', 'i2p-mae': 'I2P-MAE'}
+    accuracy = {f'{names[row]}, scale {i}': ([r['epoch'] for r in results[row]],
+                                             [r['svm_accuracy_per_scale'][i] for r in results[row]], 3 if i == 2 else 1)
+                for row in WHY_ROWS for i in range(3)}
+    rank = {names[row]: ([r['epoch'] for r in results[row]], [r['effective_rank_top'] for r in results[row]], 3)
+            for row in WHY_ROWS}
+    panels = [line_plot(accuracy, f'linear SVM test accuracy (%) of each scale\'s max-pooled tokens (scale 2 = '
+                                  f'svm_features), seed {seed}', size=(960, 420)),
+              line_plot(rank, 'effective rank of the top scale\'s features (of 256)', size=(960, 300))]
+    picture = Image.new('RGB', (960, sum(p.height for p in panels)), 'white')
+    for i, panel in enumerate(panels):
+        picture.paste(panel, (0, sum(p.height for p in panels[:i])))
+    picture.save(os.path.join(folder('ablation'), 'why-3d-only.png'))
+    print(f'wrote {folder("ablation")}/why-3d-only.json and .png')
+    return results
+
+
 def main(args):
+    if args.why_3d_only:
+        return why_3d_only(args.seeds[0], args.epochs)
     points = PRESETS['synthetic']['num_points']
     dataset_baselines = baselines(points, args.seeds, args.split)
     if args.baselines:

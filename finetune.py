@@ -53,7 +53,7 @@ PRESETS = {
     # 8192 -> 1200 -> 1024; group sizes cover each scale as often as ScanObjectNN's (K x G / N = 8, 8, 4);
     # ModelNet40's radii block the same share of token pairs here (93/77/39% vs 93/75/32%, measured)
     'synthetic': dict(MODELNET40, load_points=1024, points=512, train_fps=600, group_sizes=(32, 16, 16), epochs=6,
-                      warmup_epochs=1, val_fraction=0.1, config='small', ckpt='runs/pretrain-synthetic/last.pt'),
+                      warmup_epochs=None, val_fraction=0.1, config='small', ckpt='runs/pretrain-synthetic/last.pt'),
 }
 # the demo's few-shot folds (data.synthetic_fewshot_fold): the demo's recipe, FEWSHOT_EPOCHS, no validation split
 FEWSHOT_EPOCHS = 150
@@ -114,7 +114,8 @@ def parse_args(argv=None):
     o.add_argument('--smoothing', type=fraction, help='label smoothing, eps/(n-1) per wrong class (official: 0.2 ModelNet40, 0 Scan)')
     o.add_argument('--epochs', type=positive_int, help='epochs (official: 300, few-shot 150; their loop runs one more)')
     o.add_argument('--cosine_epochs', type=positive_int, help='length of the cosine schedule (official: = epochs)')
-    o.add_argument('--warmup_epochs', type=non_negative_int, help='linear warm-up from --min_lr (official: 10; synthetic 1)')
+    o.add_argument('--warmup_epochs', type=non_negative_int, help='linear warm-up from --min_lr (official: 10; synthetic '
+                                                                  '1, none in a run of one epoch)')
     o.add_argument('--batch_size', type=positive_int, default=32,
                    help='total batch over all processes, at least 2 per process for BatchNorm (official: 32)')
     o.add_argument('--lr', type=positive_float, default=5e-4, help='peak learning rate (official: 5e-4)')
@@ -144,8 +145,6 @@ def parse_args(argv=None):
     if args.save_every and args.data.startswith('fewshot'):
         p.error('--save_every keeps snapshots of one training run; few-shot trains one classifier per fold')
     args.group_sizes, args.local_radius = tuple(args.group_sizes), tuple(args.local_radius)
-    if args.cosine_epochs is None:
-        args.cosine_epochs = args.epochs
     args.run_name = args.run_name or f'finetune-{args.data}' + ('-test' if args.test_only else '')
     return args
 

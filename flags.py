@@ -92,6 +92,7 @@ def parse_run_flags(parser, argv, presets, may_differ):
         for key, value in presets[args.data].items():   # argparse resolved abbreviations: a given flag stays
             if getattr(args, key) is None:
                 setattr(args, key, value)
+        follow_epochs(args)
         return args
     checkpoint = read_checkpoint(args.resume, '--resume')
     saved = checkpoint.get('args')
@@ -109,6 +110,16 @@ def parse_run_flags(parser, argv, presets, may_differ):
         parser.error(f'--resume {args.resume}: the run has done {checkpoint["epoch"]} epoch(s) and --epochs is '
                      f'{args.epochs}: nothing to do (pass a larger --epochs to train it further)')
     return args
+
+
+def follow_epochs(args):
+    """A schedule the flags and the preset leave open (None) follows --epochs: the cosine spans the run and the
+    warm-up is one epoch (none in a run of one), so a shortened run is still a whole schedule, annealed to
+    --min_lr. (The ShapeNet pre-training preset keeps the authors' 10 warm-up epochs and 400-epoch cosine.)"""
+    if args.cosine_epochs is None:
+        args.cosine_epochs = args.epochs
+    if args.warmup_epochs is None:
+        args.warmup_epochs = min(1, args.epochs - 1)
 
 
 def run_script(main, parse_args):

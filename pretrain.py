@@ -36,7 +36,7 @@ SHAPENET = dict(config='full', num_points=2048, epochs=300, cosine_epochs=400, w
                 teacher_weights='imagenet', svm_every=0)
 # `python pretrain.py`: the synthetic demo, a small model for a CPU, and the demo's own 2D teacher (train_teacher.py)
 PRESETS = {'shapenet': SHAPENET,
-           'synthetic': dict(SHAPENET, config='small', num_points=512, epochs=6, cosine_epochs=6, warmup_epochs=1,
+           'synthetic': dict(SHAPENET, config='small', num_points=512, epochs=6, cosine_epochs=None, warmup_epochs=None,
                              batch_size=32, teacher_weights='demo', svm_every=3)}
 # flags a resumed run may change: they do not change what it computes (the teacher is checked by its weights)
 MAY_DIFFER = ('svm_every', 'teacher_weights', 'teacher_arch', 'compile')
@@ -69,8 +69,10 @@ def parse_args(argv=None):
     o = p.add_argument_group('optimisation')
     o.add_argument('--epochs', type=positive_int, help='epochs to train (official: 300; synthetic 6)')
     o.add_argument('--cosine_epochs', type=positive_int,
-                   help='length of the cosine schedule (official: 400, longer than the run, so it ends near 1.5e-4)')
-    o.add_argument('--warmup_epochs', type=non_negative_int, help='linear warm-up from 1e-6 (official: 10; synthetic 1)')
+                   help='length of the cosine schedule (official: 400, longer than the run, so it ends near 1.5e-4; '
+                        'synthetic: --epochs)')
+    o.add_argument('--warmup_epochs', type=non_negative_int, help='linear warm-up from --min_lr (official: 10; synthetic '
+                                                                  '1, none in a run of one epoch)')
     o.add_argument('--batch_size', type=positive_int, help='total batch over all processes (official: 64; synthetic 32)')
     o.add_argument('--lr', type=positive_float, default=1e-3, help='peak learning rate for the total batch (official: 1e-3)')
     o.add_argument('--min_lr', type=non_negative_float, default=1e-6, help='floor and warm-up start (official: 1e-6)')

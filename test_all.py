@@ -2047,6 +2047,24 @@ def test_cosine_lr_warms_up_then_decays():
     assert cosine_lr(300, args) == pytest.approx(official(300))
 
 
+@pytest.mark.parametrize('script', [pretrain, finetune, segment])
+def test_a_shorter_demo_is_a_whole_schedule_and_the_paper_keeps_its_own(script):
+    """--epochs on a synthetic preset: the cosine spans the run, one warm-up epoch (none in a run of one), so it
+    ends annealed; the ShapeNet pre-training preset keeps the authors' 10 warm-up epochs and 400-epoch cosine."""
+    for epochs, warmup in ((1, 0), (2, 1), (9, 1)):
+        args = script.parse_args(['--epochs', str(epochs)])
+        assert (args.cosine_epochs, args.warmup_epochs) == (epochs, warmup)
+        assert cosine_lr(epochs, args) == pytest.approx(args.min_lr)
+        assert cosine_lr(0, args) == (args.lr if warmup == 0 else args.min_lr)
+    assert training.schedule_line(script.parse_args(['--epochs', '1']), 31).startswith(
+        f'schedule: 1 epoch(s) of 31 step(s); learning rate {script.parse_args([]).lr:g} from the first step, then a cosine')
+    if script is pretrain:
+        args = parse_args(['--data', 'shapenet'])
+        assert (args.epochs, args.cosine_epochs, args.warmup_epochs) == (300, 400, 10)
+        assert 'the cosine spans 400 epochs' in training.schedule_line(args, 819)
+        assert parse_args(['--epochs', '4', '--cosine_epochs', '6']).cosine_epochs == 6    # given: kept
+
+
 def test_no_weight_decay_on_biases_norms_and_token_parameters():
     student, _ = tiny_student_and_teacher()
     decay, no_decay = param_groups(student, 0.05)
@@ -3710,6 +3728,35 @@ def test_ablation_resumes_an_interrupted_run_and_restarts_one_that_saved_nothing
     assert commands == [['pretrain.py', '--seed', '1', '--run_name', 'fresh'],
                         ['pretrain.py', '--seed', '1', '--run_name', 'died', '--overwrite'],
                         ['pretrain.py', '--seed', '1', '--run_name', 'cut', '--resume', 'runs/cut/last.pt']]
+
+
+def test_the_3d_only_diagnosis_measures_what_it_says():
+    """Its pieces: the top scale's feature is svm_features; effective rank counts the directions used; the
+    shape-blind predictor's loss is Chamfer-L2 of each hidden token against the nearest visible one, by brute force."""
+    torch.manual_seed(0)
+    student, xyz = I2PMAE(TINY).eval(), torch.rand(3, 64, 3)
+    per_scale = ablation.scale_features(student, xyz)
+    assert [f.shape for f in per_scale] == [(3, d) for d in TINY.encoder_dims]
+    assert np.allclose(per_scale[-1], student.svm_features(xyz).detach().numpy(), atol=1e-6)
+    line, plane = np.outer(np.arange(8.0), [1, 2, 0, 0]), np.stack([np.arange(8.0), np.arange(8.0) % 3, 0 * np.arange(8.0)], 1)
+    assert ablation.effective_rank(line) == pytest.approx(1.0) and 1.5 < ablation.effective_rank(plane) < 2.0
+    square = np.array([[1.0, 0], [-1, 0], [0, 1], [0, -1]])            # two equal directions
+    assert ablation.effective_rank(square) == pytest.approx(2.0)
+    generator = torch.Generator().manual_seed(0)
+    points = torch.rand(2, 64, 3, generator=generator)
+    expected, count = 0.0, 0
+    generator = torch.Generator().manual_seed(0)
+    for chunk in points.split(128):   # the same draws, written out with loops
+        clouds = scale_and_translate(chunk, generator=generator)
+        groups = build_token_hierarchy(clouds, TINY.num_groups, TINY.group_sizes)
+        hidden = hierarchical_masks(random_mask(2, TINY.num_groups[-1], 0.8, generator=generator), groups)[1]
+        for b in range(2):
+            for g in hidden[b].nonzero()[:, 0].tolist():
+                seen = (~hidden[b]).nonzero()[:, 0]
+                near = seen[((groups[1].centers[b, seen] - groups[1].centers[b, g]) ** 2).sum(-1).argmin()]
+                expected += chamfer_l2(groups[1].relative[b, near][None], groups[1].relative[b, g][None]).item()
+                count += 1
+    assert ablation.nearest_visible_chamfer(points, TINY) == pytest.approx(expected / count, rel=1e-5)
 
 
 def test_every_ablation_row_names_flags_pretrain_accepts_and_a_teacher_that_builds():

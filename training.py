@@ -167,6 +167,15 @@ def cosine_lr(progress, args):
     return args.min_lr + 0.5 * (args.lr - args.min_lr) * (1 + math.cos(math.pi * t))
 
 
+def schedule_line(args, steps):
+    """The run's learning-rate schedule in words, for its log."""
+    warmup = (f'rising from {args.min_lr:g} to {args.lr:g} over {args.warmup_epochs} warm-up epoch(s)' if args.warmup_epochs
+              else f'{args.lr:g} from the first step')
+    return (f'schedule: {args.epochs} epoch(s) of {steps} step(s); learning rate {warmup}, then a cosine over '
+            f'{args.cosine_epochs} epochs towards {args.min_lr:g}, at {cosine_lr(args.epochs, args):.2g} when the run '
+            f'ends' + (f' (the cosine spans {args.cosine_epochs} epochs)' if args.cosine_epochs > args.epochs else ''))
+
+
 def param_groups(model, weight_decay):
     """AdamW groups: no decay for biases, norms and, as the authors, any name containing 'token'."""
     decay, no_decay = [], []
@@ -430,6 +439,7 @@ def train(run, model, optimizer, args, num_items, train_step, evaluate, names, c
         raise SystemExit(f'--batch_size {args.batch_size} is larger than the {num_items} training shapes')
     sums = torch.zeros(len(names) + 1, dtype=torch.float64, device=process.device)   # weighted sums, count
     first_epoch, first_step, history = run.restore(checkpoint, model, optimizer, args, sums)
+    run.log(schedule_line(args, steps))
     ddp = model if process.world == 1 else DistributedDataParallel(
         model, device_ids=[process.device.index] if process.device.type == 'cuda' else None,
         find_unused_parameters=find_unused_parameters)   # averages the gradients
