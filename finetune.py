@@ -407,7 +407,7 @@ def main(args):
     if args.batch_size % process.world or args.batch_size // process.world < 2:
         raise SystemExit(f'--batch_size {args.batch_size} over {process.world} processes: each process needs an '
                          f'equal share of at least 2 clouds (BatchNorm)')
-    run = Run(run_folder(args), process)
+    run = Run(run_folder(args), process, 'finetune.py')
     run.log(f'fine-tuning on {args.data} ' + ('continuing ' + args.resume if args.resume else 'from a random encoder '
             '(--from_scratch)' if args.from_scratch else f'from the encoder of {args.ckpt}' + (
             ' (the default --ckpt: the pre-training run of this kind of data, as svm_eval.py)'

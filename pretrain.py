@@ -214,12 +214,14 @@ def main(args):
     device, world = process.device, process.world
     if args.batch_size % world:
         raise SystemExit(f'--batch_size {args.batch_size} must be divisible by the {world} processes')
-    run = Run(run_folder(args), process)
+    run = Run(run_folder(args), process, 'pretrain.py')
     checkpoint = run.resume(args)   # a new run claims its folder (another run's files are refused)
     # the data before the teacher: a missing dataset is named before minutes of teacher training or a download
     points = load_split(args.data, 'pretrain' if args.data == 'synthetic' else 'train', data_root=args.data_root,
                         num_points=args.load_points).points
+    started, trains_teacher = time.time(), args.teacher_weights == 'demo' and not os.path.isfile(DEMO_TEACHER_PATH)
     teacher, described = teacher_of(args, process)
+    teacher_minutes = (time.time() - started) / 60
     identity = teacher_fingerprint(teacher) if teacher is not None else None
     if checkpoint is not None and checkpoint.get('teacher_identity') != identity:
         raise SystemExit(f'--resume {args.resume}: the run was pre-trained with the teacher "{checkpoint.get("teacher")}"'
@@ -252,12 +254,15 @@ def main(args):
         check = args.svm_every and (epoch + 1) % args.svm_every == 0
         return dict(svm_accuracy=svm_check(student, args, process)) if check else {}
     # the scale-0 LayerNorm feeds no loss, so DDP must expect parameters without gradients
+    started = time.time()
     train(run, student, optimizer, args, len(points), step, evaluate, ('loss_3d', 'loss_2d'), checkpoint,
           find_unused_parameters=True, **about)
     data = 'synthetic' if args.data == 'synthetic' else 'modelnet40'
-    run.log(f'pre-training done in {(time.time() - run.started) / 60:.1f} min (this session). Next: the frozen '
-            f'encoder\'s linear SVM, python svm_eval.py --ckpt {run.path("last.pt")} --data {data}, or fine-tuning, '
-            f'python finetune.py --ckpt {run.path("last.pt")} --data {"synthetic" if data == "synthetic" else "scan_hardest"}')
+    run.log(f'pre-training done: {(time.time() - started) / 60:.1f} min this session'
+            + (f' (and {teacher_minutes:.1f} min before it training the demo teacher)' if trains_teacher else '')
+            + f'. Next: the frozen encoder\'s linear SVM, python svm_eval.py --ckpt {run.path("last.pt")} --data {data}, '
+            f'or fine-tuning, python finetune.py --ckpt {run.path("last.pt")} --data '
+            f'{"synthetic" if data == "synthetic" else "scan_hardest"}')
     end_process(process)
     return student
 

@@ -281,7 +281,7 @@ def main(args):
                          f'per cloud at its finest scale')
     run = None
     if args.run_name:   # an SVM run folder: args.json, log.jsonl (a header record, then the result)
-        run = Run(os.path.join('runs', args.run_name), Process(device))
+        run = Run(os.path.join('runs', args.run_name), Process(device), 'svm_eval.py')
         if os.path.realpath(os.path.dirname(path)) == os.path.realpath(run.folder):
             raise SystemExit(f'--run_name {args.run_name}: {path} is in that folder; keep the SVM result in another '
                              f'one (e.g. --run_name {args.run_name}-svm)')

@@ -1552,9 +1552,13 @@ def test_the_run_that_trains_the_teacher_computes_what_every_later_run_computes(
     flags = ['--config', 'small', '--num_points', '128', '--batch_size', '4', '--epochs', '1', '--log_every', '1',
              '--max_steps_per_epoch', '3', '--svm_every', '0', '--gpu', '-1']          # the demo teacher
     pretrain.main(parse_args(flags + ['--run_name', 'first']))
-    assert 'training it first' in capsys.readouterr().out and os.path.isfile(train_teacher.DEMO_TEACHER_PATH)
+    out = capsys.readouterr().out
+    assert 'training it first' in out and os.path.isfile(train_teacher.DEMO_TEACHER_PATH)
+    assert re.search(r'pre-training done: \d+\.\d min this session \(and \d+\.\d min before it training the demo '
+                     r'teacher\)\. Next: ', out)                          # the teacher's minutes apart
     pretrain.main(parse_args(flags + ['--run_name', 'second']))
-    assert 'training it first' not in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert 'training it first' not in out and re.search(r'pre-training done: \d+\.\d min this session\. Next', out)
     assert log_records('runs/first') == log_records('runs/second')
     assert_same_weights(saved_weights('runs/first/last.pt'), saved_weights('runs/second/last.pt'))
 
@@ -1799,10 +1803,25 @@ def test_the_command_printed_after_ctrl_c_resumes_the_run_as_printed(tmp_path, m
     with monkeypatch.context() as patch:
         patch.setattr(I2PMAE, 'decode', before(I2PMAE.decode, signal_at_call(2)))
         interrupted(pretrain_run, 'ctrlc')
-    printed = re.search(r'continue with (--resume \S+)', capsys.readouterr().out).group(1)
-    assert printed == '--resume runs/ctrlc/last.pt'
-    pretrain.main(parse_args(printed.split()))
+    out = capsys.readouterr().out
+    printed = re.search(r'continue with: (.+)', out).group(1)
+    assert printed == 'python pretrain.py --resume runs/ctrlc/last.pt'
+    resumed = as_a_shell_runs(printed, tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert resumed.stdout.startswith('resuming runs/ctrlc/last.pt: epoch 1, step 0')
     assert position('runs/ctrlc/last.pt') == (2, 0) and not os.path.exists('runs/pretrain-synthetic')
+
+
+def as_a_shell_runs(line, folder):
+    """`line` run by a shell in folder, with `python` this interpreter and the repository's scripts in reach there."""
+    (folder / 'bin').mkdir(exist_ok=True)
+    if not (folder / 'bin' / 'python').exists():
+        (folder / 'bin' / 'python').symlink_to(sys.executable)
+    for path in glob.glob(os.path.join(HERE, '*.py')):
+        if not (folder / os.path.basename(path)).exists():
+            (folder / os.path.basename(path)).symlink_to(path)
+    env = dict(os.environ, PATH=f'{folder / "bin"}{os.pathsep}{os.environ["PATH"]}', OMP_NUM_THREADS='1')
+    return subprocess.run(line, shell=True, cwd=folder, env=env, capture_output=True, text=True)
 
 
 def test_cheap_checks_come_before_the_teacher(tmp_path, monkeypatch, small_pool):
@@ -1884,7 +1903,7 @@ def test_non_finite_loss_or_weights_stop_and_keep_the_last_good_checkpoint(tmp_p
 
 def test_resume_at_an_epoch_end_reproduces_the_uninterrupted_run(straight_pretrain, tmp_path, monkeypatch, small_pool):
     monkeypatch.chdir(tmp_path)
-    pretrain_run('cut', epochs=1)
+    pretrain_run('cut', '--cosine_epochs', '2', '--warmup_epochs', '1', epochs=1)   # the straight run's schedule
     # the cut run stopped after epoch 0; resuming it with --epochs 2, and no other flag, retraces the straight run
     pretrain.main(parse_args(['--resume', 'runs/cut/last.pt', '--epochs', '2']))
     assert log_records('runs/cut') == log_records(straight_pretrain)
@@ -1905,7 +1924,7 @@ def test_resume_takes_the_runs_flags_and_changes_one_only_when_asked(tmp_path, m
     """--resume continues with the checkpoint's flags; a flag that would change the run (a lower --lr after
     a divergence, another architecture, seed or batch size) is refused unless --allow_changes, and then logged."""
     monkeypatch.chdir(tmp_path)
-    pretrain_run('cut', epochs=1, steps=1)
+    pretrain_run('cut', '--cosine_epochs', '2', '--warmup_epochs', '1', epochs=1, steps=1)
     resume = ['--resume', 'runs/cut/last.pt', '--epochs', '2']
     for change, said in ((['--lr', '2e-3'], '--lr 0.001 -> 0.002'), (['--seed', '1'], '--seed 0 -> 1'),
                          (['--config', 'full', '--num_points', '512'], '--config small -> full')):
@@ -1930,7 +1949,7 @@ def test_a_second_run_into_a_folder_is_refused_unless_overwrite_or_resume(tmp_pa
     pretrain_run('same', epochs=1, steps=1)
     with pytest.raises(SystemExit, match=r'runs/same holds another run \(last.pt, log.jsonl, args.json, curves.png\): '
                                          r'continue it with '
-                                         r'--resume runs/same/last.pt, start over with --overwrite'):
+                                         r'python pretrain.py --resume runs/same/last.pt, start over with --overwrite'):
         pretrain_run('same', epochs=1, steps=1)
     pretrain_run('same', '--overwrite', epochs=1, steps=1)
     assert [r['epoch'] for r in read_log('runs/same')] == [0, 0]         # replaced, not appended to
@@ -2097,7 +2116,7 @@ def test_eta_is_the_mean_pace_of_this_sessions_training_steps(tmp_path, monkeypa
         return {}
     args = argparse.Namespace(epochs=2, batch_size=2, seed=0, max_steps_per_epoch=0, log_every=1, lr=0.1, min_lr=0.0,
                               warmup_epochs=0, cosine_epochs=2, save_every=0)
-    run = Run(str(tmp_path / 'run'), CPU)
+    run = Run(str(tmp_path / 'run'), CPU, 'pretrain.py')
     clock[0] += 3600.0                                          # an hour of other work before the loop
     training.train(run, model, optimizer, args, 4, step, evaluate, ('loss',))
     assert re.findall(r'ETA (\d+\.\d) min', capsys.readouterr().out) == ['0.3', '0.2', '0.1', '0.0']   # 3, 2, 1, 0 x 6 s
@@ -2380,7 +2399,7 @@ def test_finetune_loads_every_pretrained_encoder_tensor_and_learns(pretrain_chec
         assert torch.equal(loaded[key[len('encoder.'):]], saved[key]), key
     assert classifier.cfg.group_sizes == (8, 4, 4) and classifier.cfg.encoder_dims == TINY.encoder_dims
     train, test = small_synthetic
-    result = finetune.finetune(classifier, train, test, args, Run(str(tmp_path), CPU))
+    result = finetune.finetune(classifier, train, test, args, Run(str(tmp_path), CPU, 'finetune.py'))
     accuracy = [h['train_accuracy'] for h in result['history']]
     assert np.mean(accuracy[-2:]) > accuracy[0] + 15, accuracy
     assert result['test_accuracy'] == result['history'][-1]['test_accuracy']   # the final epoch, not the best
@@ -2438,7 +2457,7 @@ def test_finetune_draws_its_train_fps_from_a_pool_of_fps_samplings_built_once(tm
     monkeypatch.setattr(finetune, 'fps_pool', lambda *a, **k: built.append(1) or fps_pool(*a, **k))
     monkeypatch.setattr(finetune, 'draw_from_fps_pool',
                         lambda clouds, pool: drawn.append((clouds, draw_from_fps_pool(clouds, pool))) or drawn[-1][1])
-    finetune.finetune(Classifier(TINY, 4), split, split, args, Run(str(tmp_path), CPU))
+    finetune.finetune(Classifier(TINY, 4), split, split, args, Run(str(tmp_path), CPU, 'finetune.py'))
     assert len(built) == 1 and len(drawn) == 4                                    # 2 epochs x 2 steps, one pool
     out = capsys.readouterr().out                                                 # it says what it is doing first
     assert 'building the FPS pool: 2 farthest-point samplings of 56 points from random starts for each of the 32' in out
@@ -2732,7 +2751,7 @@ def test_tiny_segmenter_learns_the_synthetic_parts(tmp_path):
     step_calls = []
     handle = register_optimizer_step_post_hook(lambda *a: step_calls.append(1))
     try:
-        history, metrics = segment.train_segmenter(model, train, test, xyz, parts, args, Run(str(tmp_path), CPU))
+        history, metrics = segment.train_segmenter(model, train, test, xyz, parts, args, Run(str(tmp_path), CPU, 'segment.py'))
     finally:
         handle.remove()
     assert len(step_calls) == 5 * (len(train.points) // args.batch_size)   # ONE optimizer step per iteration

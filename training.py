@@ -272,14 +272,20 @@ class Run:
     """One run as its processes see it: its folder (written by rank 0 only) and what was last saved there,
     so that a message can say it truly. log(line, **numbers) prints on rank 0 and appends the numbers as one
     record to log.jsonl; a checkpoint stores how many records it has seen, and a resume cuts the log back to
-    that many, so a run killed and resumed logs nothing twice. curves.png is redrawn after each epoch record."""
-    def __init__(self, folder, process):
-        self.folder, self.process = folder, process
+    that many, so a run killed and resumed logs nothing twice. curves.png is redrawn after each epoch record.
+    script: the file that runs it (pretrain.py, ...), for the commands it prints."""
+    def __init__(self, folder, process, script):
+        self.folder, self.process, self.script = folder, process, script
         self.records, self.last_saved, self.tensorboard = 0, 'no checkpoint of this run saved yet', None
         self.started = time.time()
 
     def path(self, name):
         return os.path.join(self.folder, name)
+
+    def command(self, *flags):
+        """The shell command that runs this script with `flags`, as this run was launched (python or torchrun)."""
+        launcher = 'python' if self.process.world == 1 else f'torchrun --nproc_per_node={self.process.world}'
+        return ' '.join([launcher, self.script, *flags])
 
     def claim(self, overwrite=False):
         """A new run's folder: another run's files there are refused, unless --overwrite deletes them."""
@@ -289,8 +295,8 @@ class Run:
             ['tensorboard/'] if os.path.isdir(self.path('tensorboard')) else [])
         if sum_over_processes(torch.tensor(float(bool(found) and not overwrite)), self.process).item() > 0:
             raise SystemExit(f'{self.folder} holds another run ({", ".join(found) or "see rank 0"}): continue it with '
-                             f'--resume {self.path("last.pt")}, start over with --overwrite (deletes them), or choose '
-                             f'another --run_name')
+                             f'{self.command("--resume", self.path("last.pt"))}, start over with --overwrite (deletes '
+                             f'them), or choose another --run_name')
         for name in found:
             shutil.rmtree(self.path(name)) if name.endswith('/') else os.remove(self.path(name))
         barrier(self.process)
@@ -313,6 +319,8 @@ class Run:
                 f.writelines(kept)
             os.replace(self.path('log.jsonl.tmp'), self.path('log.jsonl'))
         self.last_saved = f'{args.resume} holds epoch {checkpoint["epoch"]} step {checkpoint["step_in_epoch"]}'
+        self.log(f'resuming {args.resume}: epoch {checkpoint["epoch"]}, step {checkpoint["step_in_epoch"]} (epochs and '
+                 f'steps count from 0)')
         return checkpoint
 
     def start(self, args, **about):
@@ -471,7 +479,7 @@ def train(run, model, optimizer, args, num_items, train_step, evaluate, names, c
                             samples_per_s=args.batch_size / pace)
                 if stop.now() and step + 1 < steps:   # Ctrl-C: the step finished; save where to continue
                     save('last.pt', epoch, step + 1)
-                    run.log(f'interrupted: {run.last_saved}; continue with --resume {run.path("last.pt")}')
+                    run.log(f'interrupted: {run.last_saved}; continue with: {run.command("--resume", run.path("last.pt"))}')
                     raise SystemExit(130)
             share_rank0_buffers(model, process)   # every process scores with what last.pt saves
             *totals, count = sum_over_processes(sums, process).tolist()
@@ -491,7 +499,7 @@ def train(run, model, optimizer, args, num_items, train_step, evaluate, names, c
                 shutil.copyfile(run.path('last.pt'), run.path(f'epoch-{epoch + 1}.pt.tmp'))
                 os.replace(run.path(f'epoch-{epoch + 1}.pt.tmp'), run.path(f'epoch-{epoch + 1}.pt'))
             if stop.now():
-                run.log(f'stopped after epoch {epoch}; continue with --resume {run.path("last.pt")}')
+                run.log(f'stopped after epoch {epoch}; continue with: {run.command("--resume", run.path("last.pt"))}')
                 raise SystemExit(130)
     if process.world > 1:
         check_ranks_agree(model, process, run.log)
