@@ -3,15 +3,17 @@ assignment.py: classroom assignments cut out of the stage files, graded by the e
 
   python assignment.py                         # the assignments, one line each
   python assignment.py fps --out hw-fps        # a copy of the repository with FPS to write: hw-fps/ASSIGNMENT.md
-  python assignment.py fps --grade             # in the copy: how many of the grading tests pass
+  python assignment.py fps --grade             # in the copy: the score, why each failing case fails;
+                                               # exit status 1 below full marks
   python assignment.py --check [NAME ...]      # for teachers: every stub fails exactly its grading tests
 
 An assignment is one function (or a few small ones) of a stage file. `--out` copies the repository
 and replaces those functions' bodies (found by name with `ast`; their signatures and docstrings stay)
 by a stub that raises NotImplementedError with the task; everything else in the copy works as
 before. The grading tests are tests of test_all.py that were already there: brute force,
-hand-worked cases and the authors' recorded tensors; a student's partial credit is the number of
-them that pass. `--check` proves, for each assignment, that the untouched code passes its grading
+hand-worked cases and the authors' recorded tensors; every parametrisation is a grading case, and a
+student's partial credit is the number of cases that pass (the same count in the list, ASSIGNMENT.md
+and the grader). `--check` proves, for each assignment, that the untouched code passes its grading
 tests and that the stubbed copy fails every one of them and no grading test of another assignment
 that does not call the stubbed functions.
 """
@@ -172,31 +174,55 @@ def write_assignment(name, out):
                 f'(about {a.minutes} minutes). {their}\nNotImplementedError until you write '
                 f'{"them" if len(a.functions) > 1 else "it"}. Everything else in this copy works as in the repository.\n\n'
                 f'## The task\n\n```\n{a.task}\n```\n\n## Hints\n\n{a.hints}\n\n## Grading\n\n'
-                f'```bash\npython assignment.py {name} --grade\n```\n\nruns the {len(a.tests)} grading tests (some run '
-                f'several cases) and prints how many pass: brute force, hand-worked examples and the authors\' recorded '
-                f'tensors. Full marks when all pass. The tests are in `test_all.py`: read them, do not change them.\n')
+                f'```bash\npython assignment.py {name} --grade\n```\n\nruns the {len(grading_cases(a.tests, out))} '
+                f'grading cases (tests of `test_all.py`, each parametrisation a case: brute force, hand-worked examples '
+                f'and the authors\' recorded tensors), prints why each failing one fails and how many pass, and exits '
+                f'non-zero below full marks. The tests are in `test_all.py`: read them, do not change them.\n')
     return out
 
 
+def grading_cases(tests, folder=HERE):
+    """The case ids of `tests` as pytest collects them in `folder`: every parametrisation is a case."""
+    done = subprocess.run([sys.executable, '-m', 'pytest', '--collect-only', '-q', '-p', 'no:cacheprovider',
+                           *[f'test_all.py::{t}' for t in tests]], cwd=folder, capture_output=True, text=True,
+                          env={**os.environ, 'PYTHONPATH': folder})
+    return [line.split('::', 1)[1] for line in done.stdout.splitlines() if line.startswith('test_all.py::')]
+
+
 def run_tests(folder, tests):
-    """Run test_all.py's `tests` in `folder` -> {test case id: passed}; every parametrisation is a case."""
+    """Run test_all.py's `tests` in `folder` -> {test case id: (passed, why it failed: its first lines or '')}."""
     with tempfile.TemporaryDirectory() as scratch:
         report = os.path.join(scratch, 'report.xml')
         subprocess.run([sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider', f'--junitxml={report}',
                         *[f'test_all.py::{t}' for t in tests]], cwd=folder, capture_output=True, text=True,
                        env={**os.environ, 'PYTHONPATH': folder}, timeout=1800)
-        cases = ET.parse(report).getroot().iter('testcase')
-        return {case.get('name'): not any(child.tag in ('failure', 'error', 'skipped') for child in case)
-                for case in cases}
+        results = {}
+        for case in ET.parse(report).getroot().iter('testcase'):
+            failed = [child for child in case if child.tag in ('failure', 'error', 'skipped')]
+            why = (failed[0].get('message') or failed[0].text or failed[0].tag) if failed else ''
+            results[case.get('name')] = (not failed, why)
+        return results
+
+
+def reason(why, lines=2, width=150):
+    """The first `lines` non-empty lines of a failure's message, each cut at `width` characters."""
+    kept = [line.strip() for line in why.splitlines() if line.strip()][:lines]
+    return [line if len(line) <= width else line[:width - 3] + '...' for line in kept]
 
 
 def grade(name):
-    """The student's score: the grading tests of `name` that pass in this folder."""
+    """The student's score: the grading cases of `name` that pass in this folder, and why the others fail."""
     results = run_tests(HERE, ASSIGNMENTS[name].tests)
-    for case, passed in sorted(results.items()):
+    for case, (passed, why) in sorted(results.items()):
         print(f'  {"pass" if passed else "FAIL"}  {case}')
-    print(f'{name}: {sum(results.values())} of {len(results)} grading tests pass')
-    return sum(results.values()), len(results)
+        for line in [] if passed else reason(why):
+            print(f'          {line}')
+    passed = sum(ok for ok, _ in results.values())
+    print(f'{name}: {passed} of {len(results)} grading cases pass')
+    failing = sorted(case for case, (ok, _) in results.items() if not ok)
+    if failing:
+        print(f'the whole story of a failing case: python -m pytest -q "test_all.py::{failing[0]}"')
+    return passed, len(results)
 
 
 def check(names):
@@ -204,12 +230,12 @@ def check(names):
     one of them and passes every other assignment's grading test that does not call the stubbed functions
     (the tests it fails are exactly its own). Returns the problems found ([] if none)."""
     everything = sorted({t for a in ASSIGNMENTS.values() for t in a.tests})
-    untouched = run_tests(HERE, everything)
+    untouched = {case: ok for case, (ok, _) in run_tests(HERE, everything).items()}
     problems = [f'{case} fails on the untouched code' for case, passed in untouched.items() if not passed]
     for name in names:
         with tempfile.TemporaryDirectory() as scratch:
             copy = write_assignment(name, os.path.join(scratch, name))
-            stubbed = run_tests(copy, everything)
+            stubbed = {case: ok for case, (ok, _) in run_tests(copy, everything).items()}
         own = {case for case in stubbed if case.split('[')[0] in ASSIGNMENTS[name].tests}
         problems += [f'{name}: {case} passes on the stub' for case in sorted(own) if stubbed[case]]
         problems += [f'{name}: {case} fails on the stub but is not one of its grading tests'
@@ -234,9 +260,10 @@ def main(argv=None):
         print('\n'.join(problems) or 'every stub fails exactly its own grading tests; the untouched code passes them')
         raise SystemExit(1 if problems else 0)
     if not args.name:
+        cases = grading_cases(sorted({t for a in ASSIGNMENTS.values() for t in a.tests}))
         for name, a in ASSIGNMENTS.items():
             print(f'{name:<11} {a.file}: {", ".join(a.functions)} -- {a.teaches} (~{a.minutes} min, '
-                  f'{len(a.tests)} grading tests)')
+                  f'{sum(c.split("[")[0] in a.tests for c in cases)} grading cases)')
         print('\npython assignment.py NAME --out DIR writes the assignment; in DIR, python assignment.py NAME --grade')
         return
     if len(args.name) != 1 or not (args.out or args.grade):
@@ -244,7 +271,8 @@ def main(argv=None):
     if args.out:
         print(f'wrote {write_assignment(args.name[0], args.out)}: read {os.path.join(args.out, "ASSIGNMENT.md")}')
     else:
-        grade(args.name[0])
+        passed, total = grade(args.name[0])
+        raise SystemExit(0 if passed == total else 1)   # below full marks: a classroom CI sees the exit status
 
 
 if __name__ == '__main__':

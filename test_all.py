@@ -3797,21 +3797,31 @@ def test_every_ablation_row_names_flags_pretrain_accepts_and_a_teacher_that_buil
 
 def test_an_assignment_stub_fails_exactly_its_grading_tests_and_a_solution_gets_full_marks(tmp_path, capsys):
     """A small form of `python assignment.py --check` (which does this for every assignment, against every
-    other assignment's grading tests): the chamfer copy fails its own grading tests, passes another
-    assignment's, and a student's correct solution in the copy gets full marks."""
+    other assignment's grading tests): the chamfer copy fails its own grading cases, each with the reason the
+    student reads, and exits non-zero; one count everywhere (the list, ASSIGNMENT.md, the grader); a correct
+    solution in the copy gets full marks and exits 0."""
     copy = assignment.write_assignment('chamfer', str(tmp_path / 'hw-chamfer'))
     source = open(os.path.join(copy, 'model.py')).read()
     assert 'raise NotImplementedError("""chamfer_l2: your task' in source and 'ASSIGNMENT.md' in os.listdir(copy)
-    assert 'python assignment.py chamfer --grade' in open(os.path.join(copy, 'ASSIGNMENT.md')).read()
+    cases = len(assignment.grading_cases(assignment.ASSIGNMENTS['chamfer'].tests))
+    assert cases == 5 and f'runs the {cases} grading cases' in open(os.path.join(copy, 'ASSIGNMENT.md')).read()
+    assignment.main([])
+    assert f'(~20 min, {cases} grading cases)' in capsys.readouterr().out
     results = assignment.run_tests(copy, ('test_chamfer_matches_brute_force', 'test_guided_mask_hides_exact_ratio'))
-    assert results == {'test_chamfer_matches_brute_force': False, 'test_guided_mask_hides_exact_ratio': True}
+    assert results['test_guided_mask_hides_exact_ratio'] == (True, '')
+    assert not results['test_chamfer_matches_brute_force'][0]
+    grade = [sys.executable, 'assignment.py', 'chamfer', '--grade']
+    stubbed = subprocess.run(grade, cwd=copy, capture_output=True, text=True, timeout=600)
+    assert stubbed.returncode == 1 and f'chamfer: 0 of {cases} grading cases pass' in stubbed.stdout
+    failures = stubbed.stdout.split('  FAIL  ')[1:]
+    assert len(failures) == cases and all('NotImplementedError: chamfer_l2: your task' in f for f in failures)
+    assert 'python -m pytest -q "test_all.py::test_' in stubbed.stdout
     solution = ('    d = square_distance(pred, target)\n'
                 '    return d.min(dim=2).values.mean() + d.min(dim=1).values.mean()')
     with open(os.path.join(copy, 'model.py'), 'w') as f:   # the student writes the body
         f.write(re.sub(r'    raise NotImplementedError\("""chamfer_l2.*?"""\)', lambda m: solution, source, flags=re.S))
-    done = subprocess.run([sys.executable, 'assignment.py', 'chamfer', '--grade'], cwd=copy, capture_output=True,
-                          text=True, timeout=600)
-    assert 'chamfer: 5 of 5 grading tests pass' in done.stdout, done.stdout + done.stderr
+    done = subprocess.run(grade, cwd=copy, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and f'chamfer: {cases} of {cases} grading cases pass' in done.stdout, done.stdout
 
 
 def test_every_assignment_names_grading_tests_that_exist_and_functions_it_can_stub():
