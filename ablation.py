@@ -41,7 +41,7 @@ from tokenizer import build_token_hierarchy, gather_points, square_distance
 from mask import hierarchical_masks, random_mask
 from model import chamfer_l2
 from data import load_split, scale_and_translate, validation_folds
-from svm_eval import VAL_FOLDS, svm_scores
+from svm_eval import VAL_FOLDS, svm_scores, untrained_pointnet_features
 from pretrain import PRESETS
 from pictures import line_plot
 
@@ -86,14 +86,6 @@ def global_statistics(xyz, bins=16):
                       histogram(height, -1, 1), histogram(xz.norm(dim=-1), 0, 1)], 1)
 
 
-def random_encoder_features(xyz, width=256, seed=0):
-    """(B, N, 3) -> (B, width): a randomly initialised PointNet (shared MLP, max-pool), untrained."""
-    generator = torch.Generator().manual_seed(seed)
-    w1 = torch.randn(3, 32, generator=generator).to(xyz.device)
-    w2 = (torch.randn(32, width, generator=generator) / 32 ** 0.5).to(xyz.device)
-    return torch.cat([(torch.relu(chunk @ w1) @ w2).amax(dim=1) for chunk in xyz.split(64)])   # (B, width)
-
-
 def baselines(num_points, seeds=(0,), split='test'):
     """{name: [(accuracy %, {k: few-label accuracy %}) per seed]} of svm_eval.py's linear SVM (SVC, C by 5-fold
     cross-validation on the training features, no scaling: the protocol of every encoder row; FEW_LABELS shapes
@@ -111,7 +103,7 @@ def baselines(num_points, seeds=(0,), split='test'):
                 {k: float(np.mean([a for _, _, few in done for a in few[k]])) for k in FEW_LABELS})
     return {'hand-crafted global statistics': [scores(global_statistics)],
             'untrained PointNet (shared MLP 3-32-256, max-pool)':
-                [scores(lambda xyz: random_encoder_features(xyz, seed=seed)) for seed in seeds]}
+                [scores(lambda xyz: untrained_pointnet_features(xyz, seed=seed)) for seed in seeds]}
 
 
 # ---------------------------------------------------------------- the loop

@@ -1,5 +1,6 @@
 """
-demo.py: a picture of what each stage does, written to runs/demo/<stage>.png (copies in docs/).
+demo.py: a picture of what each stage does, written to runs/demo/<stage>.png (copies in docs/); an
+exercise's flags go into the name, runs/demo/mask-mask_ratio-0.6.png, so the default picture stays.
 
   python demo.py tokenizer [--config small]        token centres per scale, the kNN groups of 10 tokens
   python demo.py project [--samples 4]             clouds as the teacher sees them, in three views
@@ -306,20 +307,21 @@ def draw_segment(args, columns=5, view=0):
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--out', default='runs/demo', help='folder for <stage>.png (default: runs/demo)')
+    parser.add_argument('--out', default='runs/demo', help='folder for <stage>.png, <stage>-<flag>-<value>.png with '
+                                                          'other flags than the defaults (default: runs/demo)')
     stages = parser.add_subparsers(dest='stage', required=True)
     s = stages.add_parser('tokenizer', help='FPS + kNN tokens at three scales')
-    s.set_defaults(draw=draw_tokenizer, picture='tokenizer.png')
+    s.set_defaults(draw=draw_tokenizer)
     s.add_argument('--config', choices=('full', 'small'), default='full',
                    help='full: 2048 points, 512/256/64 tokens (the paper); small: 512 points, 128/64/16 (the CPU demo)')
     s.add_argument('--seed', type=int, default=3, help='which synthetic shape (default: 3)')
     s = stages.add_parser('project', help='depth images of three views')
-    s.set_defaults(draw=draw_project, picture='project.png')
+    s.set_defaults(draw=draw_project)
     s.add_argument('--samples', type=int, default=4, help='clouds to draw, one row each (default: 4)')
     s.add_argument('--seed', type=int, default=1, help='which synthetic shapes (default: 1)')
     s.add_argument('--img_size', type=int, default=224, help='image side S (paper: 224)')
     s = stages.add_parser('teacher', help='the teacher\'s class-token attention')
-    s.set_defaults(draw=draw_teacher, picture='teacher.png')
+    s.set_defaults(draw=draw_teacher)
     s.add_argument('--weights', default='demo', help='demo (the trained demo teacher if there is one, else tiny), tiny '
                                                      '(a small random ViT), demo-random, random (ViT-B/16), imagenet, '
                                                      'auto, or a weights file (default: demo)')
@@ -327,24 +329,24 @@ def parse_args(argv=None):
     s.add_argument('--seed', type=int, default=0, help='seeds a random teacher (default: 0)')
     s.add_argument('--shape_seed', type=int, default=2, help='seed of the synthetic shapes (default: 2)')
     s = stages.add_parser('mask', help='2D-guided and random masks at every scale')
-    s.set_defaults(draw=draw_mask, picture='mask.png')
+    s.set_defaults(draw=draw_mask)
     s.add_argument('--mask_ratio', type=float, default=0.8, help='share of coarse tokens hidden, in [0, 1) (paper: 0.8)')
     s.add_argument('--config', choices=('full', 'small'), default='full', help='as for tokenizer')
     s.add_argument('--teacher_weights', default='demo', help='as --weights of the teacher picture (default: demo)')
     s.add_argument('--seed', type=int, default=0, help='seeds the masks (default: 0)')
     s.add_argument('--shape_seed', type=int, default=4, help='which synthetic shape (default: 4)')
     s = stages.add_parser('model', help='the reconstruction of masked tokens')
-    s.set_defaults(draw=draw_model, picture='model.png')
+    s.set_defaults(draw=draw_model)
     s.add_argument('--ckpt', default='runs/pretrain-synthetic/last.pt',
                    help='a pretrain.py checkpoint (default: the demo\'s, runs/pretrain-synthetic/last.pt; if it is '
                         'absent, or with none, a small student is fitted to this one shape)')
     s.add_argument('--steps', type=int, default=60, help='fitting steps without a checkpoint (default: 60)')
     s.add_argument('--seed', type=int, default=0, help='seeds the mask and the fitted student (default: 0)')
     s = stages.add_parser('data', help='one synthetic shape per class')
-    s.set_defaults(draw=draw_data, picture='synthetic_classes.png')
+    s.set_defaults(draw=draw_data)
     s.add_argument('--seed', type=int, default=0, help='dataset seed (default: 0)')
     s = stages.add_parser('segment', help='a segmentation run\'s test shapes')
-    s.set_defaults(draw=draw_segment, picture='segment.png')
+    s.set_defaults(draw=draw_segment)
     s.add_argument('--ckpt', default='runs/segment-synthetic/last.pt', help='a segment.py checkpoint '
                                                                             '(default: runs/segment-synthetic/last.pt)')
     args = parser.parse_args(argv)
@@ -353,9 +355,16 @@ def parse_args(argv=None):
     return args
 
 
+def picture_name(args):
+    """<stage>.png, with each flag that differs from its default in the name: mask-mask_ratio-0.6.png."""
+    defaults = vars(parse_args([args.stage]))
+    changed = [(k, v) for k, v in vars(args).items() if k not in ('out', 'draw', 'stage') and v != defaults[k]]
+    return args.stage + ''.join(f'-{k}-{str(v).replace(os.sep, "_")}' for k, v in changed) + '.png'
+
+
 def main(args):
     start = time.perf_counter()
-    path = save_picture(args.draw(args), os.path.join(args.out, args.picture))
+    path = save_picture(args.draw(args), os.path.join(args.out, picture_name(args)))
     print(f'wrote {path} in {time.perf_counter() - start:.1f} s')
     return path
 

@@ -271,7 +271,8 @@ def nice_ticks(low, high, log=False, count=5):
 
 
 def line_plot(series, title, x_label='epoch', log_y=False, size=(PLOT_W, PLOT_H), bands=None):
-    """One panel: series {name: (xs, ys, width)} as lines in GROUP_COLOURS order, with ticks and a legend;
+    """One panel: series {name: (xs, ys, width[, colour])} as lines in GROUP_COLOURS order (or that colour), with
+    ticks and a legend;
     bands {name: (xs, lows, highs)}: a vertical bar from low to high at each x, in that series' colour.
     log_y draws the y axis in powers of ten (positive values only). Returns a PIL image."""
     bands = bands or {}
@@ -281,9 +282,9 @@ def line_plot(series, title, x_label='epoch', log_y=False, size=(PLOT_W, PLOT_H)
     draw.text((PLOT_LEFT, 4), title, fill=TEXT, font=FONT)
     legend_width = 30 + max(FONT.getlength(name) for name in series)              # the legend, right of the plot
     box = (PLOT_LEFT, PLOT_TOP, width - PAD - 4 - legend_width, height - PLOT_BOTTOM)   # left, top, right, bottom
-    xs = [x for x_list, _, _ in series.values() for x in x_list]
-    ys = [y for _, y_list, _ in series.values() for y in y_list] + [y for _, lows, highs in bands.values()
-                                                                    for y in lows + highs]
+    xs = [x for x_list, *_ in series.values() for x in x_list]
+    ys = [y for _, y_list, *_ in series.values() for y in y_list] + [y for _, lows, highs in bands.values()
+                                                                     for y in lows + highs]
     warp = (lambda y: math.log10(y)) if log_y else (lambda y: y)
     y_ticks = nice_ticks(min(ys), max(ys), log_y)
     y_low, y_high = warp(min(min(ys), y_ticks[0])), warp(max(max(ys), y_ticks[-1]))
@@ -306,7 +307,8 @@ def line_plot(series, title, x_label='epoch', log_y=False, size=(PLOT_W, PLOT_H)
             draw.text((column - FONT.getlength(text) / 2, box[3] + 3), text, fill=TEXT, font=FONT)
     draw.text(((box[0] + box[2] - FONT.getlength(x_label)) / 2, box[3] + LINE + 2), x_label, fill=TEXT, font=FONT)
     legend_row, legend_x = box[1] + 2, box[2] + 10
-    for (name, (x_list, y_list, line_width)), colour in zip(series.items(), GROUP_COLOURS * 3):
+    for (name, (x_list, y_list, line_width, *chosen)), colour in zip(series.items(), GROUP_COLOURS * 3):
+        colour = chosen[0] if chosen else colour
         for x, low, high in zip(*bands.get(name, ((), (), ()))):
             (column, top), (_, bottom) = at(x, high), at(x, low)
             draw.line([(column, top), (column, bottom)], fill=colour, width=1)
@@ -324,21 +326,29 @@ def line_plot(series, title, x_label='epoch', log_y=False, size=(PLOT_W, PLOT_H)
 
 
 def curves_series(records, wanted):
-    """{key: (xs, ys, line width)} of the log.jsonl records' keys that `wanted` accepts, x in epochs:
-    a step record at epoch + step / (steps of that epoch), an epoch record at epoch + 1 (thicker line)."""
+    """{key: (xs, ys, line width, colour)} of the log.jsonl records' keys that `wanted` accepts, x in epochs as the
+    console counts them: a step record at epoch + step / (steps of that epoch), an epoch record at epoch + 1, its
+    end (thicker line). A step curve and its epoch mean share a colour (loss_3d and train_loss_3d); a
+    'baseline_' number is a horizontal line across the plot."""
     steps = {}
     for r in records:
         if 'step' in r:
             steps[r['epoch']] = max(steps.get(r['epoch'], 1), r['step'])
-    series = {}
+    series, bases = {}, []
     for r in records:
         x = r['epoch'] + (r['step'] / steps[r['epoch']] if 'step' in r else 1)
         for key, value in r.items():
             if wanted(key) and isinstance(value, (int, float)) and math.isfinite(value):
-                xs, ys, _ = series.setdefault(key, ([], [], 1 if 'step' in r else 3))
+                base = key.removeprefix('train_')
+                bases += [base] if base not in bases else []
+                xs, ys, *_ = series.setdefault(key, ([], [], 1 if 'step' in r else 3,
+                                                     GROUP_COLOURS[bases.index(base) % len(GROUP_COLOURS)]))
                 xs.append(x)
                 ys.append(value)
-    return series
+    last = max((x for xs, *_ in series.values() for x in xs), default=1)
+    return {f'{key[len("baseline_"):]} of an untrained PointNet' if key.startswith('baseline_') else key:
+            ([0, last], [ys[-1], ys[-1]], 1, colour) if key.startswith('baseline_') else (xs, ys, width, colour)
+            for key, (xs, ys, width, colour) in series.items()}
 
 
 def curves_picture(records, title):
@@ -352,7 +362,7 @@ def curves_picture(records, title):
     for name, wanted, log_y in CURVE_PANELS:
         series = curves_series(records, wanted)
         if series:
-            positive = all(y > 0 for _, ys, _ in series.values() for y in ys)
+            positive = all(y > 0 for _, ys, *_ in series.values() for y in ys)
             panels.append(line_plot(series, name, log_y=log_y and positive))
     if not panels:
         return None

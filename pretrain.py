@@ -250,9 +250,13 @@ def main(args):
         optimizer.step()
         return dict(loss_3d=loss_3d, loss_2d=loss_2d), len(idx)
 
+    checked = []
+
     def evaluate(epoch, record):   # monitoring only: never used to choose a checkpoint
-        check = args.svm_every and (epoch + 1) % args.svm_every == 0
-        return dict(svm_accuracy=svm_check(student, args, process)) if check else {}
+        if not (args.svm_every and (epoch + 1) % args.svm_every == 0):
+            return {}
+        checked.append(epoch)   # the first check of a session also scores the untrained-PointNet baseline
+        return svm_check(student, args, process, baseline=len(checked) == 1)
     # the scale-0 LayerNorm feeds no loss, so DDP must expect parameters without gradients
     started = time.time()
     train(run, student, optimizer, args, len(points), step, evaluate, ('loss_3d', 'loss_2d'), checkpoint,

@@ -155,6 +155,15 @@ def calibrate_batchnorm(student, points, batch_size, device):
     student.eval()
 
 
+def untrained_pointnet_features(xyz, width=256, seed=0):
+    """(B, N, 3) -> (B, width): a randomly initialised PointNet (shared MLP 3-32-width, max-pool), untrained: the
+    features of the dataset's own baseline, what a linear SVM gets from a feature that learns nothing."""
+    generator = torch.Generator().manual_seed(seed)
+    w1 = torch.randn(3, 32, generator=generator).to(xyz.device)
+    w2 = (torch.randn(32, width, generator=generator) / 32 ** 0.5).to(xyz.device)
+    return torch.cat([(torch.relu(chunk @ w1) @ w2).amax(dim=1) for chunk in xyz.split(64)])   # (B, width)
+
+
 def linear_svm_accuracy(train_x, train_y, test_x, test_y, C):
     """Test accuracy (%) of SVC(kernel='linear', C) fitted on the training features."""
     svm = SVC(kernel='linear', C=C).fit(train_x, train_y)
@@ -249,14 +258,21 @@ def save_features(path, train_x, train_y, test_x, test_y):
     print(f'  features and labels written to {path} (train_x {train_x.shape}, test_x {test_x.shape})')
 
 
-def svm_check(student, args, process):
-    """pretrain.py's periodic monitor: accuracy on synthetic data or ModelNet40, never used to pick checkpoints.
-    Every process of the run takes part and gets the same accuracy."""
+def svm_check(student, args, process, baseline=False):
+    """pretrain.py's periodic monitor: {'svm_accuracy': %} on synthetic data or ModelNet40, never used to pick
+    checkpoints; with baseline, also 'baseline_svm_accuracy', the same SVM on an untrained PointNet's features
+    (the reference line of curves.png). Every process of the run takes part and gets the same numbers."""
     data = 'synthetic' if args.data == 'synthetic' else 'modelnet40'
     points = args.num_points if data == 'synthetic' else None
     result = evaluate(student, data, args.data_root, points, SVM_C[data], 128, process.device, process=process)
     student.train()
-    return result['accuracy']
+    numbers = dict(svm_accuracy=result['accuracy'])
+    if baseline:
+        train, test = (load_svm_split(data, split, args.data_root, points) for split in ('train', 'test'))
+        train_x, test_x = (untrained_pointnet_features(s.points).numpy() for s in (train, test))
+        numbers['baseline_svm_accuracy'] = svm_scores(train_x, train.labels.numpy(), test_x, test.labels.numpy(),
+                                                      SVM_C[data], False, ())[0]
+    return numbers
 
 
 def main(args):

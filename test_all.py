@@ -1808,7 +1808,7 @@ def test_the_command_printed_after_ctrl_c_resumes_the_run_as_printed(tmp_path, m
     assert printed == 'python pretrain.py --resume runs/ctrlc/last.pt'
     resumed = as_a_shell_runs(printed, tmp_path)
     assert resumed.returncode == 0, resumed.stderr
-    assert resumed.stdout.startswith('resuming runs/ctrlc/last.pt: epoch 1, step 0')
+    assert resumed.stdout.startswith('resuming runs/ctrlc/last.pt: 1 epoch(s) done')
     assert position('runs/ctrlc/last.pt') == (2, 0) and not os.path.exists('runs/pretrain-synthetic')
 
 
@@ -1879,8 +1879,8 @@ def test_non_finite_loss_or_weights_stop_and_keep_the_last_good_checkpoint(tmp_p
         return step
     with monkeypatch.context() as patch:   # a NaN loss in epoch 1
         patch.setattr(pretrain, 'pretrain_step', nan_from_call(3))
-        with pytest.raises(FloatingPointError, match=r'non-finite loss at epoch 1 step 1 \(loss_3d nan.*nothing saved; '
-                                                     r'runs/nan/last.pt holds epoch 1 step 0'):
+        with pytest.raises(FloatingPointError, match=r'non-finite loss at epoch 2 step 1 \(loss_3d nan.*nothing saved; '
+                                                     r'runs/nan/last.pt holds 1 epoch\(s\) done'):
             pretrain_run('nan')
     assert position('runs/nan/last.pt') == (1, 0)
 
@@ -1891,8 +1891,8 @@ def test_non_finite_loss_or_weights_stop_and_keep_the_last_good_checkpoint(tmp_p
     explode.calls = 0
     handle = register_optimizer_step_post_hook(explode)
     try:
-        with pytest.raises(FloatingPointError, match=r'non-finite weights before saving last.pt at epoch 2 step 0: not '
-                                                     r'saved.*runs/blown/last.pt holds epoch 1 step 0'):
+        with pytest.raises(FloatingPointError, match=r'non-finite weights before saving last.pt at 2 epoch\(s\) done: not '
+                                                     r'saved.*runs/blown/last.pt holds 1 epoch\(s\) done'):
             pretrain_run('blown')
     finally:
         handle.remove()
@@ -3096,7 +3096,7 @@ def two_process_child(out):
         scenario('nan', lambda: pretrain_run('nan') and None)
     with patch.context() as p:
         accuracies, check = [], pretrain.svm_check
-        p.setattr(pretrain, 'svm_check', lambda *a: accuracies.append(check(*a)) or accuracies[-1])
+        p.setattr(pretrain, 'svm_check', lambda *a, **k: accuracies.append(check(*a, **k)) or accuracies[-1])
         scenario('svm', lambda: pretrain_run('svm', '--svm_every', '1', epochs=1, steps=1) and accuracies)
     scenario('finetune', lambda: {k: v for k, v in finetune_run('ft', ckpt, '--vote', '--vote_runs', '2').items()
                                   if k in ('test_accuracy', 'test_accuracy_of_best_val', 'vote_mean')})
@@ -3155,8 +3155,8 @@ def test_two_processes_stop_together_on_a_non_finite_loss(two_processes):
     ranks, _, out = two_processes
     for results in ranks:   # the NaN was on rank 1 only: both stop at the same step, each with the message
         assert results['nan']['error'] == 'FloatingPointError'
-        assert 'non-finite loss at epoch 1 step 1' in results['nan']['message']
-        assert 'runs/nan/last.pt holds epoch 1 step 0' in results['nan']['message']
+        assert 'non-finite loss at epoch 2 step 1' in results['nan']['message']
+        assert 'runs/nan/last.pt holds 1 epoch(s) done' in results['nan']['message']
     assert position(out / 'runs' / 'nan' / 'last.pt') == (1, 0)
 
 
@@ -3165,13 +3165,13 @@ def test_two_processes_both_take_part_in_the_svm_check(two_processes, monkeypatc
     statistics included: each process updates them with its own batches)."""
     ranks, _, out = two_processes
     (first,), (second,) = ranks[0]['svm']['value'], ranks[1]['svm']['value']
-    assert first == second and 0 < first <= 100
-    assert [r['svm_accuracy'] for r in read_log(out / 'runs' / 'svm') if 'svm_accuracy' in r] == [first]
+    assert first == second and 0 < first['svm_accuracy'] <= 100 and 0 < first['baseline_svm_accuracy'] <= 100
+    assert [r['svm_accuracy'] for r in read_log(out / 'runs' / 'svm') if 'svm_accuracy' in r] == [first['svm_accuracy']]
     saved = torch.load(out / 'runs' / 'svm' / 'last.pt', weights_only=True)
     student = I2PMAE(checkpoint_config(saved))
     student.load_state_dict(saved['model'])
     monkeypatch.setattr(svm_eval, 'load_split', lambda name, split, data_root, num_points: svm_subset(split, num_points))
-    assert in_one_thread(lambda: svm_eval.svm_check(student, parse_args(PRETRAIN_FLAGS), CPU)) == first
+    assert in_one_thread(lambda: svm_eval.svm_check(student, parse_args(PRETRAIN_FLAGS), CPU, baseline=True)) == first
 
 
 def test_two_processes_fine_tune_to_the_accuracy_one_process_scores_from_the_saved_weights(two_processes):
@@ -3485,13 +3485,14 @@ def test_under_bf16_autocast_a_steps_tokens_masks_and_2d_targets_equal_float32s(
 
 # stage: (flags, picture, (rows, columns, row labels?, column labels?, tile labels?), tiles drawn)
 DEMOS = {
-    'tokenizer': (['--config', 'small'], 'tokenizer.png', (3, 4, True, True, False), 12),
-    'project': (['--samples', '2'], 'project.png', (2, 3, True, True, False), 6),
-    'teacher': (['--weights', 'tiny'], 'teacher.png', (2, 7, False, False, True), 13),   # 13 classes
-    'mask': (['--mask_ratio', '0.6', '--config', 'small', '--teacher_weights', 'tiny'], 'mask.png',
+    'tokenizer': (['--config', 'small'], 'tokenizer-config-small.png', (3, 4, True, True, False), 12),
+    'project': (['--samples', '2'], 'project-samples-2.png', (2, 3, True, True, False), 6),
+    'teacher': (['--weights', 'tiny'], 'teacher-weights-tiny.png', (2, 7, False, False, True), 13),   # 13 classes
+    'mask': (['--mask_ratio', '0.6', '--config', 'small', '--teacher_weights', 'tiny'],
+             'mask-mask_ratio-0.6-config-small-teacher_weights-tiny.png',
              (2, 5, True, True, False), 10),
-    'model': (['--ckpt', 'none', '--steps', '2'], 'model.png', (3, 3, True, True, False), 9),
-    'data': ([], 'synthetic_classes.png', (2, 7, False, False, True), 13),   # 13 classes
+    'model': (['--ckpt', 'none', '--steps', '2'], 'model-ckpt-none-steps-2.png', (3, 3, True, True, False), 9),
+    'data': ([], 'data.png', (2, 7, False, False, True), 13),   # 13 classes
 }
 
 
@@ -3540,6 +3541,13 @@ def test_stage_demo_draws_its_layout_with_no_blank_tile(demo_output, stage):
     assert not re.search(r'\d\.\d{6,}', stdout), 'unrounded numbers'
 
 
+def test_an_exercises_flags_name_its_picture_and_the_default_picture_stays(tmp_path):
+    assert demo.picture_name(demo.parse_args(['mask'])) == 'mask.png'
+    assert demo.picture_name(demo.parse_args(['--out', 'x', 'mask', '--mask_ratio', '0.6'])) == 'mask-mask_ratio-0.6.png'
+    assert demo.picture_name(demo.parse_args(['model', '--ckpt', 'runs/a/last.pt'])) == 'model-ckpt-runs_a_last.pt.png'
+    assert demo.picture_name(demo.parse_args(['data'])) == 'data.png'   # runs/demo/<stage>.png, as --help says
+
+
 def test_mask_and_model_pictures_share_one_colour_convention(demo_output):
     def has(image, colour):
         return bool((image == colour).all(-1).any())
@@ -3577,7 +3585,7 @@ def test_mask_demo_prints_the_propagated_counts_at_its_flags(demo_output):
 def test_teacher_demo_is_the_same_on_every_run_and_states_the_real_range(demo_output, tmp_path):
     stdout, image = demo_output('teacher')
     run_demo('teacher', tmp_path, DEMOS['teacher'][0])
-    assert np.array_equal(np.asarray(Image.open(tmp_path / 'teacher.png').convert('RGB')), image)
+    assert np.array_equal(np.asarray(Image.open(tmp_path / DEMOS['teacher'][1]).convert('RGB')), image)
     xyz, labels = data.make_synthetic(13 * 16, num_points=2048, seed=2)
     one_per_class = xyz[[labels.tolist().index(k) for k in range(13)]]
     vit, _ = demo.picture_teacher('tiny')
@@ -3593,6 +3601,23 @@ def test_segment_picture_shows_a_runs_test_shapes_true_and_predicted(straight_se
     monkeypatch.setattr(demo, 'load_part_split', lambda *a, **k: small_part_splits()[1])
     path = demo.main(demo.parse_args(['--out', str(tmp_path), 'segment', '--ckpt', str(folder / 'runs/straight/last.pt')]))
     assert Image.open(path).size == pictures.grid_size(2, 4, row_labels=True, col_labels=True, tile_labels=True)
+
+
+def test_curves_pair_each_step_curve_with_its_epoch_mean_and_count_epochs_as_the_console():
+    """A run's curves.png: the logged steps and the epoch's mean in one colour; the record of the epoch the console
+    calls "== epoch 1/2 done" at x = 1; the untrained-PointNet baseline a horizontal line across the plot."""
+    records = [dict(epoch=0, step=1, loss_3d=1.0), dict(epoch=0, step=2, loss_3d=0.8),
+               dict(epoch=0, train_loss_3d=0.9, svm_accuracy=70.0, baseline_svm_accuracy=60.0),
+               dict(epoch=1, step=1, loss_3d=0.7), dict(epoch=1, step=2, loss_3d=0.6),
+               dict(epoch=1, train_loss_3d=0.65, svm_accuracy=75.0)]
+    losses = pictures.curves_series(records, lambda key: 'loss' in key)
+    assert losses['loss_3d'][:2] == ([0.5, 1.0, 1.5, 2.0], [1.0, 0.8, 0.7, 0.6])
+    assert losses['train_loss_3d'][:2] == ([1, 2], [0.9, 0.65])
+    assert losses['loss_3d'][3] == losses['train_loss_3d'][3] and losses['train_loss_3d'][2] > losses['loss_3d'][2]
+    accuracy = pictures.curves_series(records, lambda key: 'accuracy' in key)
+    assert accuracy['svm_accuracy'][:2] == ([1, 2], [70.0, 75.0])
+    assert accuracy['svm_accuracy of an untrained PointNet'][:2] == ([0, 2], [60.0, 60.0])
+    assert accuracy['svm_accuracy'][3] != accuracy['svm_accuracy of an untrained PointNet'][3]
 
 
 def test_pictures_turn_every_view_so_that_y_points_up():

@@ -227,6 +227,12 @@ class StopOnSignal:
 # ---------------------------------------------------------------- the run folder
 
 
+def position(epoch, step):
+    """Where a checkpoint continues, in words: epochs done, and steps done of the next (log.jsonl and the
+    checkpoint count `epoch` from 0; the console and curves.png count epochs from 1)."""
+    return f'{epoch} epoch(s) done' + (f', {step} step(s) of epoch {epoch + 1}' if step else '')
+
+
 def save_atomically(path, content):
     """torch.save to path.tmp, then rename: a crash or a full disk leaves the previous file intact, and
     no .tmp behind. A write that fails (a full disk, a file-size limit) stops with a message saying so."""
@@ -318,9 +324,8 @@ class Run:
             with open(self.path('log.jsonl.tmp'), 'w') as f:
                 f.writelines(kept)
             os.replace(self.path('log.jsonl.tmp'), self.path('log.jsonl'))
-        self.last_saved = f'{args.resume} holds epoch {checkpoint["epoch"]} step {checkpoint["step_in_epoch"]}'
-        self.log(f'resuming {args.resume}: epoch {checkpoint["epoch"]}, step {checkpoint["step_in_epoch"]} (epochs and '
-                 f'steps count from 0)')
+        self.last_saved = f'{args.resume} holds {position(checkpoint["epoch"], checkpoint["step_in_epoch"])}'
+        self.log(f'resuming {args.resume}: {position(checkpoint["epoch"], checkpoint["step_in_epoch"])}')
         return checkpoint
 
     def start(self, args, **about):
@@ -384,7 +389,7 @@ class Run:
         """Write <folder>/<name> atomically, on rank 0, continuing at (epoch, step); every process calls it.
         The weights are checked finite everywhere first: exploded weights are never saved, the previous file
         stays. With an optimizer it is a resume point: every process's random state and running sums."""
-        where = f'epoch {epoch} step {step}'
+        where = position(epoch, step)
         bad = torch.stack([~t.isfinite().all() for t in model.state_dict().values() if t.is_floating_point()])
         if sum_over_processes(bad.any().double(), self.process).item() > 0:
             raise FloatingPointError(f'non-finite weights before saving {name} at {where}: not saved, every process '
@@ -468,11 +473,12 @@ def train(run, model, optimizer, args, num_items, train_step, evaluate, names, c
                 values, count = train_step(ddp, torch.as_tensor(order[step]))
                 sums += torch.stack([*(values[n].detach().double() * count for n in names), sums.new_tensor(count)])
                 if (step + 1) % args.log_every == 0 or step + 1 == steps:   # every process, the same steps
-                    means = run.step_numbers(values, stop, f'epoch {epoch} step {step + 1}')
+                    means = run.step_numbers(values, stop, f'epoch {epoch + 1} step {step + 1}')
                 busy, done = busy + time.time() - tick, done + 1
                 if (step + 1) % args.log_every == 0 or step + 1 == steps:
                     pace = busy / done
-                    run.log(f'epoch {epoch} step {step + 1}/{steps} ' + ' '.join(f'{k} {v:.4f}' for k, v in means.items())
+                    run.log(f'epoch {epoch + 1}/{args.epochs} step {step + 1}/{steps} '
+                            + ' '.join(f'{k} {v:.2f}' if 'accuracy' in k else f'{k} {v:.4f}' for k, v in means.items())
                             + f' lr {lr:.2e} {args.batch_size / pace:.1f} samples/s ETA '
                             f'{pace * ((args.epochs - epoch) * steps - step - 1) / 60:.1f} min', epoch=epoch,
                             step=step + 1, global_step=epoch * steps + step + 1, **means, lr=lr,
@@ -484,12 +490,12 @@ def train(run, model, optimizer, args, num_items, train_step, evaluate, names, c
             share_rank0_buffers(model, process)   # every process scores with what last.pt saves
             *totals, count = sum_over_processes(sums, process).tolist()
             if not all(math.isfinite(t) for t in totals):
-                raise FloatingPointError(f'non-finite loss in epoch {epoch}: every process stops, nothing saved; '
+                raise FloatingPointError(f'non-finite loss in epoch {epoch + 1}: every process stops, nothing saved; '
                                          f'{run.last_saved}')
             record = dict(epoch=epoch, lr=lr, **{f'train_{n}': t / count for n, t in zip(names, totals)})
             record.update(evaluate(epoch, record), minutes=(time.time() - epoch_start) / 60)
             history.append(record)
-            run.log(f'== epoch {epoch} done: ' + ', '.join(f'{k} {v:.4g}' for k, v in record.items()
+            run.log(f'== epoch {epoch + 1}/{args.epochs} done: ' + ', '.join(f'{k} {v:.4g}' for k, v in record.items()
                                                           if k != 'epoch' and isinstance(v, (int, float))), **record)
             sums.zero_()
             if best_on in record and record[best_on] >= max(h[best_on] for h in history):
@@ -499,7 +505,8 @@ def train(run, model, optimizer, args, num_items, train_step, evaluate, names, c
                 shutil.copyfile(run.path('last.pt'), run.path(f'epoch-{epoch + 1}.pt.tmp'))
                 os.replace(run.path(f'epoch-{epoch + 1}.pt.tmp'), run.path(f'epoch-{epoch + 1}.pt'))
             if stop.now():
-                run.log(f'stopped after epoch {epoch}; continue with: {run.command("--resume", run.path("last.pt"))}')
+                run.log(f'stopped after epoch {epoch + 1}/{args.epochs}; continue with: '
+                        f'{run.command("--resume", run.path("last.pt"))}')
                 raise SystemExit(130)
     if process.world > 1:
         check_ranks_agree(model, process, run.log)
