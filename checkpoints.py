@@ -8,27 +8,38 @@ checkpoints.py: reading checkpoints, ours and the authors', into our models.
                                the authors' key names translated (official_to_ours); what is skipped is
                                returned with the reason, anything missing or of another shape is an error
 The authors' files: pre-train.pth ('base_model', their CLIP teacher inside), modelnet40.pth and
-scan_pd.pth (fine-tuned), with or without DataParallel's 'module.' prefix (docs/authors_code.md B6).
+scan_pd.pth (fine-tuned), with or without DataParallel's 'module.' prefix (docs/authors_code.md B6);
+and Point-M2AE's part segmentation seg.pth ('model_state_dict', with NumPy scores beside it).
 Tests: the checkpoints.py section of test_all.py
 """
 import os
 import pickle
 import re
 
+import numpy as np
 import torch
 
 from model import Classifier, ModelConfig
 
 
+# NumPy scalars (Point-M2AE's seg.pth keeps its scores as numpy.float64): the scalar, the dtype and the numeric
+# dtypes' classes, under NumPy 2's and NumPy 1's names. They build numbers from bytes, never run code; NumPy
+# arrays (ndarray, _reconstruct) stay refused.
+NUMPY_SCALARS = [np._core.multiarray.scalar, (np._core.multiarray.scalar, 'numpy.core.multiarray.scalar'), np.dtype,
+                 *(type(np.dtype(t)) for t in ('bool', 'int8', 'int16', 'int32', 'int64', 'uint8', 'uint16', 'uint32',
+                                               'uint64', 'float16', 'float32', 'float64'))]
+
+
 def read_checkpoint(path, flag='--ckpt'):
     """The dict saved at `path`, read with torch.load(weights_only=True): tensors and plain Python
-    values only, so a file can never run code. Our checkpoints and the authors' .pth files both read
-    this way. Anything else (a planted object, an old checkpoint of ours holding NumPy state, a file
-    cut short) stops with a message naming `flag` and the file."""
+    values (and NumPy scalars) only, so a file can never run code. Our checkpoints and the authors'
+    .pth files both read this way. Anything else (a planted object, an old checkpoint of ours holding
+    NumPy state, a file cut short) stops with a message naming `flag` and the file."""
     if not os.path.isfile(path):
         raise SystemExit(f'{flag} {path}: no such file')
     try:
-        checkpoint = torch.load(path, map_location='cpu', weights_only=True)
+        with torch.serialization.safe_globals(NUMPY_SCALARS):
+            checkpoint = torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as error:
         found = re.search(r'GLOBAL ([\w.]+)', str(error))
         if found and found.group(1).startswith('numpy'):
@@ -65,6 +76,13 @@ OFFICIAL_NAMES = [   # (their key pattern, ours), applied in order to keys witho
     (r'^token_prop\.(\d+)\.extraction\.operation\.', r'token_propagation.\1.blocks.'),
     (r'^rec_head_(\dd)\.', r'head_\1.'),
     (r'^cls_head_finetune\.', 'cls_head.'),
+    # Point-M2AE's Point_M2AE_SEG (seg.pth): its propagations' conv-BN pairs and head convs-BNs, in our Sequentials
+    (r'^propagations\.(\d+)\.mlp_convs\.0\.', r'propagation.\1.0.'),
+    (r'^propagations\.(\d+)\.mlp_bns\.0\.', r'propagation.\1.1.'),
+    (r'^propagations\.(\d+)\.mlp_convs\.1\.', r'propagation.\1.3.'),
+    (r'^propagations\.(\d+)\.mlp_bns\.1\.', r'propagation.\1.4.'),
+    *((rf'^{theirs}\.', f'head.{ours}.') for theirs, ours in (('convs1', 0), ('bns1', 1), ('convs2', 4), ('bns2', 5),
+                                                            ('convs3', 7), ('bns3', 8), ('convs4', 10))),
 ]
 PRETRAIN_ONLY = ('encoder_norms.', 'mask_token', 'decoder_', 'token_propagation.', 'head_')
 
@@ -80,11 +98,13 @@ def official_to_ours(name):
 
 
 def checkpoint_weights(checkpoint, path='checkpoint'):
-    """{key: tensor}: ours under 'model'; the authors' under 'base_model', or a bare state_dict."""
-    weights = checkpoint['model'] if 'model_config' in checkpoint else checkpoint.get('base_model', checkpoint)
+    """{key: tensor}: ours under 'model'; the authors' under 'base_model' (Point-M2AE's segmentation:
+    'model_state_dict'), or a bare state_dict."""
+    weights = checkpoint['model'] if 'model_config' in checkpoint else checkpoint.get(
+        'base_model', checkpoint.get('model_state_dict', checkpoint))
     if not isinstance(weights, dict) or not weights or not all(torch.is_tensor(v) for v in weights.values()):
         raise SystemExit(f'{path} is neither our checkpoint (model, model_config) nor the authors\' (base_model, '
-                         f'or a state_dict): it has keys {sorted(checkpoint)[:8]}')
+                         f'model_state_dict, or a state_dict): it has keys {sorted(checkpoint)[:8]}')
     return weights
 
 

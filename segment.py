@@ -362,6 +362,9 @@ def read_pretrained(args):
         return None, []
     checkpoint = read_checkpoint(args.ckpt, '--ckpt')
     trained = checkpoint.get('args', {})
+    if args.test_only and 'model_state_dict' in checkpoint:   # Point-M2AE's seg.pth: weights and scores, no flags
+        return checkpoint, ['the file carries no settings; from the flags and the --data preset: ' + ', '.join(
+            f'--{key} {getattr(args, key)}' for key in TRAINED_WITH)]
     if not args.test_only or 'head' not in trained:   # not a segmentation run: load_weights says what it is
         return checkpoint, []
     if trained['data'] != args.data:
@@ -447,7 +450,8 @@ def main(args):
     run.log(f'{args.data}: {len(train_split.points)} train / {len(test.points)} test shapes, '
             f'{len(train_split.category_names)} categories, {num_parts} parts, {args.points} points drawn per shape; '
             f'{described}\n  every flag and the model: {run.path("args.json")}'
-            + ''.join(f'\n  from {args.ckpt}, as it was trained: {line}' for line in changed))
+            + ''.join(f'\n  {args.ckpt}: {line}' if line.startswith('the file') else
+                      f'\n  from {args.ckpt}, as it was trained: {line}' for line in changed))
     test_xyz, test_parts = fixed_test_points(test, args.points)   # (S, points, 3), (S, points): every evaluation's
     if args.test_only:
         history, metrics = [], evaluate(segmenter, test_xyz, test_parts, test.categories, test.category_parts,

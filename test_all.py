@@ -25,6 +25,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, replace
 from functools import lru_cache
@@ -2736,6 +2737,65 @@ def four_category_parts():
     """Tables, chairs, stools and benches of the synthetic test split, 128 points each."""
     split = data.load_part_split('synthetic', 'test', num_points=128)
     return subset(split, (split.categories < 4).nonzero()[:, 0])
+
+
+# our PartSegmenter's names -> Point-M2AE's Point_M2AE_SEG's (its segmentation/Point_M2AE_SEG.py and pointnet2_utils.py)
+THEIR_SEGMENTATION_NAMES = [
+    (r'^encoder\.pos_embed\.', 'h_encoder.encoder_pos_embeds.'), (r'^encoder\.blocks\.(\d+)\.', r'h_encoder.encoder_blocks.\1.blocks.'),
+    (r'^encoder\.', 'h_encoder.'), (r'^encoder_norms\.', 'h_encoder.encoder_norms.'),
+    (r'^propagation\.(\d+)\.0\.', r'propagations.\1.mlp_convs.0.'), (r'^propagation\.(\d+)\.1\.', r'propagations.\1.mlp_bns.0.'),
+    (r'^propagation\.(\d+)\.3\.', r'propagations.\1.mlp_convs.1.'), (r'^propagation\.(\d+)\.4\.', r'propagations.\1.mlp_bns.1.'),
+    (r'^head\.0\.', 'convs1.'), (r'^head\.1\.', 'bns1.'), (r'^head\.4\.', 'convs2.'), (r'^head\.5\.', 'bns2.'),
+    (r'^head\.7\.', 'convs3.'), (r'^head\.8\.', 'bns3.'), (r'^head\.10\.', 'convs4.')]
+
+
+def as_saved_by_numpy_1(path):
+    """The file as NumPy 1 would have pickled its scalars (numpy.core.multiarray, not numpy._core)."""
+    with zipfile.ZipFile(path) as z:
+        content = {info: z.read(info.filename) for info in z.infolist()}
+    with zipfile.ZipFile(path, 'w') as z:
+        for info, data in content.items():
+            z.writestr(info, data.replace(b'numpy._core.multiarray', b'numpy.core.multiarray')
+                       if info.filename.endswith('data.pkl') else data)
+
+
+def test_point_m2aes_segmentation_weights_load_with_their_numpy_scores_and_are_scored(tmp_path, capsys):
+    """A file in the layout of Point-M2AE's seg.pth (its segmentation/main.py: model_state_dict, optimizer_state_dict,
+    NumPy float scores; saved by NumPy 1) loads into the full PartSegmenter with nothing skipped, computes what
+    the same weights loaded directly compute, and `segment.py --test_only --data shapenetpart` scores it."""
+    torch.manual_seed(0)
+    cfg = replace(ModelConfig(), local_radius=segment.SHAPENETPART['local_radius'])
+    ours = segment.PartSegmenter(cfg, **segment.HEADS['full'])
+    for m in ours.modules():   # BatchNorm statistics that are not the initial ones
+        if isinstance(m, torch.nn.BatchNorm1d):
+            m.running_mean.normal_(0, 0.1), m.running_var.uniform_(0.5, 2)
+    theirs = {}
+    for key, value in ours.state_dict().items():
+        for pattern, name in THEIR_SEGMENTATION_NAMES:
+            key, hits = re.subn(pattern, name, key)
+            if hits:
+                break
+        theirs[key] = value
+    assert sum(k.startswith(('convs', 'bns', 'propagations.', 'label_conv.', 'h_encoder.')) for k in theirs) == len(theirs)
+    path = tmp_path / 'seg.pth'
+    torch.save(dict(epoch=286, train_acc=np.float64(0.953), test_acc=np.float64(0.942), class_avg_iou=np.float64(0.8486),
+                    inctance_avg_iou=np.float64(0.8651), model_state_dict=theirs,
+                    optimizer_state_dict=dict(state={}, param_groups=[dict(lr=1e-6, params=[0])])), path)
+    as_saved_by_numpy_1(path)
+    checkpoint = read_checkpoint(str(path))
+    assert checkpoint['inctance_avg_iou'] == np.float64(0.8651)
+    loaded = segment.PartSegmenter(cfg, **segment.HEADS['full'])
+    assert load_weights(loaded, checkpoint, str(path)) == {}                     # nothing skipped
+    xyz, categories = torch.rand(2, 512, 3) - 0.5, torch.tensor([0, 15])
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(xyz, categories), ours.eval()(xyz, categories))
+    write_shapenetpart(tmp_path / 'data', shapes_per_category=(1, 0, 1))
+    result = segment.main(segment.parse_args(['--test_only', '--ckpt', str(path), '--data', 'shapenetpart', '--data_root',
+                                              str(tmp_path / 'data'), '--points', '512', '--gpu', '-1']))
+    out = capsys.readouterr().out
+    assert 'segmenter from' in out and '(theirs)' in out and 'skipped' not in out
+    assert 'the file carries no settings; from the flags and the --data preset: --head full, --points 512' in out
+    assert 0 <= result['test_miou_i'] <= 100 and len(result['per_category']) == 16
 
 
 def test_tiny_segmenter_learns_the_synthetic_parts(tmp_path):
