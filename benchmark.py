@@ -49,7 +49,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from tokenizer import farthest_point_sample, fps_loop
 from model import I2PMAE, ModelConfig, SMALL_CONFIG
-from training import Process, param_groups, setup_process
+from processes import Process, setup_process
+from training import param_groups
 from pretrain import compile_student, parse_args, pretrain_step, student_of, teacher_of
 from finetune import draw_from_fps_pool, fps_pool
 

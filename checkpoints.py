@@ -1,9 +1,10 @@
 """
-checkpoints.py: reading checkpoints, ours and the authors', into our models.
+checkpoints.py: reading checkpoints, ours and the authors', into our models; writing ours safely.
 
   read_checkpoint(path)        the dict torch.save wrote, read with weights_only=True: a file can never
                                run code; anything else stops with one line naming the flag and the file
   checkpoint_config(ckpt)      the ModelConfig of a checkpoint (ours stores it; theirs is the official one)
+  save_atomically(path, ckpt)  torch.save to a temporary file, then a rename: a crash never leaves half a file
   load_weights(model, ckpt)    every tensor into an I2PMAE, a Classifier or segment.py's PartSegmenter,
                                the authors' key names translated (official_to_ours); what is skipped is
                                returned with the reason, anything missing or of another shape is an error
@@ -15,6 +16,7 @@ Tests: the checkpoints.py section of test_all.py
 import os
 import pickle
 import re
+import shutil
 
 import numpy as np
 import torch
@@ -65,6 +67,23 @@ def read_checkpoint(path, flag='--ckpt'):
     return checkpoint
 
 
+def save_atomically(path, content):
+    """torch.save to path.tmp, then rename: a crash or a full disk leaves the previous file intact, and
+    no .tmp behind. A write that fails (a full disk, a file-size limit) stops with a message saying so."""
+    try:
+        torch.save(content, path + '.tmp')
+    except BaseException as error:
+        if os.path.exists(path + '.tmp'):
+            os.remove(path + '.tmp')
+        if isinstance(error, (OSError, RuntimeError)):   # torch reports a short write as RuntimeError
+            free = shutil.disk_usage(os.path.dirname(path) or '.').free
+            kept = f'the previous {os.path.basename(path)} is intact' if os.path.exists(path) else 'nothing was written'
+            raise SystemExit(f'could not write {path} ({type(error).__name__}: {str(error).splitlines()[0]}); the disk '
+                             f'holding it has {free / 2 ** 20:.0f} MiB free; {kept}') from None
+        raise
+    os.replace(path + '.tmp', path)
+
+
 OFFICIAL_NAMES = [   # (their key pattern, ours), applied in order to keys without 'module.'
     (r'^h_encoder\.encoder_norms\.', 'encoder_norms.'),
     (r'^h_encoder\.encoder_pos_embeds\.', 'encoder.pos_embed.'),
@@ -112,8 +131,10 @@ def checkpoint_config(checkpoint, path='checkpoint'):
     """The architecture of a checkpoint: ours stores it; the authors' is the official one, with the
     2D head as wide as their file's (their CLIP teacher: 512), or none."""
     if 'model_config' in checkpoint:
+        saved = dict(checkpoint['model_config'])
+        saved.pop('official_radius_bug', None)   # a test-only switch (always False) that older checkpoints recorded
         try:
-            return ModelConfig(**checkpoint['model_config'])
+            return ModelConfig(**saved)
         except (TypeError, ValueError) as error:   # unknown fields, or lists that do not fit together
             raise SystemExit(f'{path}: its model_config does not describe a model this code builds ({error})') from None
     head = [v for k, v in checkpoint_weights(checkpoint, path).items() if k.endswith('rec_head_2d.weight')]

@@ -231,7 +231,7 @@ def read_shapenet55(data_root, split, num_points=2048, seed=0):
     a temporary file, then a rename). Later runs, and every process of a multi-GPU run, map
     that file into memory instead of reading ~42k files: the operating system keeps one copy
     of its pages for all processes of a node. Delete it to rebuild it; if the folder is not
-    writable, the split is read file by file as before, with a warning.
+    writable, the split is read file by file, with a warning.
     """
     check_split(split)
     root = os.path.join(data_root, 'ShapeNet55-34')

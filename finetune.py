@@ -33,7 +33,8 @@ from data import (SYNTHETIC_CLASSES, fewshot_fold_path, fps_subsample, load_fews
                   validation_split)
 from flags import (ArgumentParser, add_run_flags, fraction, non_negative_float, non_negative_int, parse_run_flags,
                    positive_float, positive_int, run_script)
-from training import Run, end_process, param_groups, run_folder, seed_process, setup_process, sum_over_processes, train
+from processes import end_process, seed_process, setup_process, sum_over_processes
+from training import Run, param_groups, run_folder, train
 
 # The official settings (the authors' cfgs/fine-tuning/*.yaml). --data picks one preset; flags the user gives override it.
 MODELNET40 = dict(points=1024, train_fps=1200, group_sizes=(48, 24, 24), local_radius=(0.24, 0.48, 0.96),
@@ -51,7 +52,7 @@ PRESETS = {
     'fewshot': dict(MODELNET40, epochs=150),
     # CPU demo on model.py's SMALL_CONFIG: 1024 -> FPS 600 -> random 512 mirrors ModelNet40's
     # 8192 -> 1200 -> 1024; group sizes cover each scale as often as ScanObjectNN's (K x G / N = 8, 8, 4);
-    # ModelNet40's radii block the same share of token pairs here (93/77/39% vs 93/75/32%, measured)
+    # ModelNet40's radii block about the same share of token pairs here (docs/evaluation.md)
     'synthetic': dict(MODELNET40, load_points=1024, points=512, train_fps=600, group_sizes=(32, 16, 16), epochs=6,
                       warmup_epochs=None, val_fraction=0.1, config='small', ckpt='runs/pretrain-synthetic/last.pt'),
 }
@@ -164,7 +165,7 @@ def build_classifier(args, num_classes, resume=None):
                              f'scale (num_groups {cfg.num_groups[0]}, --group_sizes {cfg.group_sizes[0]})')
         return cfg
     if resume is not None:   # training.train loads its weights, with the optimizer
-        cfg = with_preset(ModelConfig(**resume['model_config']))
+        cfg = with_preset(checkpoint_config(resume, args.resume))
         return Classifier(cfg, resume['num_classes'], resume['pooling']), f'resumed from {args.resume}'
     if args.from_scratch:
         cfg = with_preset(SMALL_CONFIG if args.config == 'small' else ModelConfig())
@@ -189,8 +190,8 @@ def fps_pool(points, n, pool_size=16, seed=0, batch_size=256, progress=lambda do
     each batch of clouds.
 
     The official fine-tuning loader shuffles a cloud at every read and then runs FPS from index 0,
-    so each read's FPS starts at a random point. Running that FPS (ModelNet40: 1200 of 8192, ~85%
-    of a fine-tuning step) every step is the cost this pool removes: each training read draws one
+    so each read's FPS starts at a random point. Running that FPS (ModelNet40: 1200 of 8192, most
+    of a fine-tuning step: docs/speed.md) every step is the cost this pool removes: each training read draws one
     of the pool's samplings instead (draw_from_fps_pool). Each pooled sampling is exactly an
     official one (a random permutation, then FPS from its first point, ties to the earlier point
     of the permutation).

@@ -48,7 +48,6 @@ class ModelConfig:
     feat_dim_2d: int = 768                   # teacher width (768 = torchvision ViT-B/16); 0 = no 2D target
     num_views: int = 3                       # depth views whose teacher features the 2D head predicts
     point_embed_dims: tuple = (128, 256, 512)  # widths of the scale-0 mini-PointNet (smaller only for CPU demos)
-    official_radius_bug: bool = False        # pre-training only: AND the radius with padding as the authors (B5)
 
     def __post_init__(self):
         """Refuse, naming the field, a configuration whose entries do not fit together, before any layer is built."""
@@ -330,7 +329,7 @@ class I2PMAE(nn.Module):
             raise ValueError(f'ModelConfig: decoder_dims {cfg.decoder_dims} must start at encoder_dims[-1] '
                              f'{cfg.encoder_dims[-1]} (the decoder starts from the coarsest encoder tokens) and be '
                              f'divisible by num_heads {cfg.num_heads}')
-        self.encoder = Encoder(cfg, radius_and_padding=cfg.official_radius_bug)
+        self.encoder = Encoder(cfg)
         self.encoder_norms = nn.ModuleList([nn.LayerNorm(d) for d in cfg.encoder_dims])
         dims, top = cfg.decoder_dims, len(cfg.num_groups) - 1
         self.mask_token = nn.Parameter(torch.zeros(1, dims[0]))

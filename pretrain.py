@@ -27,7 +27,8 @@ from model import I2PMAE, ModelConfig, SMALL_CONFIG, TokenEmbed, TokenPropagatio
 from data import load_split, random_point_subset, scale_and_translate
 from flags import (ArgumentParser, add_run_flags, non_negative_float, non_negative_int, parse_run_flags, positive_float,
                    positive_int, run_script)
-from training import Run, end_process, param_groups, run_folder, setup_process, train
+from processes import end_process, setup_process
+from training import Run, param_groups, run_folder, train
 from train_teacher import DEMO_TEACHER_PATH, train_and_save, untrained_demo_teacher
 from svm_eval import svm_check
 

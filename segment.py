@@ -51,7 +51,8 @@ from checkpoints import checkpoint_config, load_weights, read_checkpoint
 from data import draw_part_points, load_part_split, scale_isotropic_and_shift
 from flags import (ArgumentParser, add_run_flags, fraction, non_negative_float, non_negative_int, parse_run_flags,
                    positive_float, positive_int, run_script)
-from training import Run, end_process, param_groups, run_folder, setup_process, sum_over_processes, train
+from processes import end_process, setup_process, sum_over_processes
+from training import Run, param_groups, run_folder, train
 
 # The protocol of Point-M2AE's segmentation (main.py, Point_M2AE_SEG.py); --data picks a preset and
 # any flag given overrides it.
@@ -65,10 +66,8 @@ PRESETS = {
     'shapenetpart': SHAPENETPART,
     # CPU demo: model.SMALL_CONFIG (128/64/16 tokens) on 512 points drawn from 1024, as the pre-training
     # demo's 512 (each scale-0 token covers the same share of the cloud: K x G / N = 4, as 16 x 512 / 2048).
-    # The official radii block about the same share of token pairs here as in the full setting
-    # (88/60/16% vs 87/59/12%, measured on synthetic shapes): the share follows the cloud's size, not G.
-    # Batch 16 and lr 2e-3 / 3e-3 / 5e-3 reached 56 / 63 / 64% mIoU_I in 8 epochs from scratch (measured);
-    # 3e-3 is the milder of the two best: it also has to suit a pre-trained encoder.
+    # The official radii block about the same share of token pairs here as in the full setting (the share
+    # follows the cloud's size, not G); the learning rate comes from a sweep (both: docs/evaluation.md).
     'synthetic': dict(SHAPENETPART, load_points=1024, points=512, epochs=8, warmup_epochs=None,
                       lr=3e-3, config='small', head='small', ckpt='runs/pretrain-synthetic/last.pt'),
 }
@@ -382,7 +381,7 @@ def build_model(args, num_categories, num_parts, checkpoint=None, resume=None):
     """(PartSegmenter, a line saying where its weights come from). The encoder's architecture is the checkpoint's
     (`checkpoint`: read_pretrained's)."""
     if resume is not None:   # train_segmenter loads its weights, with the optimizer
-        return build_segmenter(ModelConfig(**resume['model_config']), args, num_categories, num_parts), \
+        return build_segmenter(checkpoint_config(resume, args.resume), args, num_categories, num_parts), \
             f'resumed from {args.resume}'
     if checkpoint is None:
         return build_segmenter(SMALL_CONFIG if args.config == 'small' else ModelConfig(), args, num_categories, num_parts), \

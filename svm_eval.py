@@ -34,7 +34,8 @@ from model import I2PMAE
 from checkpoints import checkpoint_config, load_weights, read_checkpoint
 from data import few_labels, load_split, validation_folds
 from flags import ArgumentParser, gpu_index, positive_float, positive_int, run_script, seed_value
-from training import Process, Run, sum_over_processes
+from processes import Process, sum_over_processes
+from training import Run
 
 # the authors' test-script values; their per-epoch monitor used 0.01 (docs/deviations.md, B8). They were tuned for
 # their features on real data; on synthetic data (None) C is chosen by cross-validation on train.

@@ -141,7 +141,7 @@ def leg_surfaces(rng, half_x, half_z, top, thickness, splay=1.0):
 # One function per class: rng -> list of (part name, surface). Proportions and part counts are
 # drawn per shape; the ranges overlap on purpose (square stools vs small tables, benches vs
 # tables and beds, sofas vs beds, wide bottles and vases vs mugs without a handle), so that
-# global statistics cannot separate the classes (measured in the demo). Every point keeps the
+# global statistics cannot separate the classes (the hand-crafted baseline, docs/results.md). Every point keeps the
 # name of the part it was sampled on: the labels of the segmentation task (SYNTHETIC_PARTS).
 
 def labelled(name, surfaces):

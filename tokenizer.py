@@ -176,30 +176,23 @@ def group_around(points, centers, k):
     return Group(centers, idx, neighbors, neighbors - centers[:, :, None])
 
 
-def group_points(xyz, n_groups, k, skip_near_origin=False):
+def group_points(xyz, n_groups, k):
     """One scale of tokens: FPS centres of xyz and their k nearest neighbours in xyz."""
-    return group_around(xyz, gather_points(xyz, farthest_point_sample(xyz, n_groups, skip_near_origin)), k)
+    return group_around(xyz, gather_points(xyz, farthest_point_sample(xyz, n_groups)), k)
 
 
-def build_token_hierarchy(xyz, num_groups=(512, 256, 64), group_sizes=(16, 8, 8),
-                          skip_near_origin=False):
+def build_token_hierarchy(xyz, num_groups=(512, 256, 64), group_sizes=(16, 8, 8)):
     """List of `Group`s, finest first: scale 0 groups xyz, scale i groups scale i-1's centres.
 
     FPS is greedy from a fixed start with lowest-index ties, so FPS of scale i-1's centres picks
     exactly their first G_i, in order (the distances among them are the same floats in both runs,
-    and a tie goes to the earlier pick in both): one FPS run gives the centres of every scale.
-    The near-origin rule of skip_near_origin breaks that in corner cases, so it samples every scale.
+    and a tie goes to the earlier pick in both): one FPS run gives the centres of every scale,
+    the same as group_points at every scale (tested).
     """
     problems = hierarchy_problems(num_groups, group_sizes)
     if problems:
         raise ValueError('; '.join(problems))
     check_points(xyz, 'xyz', min_points=points_needed(num_groups, group_sizes))
-    if skip_near_origin:
-        groups, points = [], xyz
-        for n_groups, k in zip(num_groups, group_sizes):
-            groups.append(group_points(points, n_groups, k, skip_near_origin))
-            points = groups[-1].centers
-        return groups
     centers = gather_points(xyz, farthest_point_sample(xyz, num_groups[0]))   # (B, G_0, 3)
     groups, points = [], xyz
     for n_groups, k in zip(num_groups, group_sizes):

@@ -8,8 +8,8 @@ Its guarantees, each tested:
     (bit for bit on a CPU), and log.jsonl is cut back to what the checkpoint had seen;
   - Ctrl-C (or SIGTERM) lets the step finish, saves, exits with 130; a second Ctrl-C stops at once;
   - saves are atomic and never of non-finite weights; a non-finite loss stops every process;
-  - under torchrun (DDP) every process takes part in everything, through the collectives here (NCCL
-    carries only tensors on the process's GPU), and the logged numbers are the world's.
+  - under torchrun (DDP) every process takes part in everything, through the collectives of processes.py
+    (NCCL carries only tensors on the process's GPU), and the logged numbers are the world's.
 """
 import datetime
 import glob
@@ -18,13 +18,11 @@ import json
 import math
 import os
 import platform
-import random
 import shutil
 import signal
 import subprocess
 import sys
 import time
-from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -32,7 +30,9 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import BatchSampler, DistributedSampler
 
-from checkpoints import read_checkpoint
+from checkpoints import read_checkpoint, save_atomically
+from processes import (barrier, check_ranks_agree, rng_state, seed_process, set_rng_state, share_rank0_buffers,
+                       sum_over_processes)
 from pictures import curves_picture
 
 # the files a run writes into runs/<name>/ (besides epoch-<N>.pt snapshots and tensorboard/);
@@ -40,120 +40,7 @@ from pictures import curves_picture
 RUN_FILES = ('last.pt', 'best.pt', 'log.jsonl', 'args.json', 'curves.png')
 
 
-# ---------------------------------------------------------------- processes and collectives
-
-
-class Process(NamedTuple):
-    """Process(device) alone is a run of one process (as in tests and notebooks)."""
-    device: torch.device                                      # where the model and the batches live
-    rank: int = 0
-    world: int = 1
-    collective_device: torch.device = torch.device('cpu')     # where the process group's tensors must be
-    owns_group: bool = False                                  # setup_process started torch.distributed
-
-
-def collective_device(backend, device):
-    """The device whose tensors the process group carries: NCCL only the process's CUDA device; gloo the host."""
-    return device if backend == 'nccl' else torch.device('cpu')
-
-
-def setup_process(args):
-    """This process's device, rank and world size. Under torchrun (RANK, WORLD_SIZE set) it starts
-    torch.distributed, unless the caller did; the process's GPU is cuda:LOCAL_RANK. Seeds every
-    random stream with --seed + rank, and resolves --amp (default: on for a GPU)."""
-    launched = 'RANK' in os.environ and 'WORLD_SIZE' in os.environ
-    if args.gpu >= 0:
-        if not torch.cuda.is_available():
-            raise SystemExit(f'--gpu {args.gpu}: no CUDA device here; use --gpu -1 for the CPU')
-        device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', args.gpu)) if launched else args.gpu)
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device('cpu')
-    owns_group = launched and not dist.is_initialized()
-    if owns_group:
-        dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo',
-                                device_id=device if device.type == 'cuda' else None)
-    distributed = dist.is_initialized()
-    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    if args.amp is None:
-        args.amp = device.type == 'cuda'
-    seed_process(args.seed, rank)
-    if args.deterministic:
-        torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.benchmark = False
-    return Process(device, rank, world, collective_device(dist.get_backend() if distributed else None, device),
-                   owns_group)
-
-
-def end_process(process):
-    if process.owns_group:
-        dist.destroy_process_group()
-
-
-def sum_over_processes(tensor, process):
-    """The sum of `tensor` over all processes (a new tensor, on tensor's device)."""
-    if process.world == 1:
-        return tensor.detach().clone()
-    total = tensor.detach().to(process.collective_device, copy=True)
-    dist.all_reduce(total)
-    return total.to(tensor.device)
-
-
-def barrier(process):
-    """Wait for every process; NCCL must be told which device the barrier runs on."""
-    if process.world > 1:
-        device = process.collective_device
-        dist.barrier(device_ids=[device.index]) if device.type != 'cpu' else dist.barrier()
-
-
-def share_rank0_buffers(model, process):
-    """Give every process rank 0's buffers (BatchNorm running statistics). Under DDP each process updates
-    them with its own batches, and DDP hands rank 0's out only at the start of the next training forward:
-    at the end of an epoch they differ. Evaluate, and check, only after this: every process then scores with
-    the statistics last.pt saves (rank 0's), and the numbers are those one process gets from that file."""
-    if process.world > 1:
-        for buffer in model.buffers():
-            shared = buffer.to(process.collective_device)
-            dist.broadcast(shared, 0)
-            buffer.copy_(shared.to(buffer.device))
-
-
-def check_ranks_agree(model, process, log):
-    """After DDP training every process must hold rank 0's weights and buffers; say so (or stop)."""
-    checksum = torch.stack([t.detach().double().sum() for t in [*model.parameters(), *model.buffers()]])
-    reference = checksum.to(process.collective_device, copy=True)
-    dist.broadcast(reference, 0)
-    if sum_over_processes((reference.to(checksum.device) != checksum).any().double(), process).item() > 0:
-        raise RuntimeError('DDP processes disagree on the weights')
-    log(f'weights identical on all {process.world} processes')
-
-
-# ---------------------------------------------------------------- randomness, schedule, batches
-
-
-def seed_process(seed, rank=0):
-    """Seed Python, NumPy and torch (CPU and CUDA) with seed + rank: processes draw different streams."""
-    random.seed(seed + rank)
-    np.random.seed(seed + rank)
-    torch.manual_seed(seed + rank)
-
-
-def rng_state(device):
-    """This process's random state, as tensors and plain values (so checkpoints load with weights_only=True)."""
-    _, keys, position, has_gauss, gauss = np.random.get_state()
-    return {'torch': torch.get_rng_state(),
-            'cuda': torch.cuda.get_rng_state(device) if device.type == 'cuda' else None,   # its own device only
-            'numpy': (torch.from_numpy(keys.astype(np.int64)), int(position), int(has_gauss), float(gauss)),
-            'python': random.getstate()}
-
-
-def set_rng_state(state, device):
-    torch.set_rng_state(state['torch'])
-    if device.type == 'cuda' and state['cuda'] is not None:
-        torch.cuda.set_rng_state(state['cuda'], device)
-    keys, position, has_gauss, gauss = state['numpy']
-    np.random.set_state(('MT19937', keys.numpy().astype(np.uint32), position, has_gauss, gauss))
-    random.setstate(state['python'])
+# ---------------------------------------------------------------- schedule and batches
 
 
 def cosine_lr(progress, args):
@@ -231,23 +118,6 @@ def position(epoch, step):
     """Where a checkpoint continues, in words: epochs done, and steps done of the next (log.jsonl and the
     checkpoint count `epoch` from 0; the console and curves.png count epochs from 1)."""
     return f'{epoch} epoch(s) done' + (f', {step} step(s) of epoch {epoch + 1}' if step else '')
-
-
-def save_atomically(path, content):
-    """torch.save to path.tmp, then rename: a crash or a full disk leaves the previous file intact, and
-    no .tmp behind. A write that fails (a full disk, a file-size limit) stops with a message saying so."""
-    try:
-        torch.save(content, path + '.tmp')
-    except BaseException as error:
-        if os.path.exists(path + '.tmp'):
-            os.remove(path + '.tmp')
-        if isinstance(error, (OSError, RuntimeError)):   # torch reports a short write as RuntimeError
-            free = shutil.disk_usage(os.path.dirname(path) or '.').free
-            kept = f'the previous {os.path.basename(path)} is intact' if os.path.exists(path) else 'nothing was written'
-            raise SystemExit(f'could not write {path} ({type(error).__name__}: {str(error).splitlines()[0]}); the disk '
-                             f'holding it has {free / 2 ** 20:.0f} MiB free; {kept}') from None
-        raise
-    os.replace(path + '.tmp', path)
 
 
 def run_header(process, **about):
