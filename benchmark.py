@@ -42,6 +42,7 @@ import traceback
 import warnings
 from collections import Counter
 
+os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')   # before torch loads OpenMP: waiting threads sleep (docs/speed.md)
 import numpy as np
 import torch
 from torch.overrides import TorchFunctionMode

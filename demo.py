@@ -17,6 +17,7 @@ import os
 import time
 from dataclasses import replace
 
+os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')   # before torch loads OpenMP: waiting threads sleep (docs/speed.md)
 import torch
 from PIL import Image
 

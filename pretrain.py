@@ -17,6 +17,7 @@ import time
 import warnings
 from dataclasses import asdict, replace
 
+os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')   # before torch loads OpenMP: waiting threads sleep (docs/speed.md)
 import torch
 
 from tokenizer import build_token_hierarchy, gather_points

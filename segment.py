@@ -41,6 +41,7 @@ import os
 import time
 from dataclasses import asdict, replace
 
+os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')   # before torch loads OpenMP: waiting threads sleep (docs/speed.md)
 import torch
 import torch.nn as nn
 import torch.nn.functional as F

@@ -25,6 +25,7 @@ import os
 import time
 from dataclasses import asdict
 
+os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')   # before torch loads OpenMP: waiting threads sleep (docs/speed.md)
 import numpy as np
 import torch
 from sklearn.model_selection import GridSearchCV

@@ -204,8 +204,10 @@ def main():
     parser.add_argument('--classes', choices=['other', 'test'], default='other',
                         help='other: random assemblies, none of the student\'s test classes (default); test: the '
                              'student\'s 13 test classes, the ablation\'s leaky comparison')
+    parser.add_argument('--seed', type=int, default=DEMO_TEACHER['seed'],
+                        help='the initial weights and the batch order (default: 0; the data stay the same)')
     args = parser.parse_args()
-    train_and_save(args.out, classes=args.classes)
+    train_and_save(args.out, classes=args.classes, seed=args.seed)
 
 
 if __name__ == '__main__':
