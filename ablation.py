@@ -238,7 +238,7 @@ def table(rows, seeds, finetune_rows, fewshot_rows, measure, dataset_baselines, 
     """Markdown table; measure(kind, row, seed, key=None) -> measured()'s; dataset_baselines: baselines()'s."""
     labels = ' | '.join(f'{k} label{"s" * (k > 1)} per class, %' for k in FEW_LABELS)
     lines = [f'| row | mask | 2D target | teacher | linear SVM, % | {labels} | {FEWSHOT[0]}-way {FEWSHOT[1]}-shot, '
-             f'fine-tuned ({folds} folds), % | fine-tuned, % |', '|---|---|---|---|---|' + '---|' * len(FEW_LABELS) + '---|---|']
+             f'fine-tuned ({folds} fold{"s" * (folds > 1)}), % | fine-tuned, % |', '|---|---|---|---|---|' + '---|' * len(FEW_LABELS) + '---|---|']
     for name, values in dataset_baselines.items():
         few = ' | '.join(cell([v[1][k] for v in values], seeds=False) for k in FEW_LABELS)
         lines.append(f'| dataset baseline: {name} | - | - | - | {cell([v[0] for v in values])} | {few} |  |  |')
